@@ -1,0 +1,296 @@
+"""Typed configuration: dataclass defaults, filled from YAML files and ``--flag`` overrides.
+
+Precedence, lowest first: dataclass defaults < preset < YAML file < command-line flags.
+An unknown key (in YAML or as a flag) is an error that lists the valid keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Type, TypeVar, get_type_hints
+
+T = TypeVar("T")
+
+LIKELIHOODS = ("gaussian", "bce")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build a :class:`ray_galaxy.model.ConvVAE` (nanoGPT style)."""
+
+    image_size: int = 64
+    channels: tuple[int, ...] = (32, 64, 128, 256)
+    latent_dim: int = 16
+    likelihood: str = "gaussian"
+    # Residual 3x3 blocks added to each encoder/decoder stage; 0 is the original design.
+    blocks_per_stage: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        s = self.image_size
+        if not (32 <= s <= 256 and s & (s - 1) == 0):
+            raise ConfigError(f"image_size must be a power of two in 32..256, got {s}")
+        if len(self.channels) < 1 or any(c < 1 for c in self.channels):
+            raise ConfigError(f"channels must be positive integers, got {self.channels}")
+        if s >> len(self.channels) < 1:
+            raise ConfigError(
+                f"image_size {s} is too small for {len(self.channels)} stride-2 stages"
+            )
+        if self.latent_dim < 1:
+            raise ConfigError(f"latent_dim must be >= 1, got {self.latent_dim}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ConfigError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if self.blocks_per_stage < 0:
+            raise ConfigError(f"blocks_per_stage must be >= 0, got {self.blocks_per_stage}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        return from_mapping(cls, d, source="model config")
+
+
+def _h(text: str, **kw: Any) -> Any:
+    """A dataclass field whose help text feeds ``--help``."""
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (``jobs/train.py``, ``cluster/train.yaml``)."""
+
+    data: str = _h(
+        "Training images: 'hubble-xdf' (built-in), a local folder, or a URI pyarrow "
+        "understands (s3://bucket/prefix); searched recursively for jpg/png/webp/...",
+        default="hubble-xdf",
+    )
+    storage: str = _h("Where runs, checkpoints and model directories go (path or URI).", default="./runs")
+    name: str = _h("Run name; re-running with the same name and storage resumes.", default="galaxy-vae")
+    preset: str = _h("Model preset: 'default' (sigma-VAE) or 'seed' (the original design).", default="default")
+    epochs: int = _h("Number of training epochs.", default=40)
+    batch_size: int = _h("Global batch size (split across workers).", default=32)
+    lr: float = _h("Adam learning rate.", default=2e-3)
+    image_size: int = _h("Training resolution in pixels (power of two, 32..256).", default=64)
+    crop: float = _h("Central fraction of each image kept before resizing (0.5 for Galaxy Zoo).", default=1.0)
+    channels: tuple[int, ...] = _h("Channels per stride-2 stage, e.g. 32,64,128,256.", default=(32, 64, 128, 256))
+    blocks_per_stage: int = _h("Residual blocks per stage (0 = original design).", default=1)
+    latent_dim: int = _h("Latent dimension.", default=16)
+    kl_weight: float = _h("Weight (beta) of the KL term.", default=1.0)
+    kl_warmup_epochs: int = _h("Epochs over which the KL weight ramps linearly from 0.", default=5)
+    likelihood: str = _h("Reconstruction likelihood: 'gaussian' (learned sigma) or 'bce'.", default="gaussian")
+    val_fraction: float = _h("Fraction of images held out for validation (by path hash).", default=0.1)
+    num_workers: int = _h("Ray Train workers (data-parallel DDP ranks).", default=1)
+    use_gpu: bool = _h("Train on GPUs (one per worker) with bf16 autocast.", default=False)
+    cpus_per_worker: float = _h("Logical CPUs reserved per Train worker; fractional leaves CPU for Ray Data.", default=1.0)
+    max_failures: int = _h("Worker-group restarts allowed; each resumes from the last checkpoint.", default=2)
+    keep_checkpoints: int = _h("Checkpoints kept, best by validation loss (the latest is always kept).", default=3)
+    seed: int = _h("Random seed for initialisation, augmentation and sample figures.", default=0)
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        if self.preset not in PRESETS:
+            raise ConfigError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        for key in ("epochs", "batch_size", "num_workers"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.batch_size < self.num_workers:
+            raise ConfigError(
+                f"batch_size ({self.batch_size}) must be at least num_workers ({self.num_workers})"
+            )
+        if not 0 < self.crop <= 1:
+            raise ConfigError(f"crop must be in (0, 1], got {self.crop}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.lr <= 0 or self.kl_weight < 0:
+            raise ConfigError("lr must be > 0 and kl_weight >= 0")
+        if self.kl_warmup_epochs < 0 or self.max_failures < 0 or self.keep_checkpoints < 1:
+            raise ConfigError("kl_warmup_epochs and max_failures must be >= 0, keep_checkpoints >= 1")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        self.model_config()  # validates the model fields too
+
+    def model_config(self) -> ModelConfig:
+        """The :class:`ModelConfig` these settings describe."""
+        return ModelConfig(
+            image_size=self.image_size,
+            channels=self.channels,
+            latent_dim=self.latent_dim,
+            likelihood=self.likelihood,
+            blocks_per_stage=self.blocks_per_stage,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+
+# Presets set defaults that YAML and flags may still override.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The project's default: calibrated Gaussian decoder (sigma-VAE), residual stages,
+    # a 16-d latent and a short KL warm-up (see README, "Model defaults").
+    "default": {},
+    # The astronomer's original design: plain stride-2 encoder, upsample+conv decoder,
+    # latent dim 4, cross-entropy reconstruction, no warm-up.
+    "seed": {"latent_dim": 4, "likelihood": "bce", "blocks_per_stage": 0, "kl_warmup_epochs": 0},
+}
+
+
+# --------------------------------------------------------------------------- generic loading
+
+
+def field_names(cls: Type[Any]) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def _coerce(name: str, typ: Any, value: Any) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, with a clear error."""
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if getattr(typ, "__origin__", None) is tuple:
+            if isinstance(value, str):
+                value = [v for v in value.replace(" ", "").split(",") if v]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            inner = typ.__args__[0]
+            return tuple(_coerce(name, inner, v) for v in value)
+        if getattr(typ, "__origin__", None) is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+        if getattr(typ, "__origin__", None) is list:
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return list(value)
+    except (TypeError, ValueError):
+        tname = getattr(typ, "__name__", str(typ))
+        raise ConfigError(f"{name}: expected {tname}, got {value!r}") from None
+    return value
+
+
+def from_mapping(cls: Type[T], values: Mapping[str, Any], source: str = "config") -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys raise a :class:`ConfigError`."""
+    valid = field_names(cls)
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(map(repr, unknown))} in {source}; "
+            f"valid keys are: {', '.join(valid)}"
+        )
+    hints = get_type_hints(cls)
+    kwargs = {k: _coerce(k, hints[k], v) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; an empty file is an empty mapping."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    with p.open() as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: Type[Any]) -> None:
+    """Add one ``--flag`` per dataclass field; only flags the user passes are collected."""
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        typ = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f"{f.metadata.get('help', '')} (default: {shown})"
+        if typ is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                help=help_text)
+
+
+def resolve(cls: Type[T], yaml_path: str | Path | None, overrides: Mapping[str, Any],
+            presets: Mapping[str, Mapping[str, Any]] | None = None) -> T:
+    """Merge defaults, optional preset, a YAML file and explicit overrides into ``cls``."""
+    values: dict[str, Any] = {}
+    source = "config"
+    if yaml_path:
+        values.update(read_yaml(yaml_path))
+        source = str(yaml_path)
+    valid = field_names(cls)
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(map(repr, unknown))} in {source}; "
+            f"valid keys are: {', '.join(valid)}"
+        )
+    values.update(overrides)
+    if presets is not None:
+        preset = values.get("preset", "default")
+        if preset not in presets:
+            raise ConfigError(f"preset must be one of {sorted(presets)}, got {preset!r}")
+        values = {**presets[preset], **values}
+    return from_mapping(cls, values, source=source)
+
+
+def parse_config(cls: Type[T], argv: list[str] | None, description: str,
+                 presets: Mapping[str, Mapping[str, Any]] | None = None,
+                 extra: "callable | None" = None) -> tuple[T, argparse.Namespace]:
+    """Parse ``--config FILE`` plus one flag per field of ``cls``; returns (config, extra args)."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file of settings (flags override it)")
+    if extra is not None:
+        extra(parser)
+    group = parser.add_argument_group("settings (also settable in the YAML file)")
+    add_dataclass_arguments(group, cls)  # type: ignore[arg-type]
+    ns = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(ns).items() if k in field_names(cls)}
+    try:
+        cfg = resolve(cls, ns.config, overrides, presets)
+    except ConfigError as e:
+        parser.error(str(e))
+    return cfg, ns
+
+
+def train_config(yaml_path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Build a :class:`TrainConfig` the way ``jobs/train.py`` does (preset applied)."""
+    return resolve(TrainConfig, yaml_path, overrides, PRESETS)
+
+
+def dumps(cfg: Any) -> str:
+    """Pretty JSON of a config dataclass."""
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg)
+    return json.dumps(d, indent=2, sort_keys=True)
