@@ -1,0 +1,136 @@
+"""ConvVAE: shapes, the KL formula, the reparameterization, determinism, likelihoods."""
+
+import math
+
+import pytest
+import torch
+
+from ray_galaxy.config import ConfigError, ModelConfig
+from ray_galaxy.model import ConvVAE, to_uint8
+
+
+@pytest.mark.parametrize("size", [32, 64, 128, 256])
+@pytest.mark.parametrize("blocks", [0, 1])
+def test_shapes_for_every_size(size, blocks):
+    cfg = ModelConfig(image_size=size, channels=(8, 8, 16, 16), latent_dim=5, blocks_per_stage=blocks)
+    m = ConvVAE(cfg)
+    x = torch.rand(2, 3, size, size)
+    mu, logvar = m.encode(x)
+    assert mu.shape == logvar.shape == (2, 5)
+    a, mu, logvar = m(x)
+    assert a.shape == (2, 3, size, size)
+    assert m.decode(torch.zeros(3, 5)).shape == (3, 3, size, size)
+    assert m.reconstruct(x).shape == (2, 3, size, size)
+
+
+def test_seed_preset_is_four_stride2_convs_without_pooling():
+    cfg = ModelConfig(image_size=256, latent_dim=4, likelihood="bce", blocks_per_stage=0)
+    m = ConvVAE(cfg)
+    convs = [l for l in m.encoder if isinstance(l, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2)] * 4
+    assert [c.out_channels for c in convs] == list(cfg.channels)
+    assert not any(isinstance(l, (torch.nn.MaxPool2d, torch.nn.AvgPool2d)) for l in m.modules())
+    assert m.fc_mu.out_features == m.fc_logvar.out_features == 4
+
+
+@pytest.mark.parametrize("bad", [dict(image_size=48), dict(image_size=16), dict(image_size=512),
+                                 dict(latent_dim=0), dict(likelihood="mse")])
+def test_invalid_model_config_is_rejected(bad):
+    with pytest.raises(ConfigError):
+        ModelConfig(**bad)
+
+
+def test_kl_closed_form_matches_monte_carlo():
+    torch.manual_seed(0)
+    mu = torch.randn(3, 4)
+    logvar = torch.randn(3, 4) * 0.5
+    closed = ConvVAE.kl(mu, logvar)
+    z = ConvVAE.reparameterize(mu.expand(200_000, 3, 4), logvar.expand(200_000, 3, 4))
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    mc = (q.log_prob(z) - p.log_prob(z)).sum(-1).mean(0)
+    assert torch.allclose(closed, mc, atol=0.03), (closed, mc)
+
+
+def test_reparameterization_uses_standard_deviation_not_variance():
+    mu = torch.zeros(100_000, 1)
+    logvar = torch.full((100_000, 1), math.log(4.0))  # variance 4 -> std 2
+    z = ConvVAE.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(0))
+    assert z.std().item() == pytest.approx(2.0, rel=0.02)
+
+
+def test_gradients_flow_through_reparameterization():
+    m = ConvVAE(ModelConfig(image_size=32, channels=(8, 16), latent_dim=3))
+    x = torch.rand(4, 3, 32, 32)
+    m.loss(x)["loss"].backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if name.startswith(("encoder", "fc_mu", "fc_logvar")):
+            assert p.grad.abs().sum() > 0, f"no gradient reached {name}"
+
+
+def test_same_seed_same_images_different_seed_different_images():
+    m = ConvVAE(ModelConfig(image_size=32, channels=(8, 16), latent_dim=3)).eval()
+    a, b, c = m.sample(4, seed=7), m.sample(4, seed=7), m.sample(4, seed=8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert a.min() >= 0 and a.max() <= 1
+
+
+def test_bce_matches_torch_cross_entropy_on_tanh_output():
+    m = ConvVAE(ModelConfig(image_size=32, channels=(8, 16), latent_dim=3, likelihood="bce"))
+    a = torch.randn(2, 3, 32, 32)
+    x = torch.rand(2, 3, 32, 32)
+    mean = (torch.tanh(a) + 1) / 2
+    ref = torch.nn.functional.binary_cross_entropy(mean, x, reduction="none").flatten(1).sum(1)
+    assert torch.allclose(m.recon_nll(a, x), ref, rtol=1e-4)
+
+
+def test_gaussian_nll_matches_normal_log_prob():
+    m = ConvVAE(ModelConfig(image_size=32, channels=(8, 16), latent_dim=3)).eval()
+    m.log_sigma.fill_(math.log(0.1))
+    a, x = torch.randn(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    mean = (torch.tanh(a) + 1) / 2
+    ref = -torch.distributions.Normal(mean, 0.1).log_prob(x).flatten(1).sum(1)
+    assert torch.allclose(m.recon_nll(a, x), ref, rtol=1e-4)
+
+
+def test_gaussian_sigma_is_learned_as_the_maximum_likelihood_value():
+    """In training the batch's optimal sigma = RMS error is used and tracked in the buffer."""
+    m = ConvVAE(ModelConfig(image_size=32, channels=(8, 16), latent_dim=3)).train()
+    a, x = torch.zeros(2, 3, 32, 32), torch.full((2, 3, 32, 32), 0.5)
+    x[0] += 0.05
+    x[1] -= 0.05  # mean is 0.5 everywhere: RMS error exactly 0.05
+    ref = -torch.distributions.Normal(torch.full_like(x, 0.5), 0.05).log_prob(x).flatten(1).sum(1)
+    for _ in range(200):
+        nll = m.recon_nll(a, x)
+    assert torch.allclose(nll, ref, rtol=1e-4)
+    assert m.log_sigma.exp().item() == pytest.approx(0.05, rel=1e-3)
+
+
+def test_loss_decreases_when_fitting_a_batch():
+    torch.manual_seed(0)
+    m = ConvVAE(ModelConfig(image_size=32, channels=(16, 32), latent_dim=4))
+    x = torch.rand(8, 3, 32, 32) * 0.2 + 0.4
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    first = m.loss(x)["loss"].item()
+    for _ in range(40):
+        loss = m.loss(x)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first - abs(first) * 0.1
+
+
+def test_bits_per_dim_of_gaussian_includes_quantisation_offset():
+    m = ConvVAE(ModelConfig(image_size=32, channels=(8, 16), latent_dim=3))
+    d = 3 * 32 * 32
+    assert m.bits_per_dim(torch.tensor(0.0)).item() == pytest.approx(math.log2(255))
+    assert m.bits_per_dim(torch.tensor(d * math.log(2))).item() == pytest.approx(1 + math.log2(255))
+
+
+def test_to_uint8_layout_and_range():
+    x = torch.tensor([[[[0.0, 1.0]], [[0.5, 2.0]], [[-1.0, 0.25]]]])  # (1, 3, 1, 2)
+    u = to_uint8(x)
+    assert u.shape == (1, 1, 2, 3) and u.dtype == torch.uint8
+    assert u[0, 0, 0].tolist() == [0, 128, 0] and u[0, 0, 1].tolist() == [255, 255, 64]
