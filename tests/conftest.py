@@ -1,0 +1,52 @@
+"""Shared fixtures: one local Ray cluster for the whole session, tiny image folders."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+GZ2 = SHARED / "datasets" / "gz2"
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory) -> str:
+    """One real local Ray cluster shared by every test; job subprocesses join it via RAY_ADDRESS.
+
+    Four logical CPUs on this 2-core machine so Train workers and Ray Data never starve each
+    other (see README, "Resources on small machines").
+    """
+    import ray
+
+    os.environ.setdefault("RAY_GALAXY_CACHE", str(tmp_path_factory.mktemp("cache")))
+    ctx = ray.init(num_cpus=4, include_dashboard=True, logging_level="warning",
+                   runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    address = ctx.address_info["gcs_address"]
+    os.environ["RAY_ADDRESS"] = address
+    yield address
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """40 synthetic 48px galaxies in nested folders."""
+    from synthetic import write_folder
+
+    root = tmp_path_factory.mktemp("tiny")
+    write_folder(root, 40, size=48)
+    return root
+
+
+def job_env(extra: dict | None = None) -> dict:
+    """Environment for a job subprocess: joins the shared cluster, imports this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env.update(extra or {})
+    return env
