@@ -28,10 +28,10 @@ class ModelConfig:
 
     image_size: int = 64
     channels: tuple[int, ...] = (32, 64, 128, 256)
-    latent_dim: int = 16
+    latent_dim: int = 6
     likelihood: str = "gaussian"
     # Residual 3x3 blocks added to each encoder/decoder stage; 0 is the original design.
-    blocks_per_stage: int = 1
+    blocks_per_stage: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -78,15 +78,15 @@ class TrainConfig:
     storage: str = _h("Where runs, checkpoints and model directories go (path or URI).", default="./runs")
     name: str = _h("Run name; re-running with the same name and storage resumes.", default="galaxy-vae")
     preset: str = _h("Model preset: 'default' (sigma-VAE) or 'seed' (the original design).", default="default")
-    epochs: int = _h("Number of training epochs.", default=40)
-    batch_size: int = _h("Global batch size (split across workers).", default=32)
+    epochs: int = _h("Number of training epochs.", default=100)
+    batch_size: int = _h("Global batch size (split across workers).", default=16)
     lr: float = _h("Adam learning rate.", default=2e-3)
     image_size: int = _h("Training resolution in pixels (power of two, 32..256).", default=64)
     crop: float = _h("Central fraction of each image kept before resizing (0.5 for Galaxy Zoo).", default=1.0)
     channels: tuple[int, ...] = _h("Channels per stride-2 stage, e.g. 32,64,128,256.", default=(32, 64, 128, 256))
-    blocks_per_stage: int = _h("Residual blocks per stage (0 = original design).", default=1)
-    latent_dim: int = _h("Latent dimension.", default=16)
-    kl_weight: float = _h("Weight (beta) of the KL term.", default=1.0)
+    blocks_per_stage: int = _h("Residual blocks per stage (0 = original design).", default=0)
+    latent_dim: int = _h("Latent dimension.", default=6)
+    kl_weight: float = _h("Weight (beta) of the KL term.", default=4.0)
     kl_warmup_epochs: int = _h("Epochs over which the KL weight ramps linearly from 0.", default=5)
     likelihood: str = _h("Reconstruction likelihood: 'gaussian' (learned sigma) or 'bce'.", default="gaussian")
     val_fraction: float = _h("Fraction of images held out for validation (by path hash).", default=0.1)
@@ -138,12 +138,12 @@ class TrainConfig:
 
 # Presets set defaults that YAML and flags may still override.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The project's default: calibrated Gaussian decoder (sigma-VAE), residual stages,
-    # a 16-d latent and a short KL warm-up (see README, "Model defaults").
+    # The project's default: calibrated Gaussian decoder (sigma-VAE), a 6-d latent, KL weight 4
+    # and a short KL warm-up (see README, "Model defaults and why").
     "default": {},
     # The astronomer's original design: plain stride-2 encoder, upsample+conv decoder,
     # latent dim 4, cross-entropy reconstruction, no warm-up.
-    "seed": {"latent_dim": 4, "likelihood": "bce", "blocks_per_stage": 0, "kl_warmup_epochs": 0},
+    "seed": {"latent_dim": 4, "likelihood": "bce", "kl_weight": 1.0, "kl_warmup_epochs": 0},
 }
 
 

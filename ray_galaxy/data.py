@@ -340,7 +340,11 @@ def load_datasets(data: str, image_size: int, crop: float, val_fraction: float
             if len(stats.skipped_examples) < 20:
                 stats.skipped_examples.append(f"{row['path']}: {row['error']}")
         stats.skipped += len(bad)
-        out.append(_good_only(ds).materialize())
+        good = _good_only(ds)
+        # Many small blocks: Train's equal split may drop up to (workers - 1) rows an epoch to
+        # keep DDP ranks in step; with blocks visited in random order that is a different
+        # handful each epoch rather than the same images forever.
+        out.append(good.repartition(max(8, min(256, len(split_paths_) // 64))).materialize())
     stats.train_images = out[0].count()
     stats.val_images = out[1].count()
     stats.seconds = round(time.time() - t0, 2)

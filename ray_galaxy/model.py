@@ -21,6 +21,7 @@ a, so the cross-entropy is computed stably from logits 2 * a.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -177,8 +178,15 @@ class ConvVAE(nn.Module):
 
     @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent codes (B, latent_dim) -> mean images (B, 3, S, S) in [0, 1]."""
-        return (torch.tanh(self.decode_logits(z.to(self._device()).float())) + 1) / 2
+        """Latent codes (B, latent_dim) -> mean images (B, 3, S, S) in [0, 1].
+
+        Runs in float64: float32 conv kernels round differently depending on batch size and
+        threads, which flips the odd 8-bit pixel. In float64 the same latent gives the same
+        bytes however requests are batched (samples and served PNGs are byte-reproducible).
+        """
+        fc, dec = copy.deepcopy(self.fc_dec).double(), copy.deepcopy(self.decoder).double()
+        h = fc(z.to(self._device()).double()).view(-1, self.config.channels[-1], self.bottom, self.bottom)
+        return ((torch.tanh(dec(h)) + 1) / 2).float()
 
     @torch.inference_mode()
     def sample(self, n: int, seed: int = 0, temperature: float = 1.0) -> torch.Tensor:

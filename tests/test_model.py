@@ -134,3 +134,14 @@ def test_to_uint8_layout_and_range():
     u = to_uint8(x)
     assert u.shape == (1, 1, 2, 3) and u.dtype == torch.uint8
     assert u[0, 0, 0].tolist() == [0, 128, 0] and u[0, 0, 1].tolist() == [255, 255, 64]
+
+
+def test_decoded_pixels_do_not_depend_on_batch_composition():
+    """A latent gives the same 8-bit image alone or inside any batch (needed for served PNGs)."""
+    torch.manual_seed(0)
+    m = ConvVAE(ModelConfig(image_size=64, channels=(16, 32, 64, 64), latent_dim=6)).eval()
+    z = torch.randn(33, 6)
+    full = to_uint8(m.decode(z))
+    for i in (0, 7, 32):
+        assert torch.equal(to_uint8(m.decode(z[i:i + 1]))[0], full[i])
+    assert torch.equal(to_uint8(m.decode(z[5:12])), full[5:12])

@@ -1,0 +1,38 @@
+"""Write new galaxies from a trained model directory (local path or s3:// URI).
+
+    python jobs/sample.py --model runs/galaxy-vae/model --n 64 --out samples/ --grid
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory written by jobs/train.py")
+    p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("--out", required=True, help="output folder for PNGs")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
+    p.add_argument("--temperature", type=float, default=1.0, help="scale of the prior (default 1.0)")
+    p.add_argument("--grid", action="store_true", help="also write grid.png with all images")
+    args = p.parse_args(argv)
+
+    from ray_galaxy.figures import write_samples
+    from ray_galaxy.checkpoint import ModelDirError
+
+    if not 1 <= args.n <= 100_000:
+        p.error(f"--n must be in 1..100000, got {args.n}")
+    try:
+        paths = write_samples(args.model, args.out, args.n, args.seed, args.temperature, args.grid)
+    except ModelDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(paths)} files to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Config: defaults, presets, YAML and flags, clear errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ray_galaxy.config import ConfigError, TrainConfig, parse_config, PRESETS, train_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_unknown_yaml_key_lists_the_valid_ones(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("epochs: 3\nlatent_dims: 8\n")
+    with pytest.raises(ConfigError) as e:
+        train_config(p)
+    msg = str(e.value)
+    assert "'latent_dims'" in msg and "latent_dim" in msg and "kl_weight" in msg
+
+
+def test_precedence_defaults_preset_yaml_flags(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("preset: seed\nepochs: 3\nlr: 0.01\n")
+    cfg, _ = parse_config(TrainConfig, ["--config", str(p), "--lr", "0.5", "--crop", "0.5"], "t", PRESETS)
+    assert cfg.epochs == 3  # yaml over default
+    assert cfg.lr == 0.5  # flag over yaml
+    assert cfg.crop == 0.5
+    assert cfg.latent_dim == 4 and cfg.likelihood == "bce"  # preset 'seed'
+    cfg2 = train_config(p, latent_dim=12)
+    assert cfg2.latent_dim == 12 and cfg2.likelihood == "bce"  # explicit value beats the preset
+
+
+def test_bad_values_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="epochs"):
+        train_config(epochs="many")
+    with pytest.raises(ConfigError, match="crop"):
+        train_config(crop=1.5)
+    with pytest.raises(ConfigError, match="image_size"):
+        train_config(image_size=100)
+    with pytest.raises(ConfigError, match="preset"):
+        train_config(preset="fancy")
+
+
+def test_channels_and_bools_parse_from_flags():
+    cfg, _ = parse_config(TrainConfig, ["--channels", "8,16,32", "--use-gpu", "--no-use-gpu"], "t", PRESETS)
+    assert cfg.channels == (8, 16, 32) and cfg.use_gpu is False
+
+
+def test_cluster_train_yaml_is_the_default_config():
+    """cluster/train.yaml documents the defaults: it must not drift from the dataclass."""
+    assert train_config(REPO / "cluster" / "train.yaml") == TrainConfig()
+
+
+def test_train_help_documents_every_flag():
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for name in TrainConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in out, name
+
+
+def test_unknown_flag_and_bad_yaml_exit_with_usage_error(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("epochz: 3\n")
+    r = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(p)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "epochz" in r.stderr and "valid keys" in r.stderr
