@@ -154,6 +154,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from ray_galaxy.data import augment_d4
     from ray_galaxy.model import ConvVAE
 
+    import logging
+
+    # Ray Train logs two INFO lines per checkpoint; our one progress line per epoch says it all.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = TrainConfig(**{**loop_config["config"], "channels": tuple(loop_config["config"]["channels"])})
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
