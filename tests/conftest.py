@@ -15,8 +15,36 @@ GZ2 = SHARED / "datasets" / "gz2"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def ray_address(tmp_path_factory) -> str:
+def s3_endpoint() -> str:
+    """A real S3-protocol server (moto's standalone server) on a free loopback port.
+
+    Started before Ray so that every Ray worker inherits the standard AWS environment
+    (AWS_ENDPOINT_URL and test credentials), exactly as a deployment would provide it.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_REGION": "us-east-1"})
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory, s3_endpoint) -> str:
     """One real local Ray cluster shared by every test; job subprocesses join it via RAY_ADDRESS.
 
     Four logical CPUs on this 2-core machine so Train workers and Ray Data never starve each
