@@ -36,3 +36,24 @@ def test_train_reads_s3_writes_s3_and_sample_reads_it_back(ray_address, bucket, 
     r = run_job(["jobs/sample.py", "--model", f"s3://{bucket}/runs/s3run/model", "--n", "3", "--out", str(out)])
     assert r.returncode == 0, r.stderr
     assert len(list(out.glob("sample_*.png"))) == 3
+
+
+def test_missing_bucket_is_one_clear_error(s3_endpoint):
+    from ray_galaxy.data import DataError, list_images
+
+    with pytest.raises(DataError, match="no-such-bucket"):
+        list_images("s3://no-such-bucket/raw")
+
+
+def test_unreachable_endpoint_fails_fast_with_a_clear_error(s3_endpoint, monkeypatch):
+    import time
+
+    from conftest import free_port
+    from ray_galaxy.data import DataError, list_images
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    t0 = time.time()
+    with pytest.raises(DataError) as e:
+        list_images("s3://galaxies/raw")
+    assert time.time() - t0 < 30
+    assert "s3://galaxies/raw" in str(e.value) and "connect" in str(e.value).lower()
