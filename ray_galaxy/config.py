@@ -270,7 +270,7 @@ def parse_config(cls: Type[T], argv: list[str] | None, description: str,
                  extra: "callable | None" = None) -> tuple[T, argparse.Namespace]:
     """Parse ``--config FILE`` plus one flag per field of ``cls``; returns (config, extra args)."""
     parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file of settings (flags override it)")
     if extra is not None:
         extra(parser)

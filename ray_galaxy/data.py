@@ -144,6 +144,10 @@ def list_images(uri: str) -> list[str]:
         if e.type == pafs.FileType.File and e.path.lower().endswith(IMAGE_EXTENSIONS)
     )
     if not paths:
+        if any(e.path.endswith(".parquet") for e in entries):
+            raise DataError(
+                f"{uri!r} holds Parquet shards but no manifest.json: an unfinished "
+                "jobs/prepare_data.py output; run it again")
         raise DataError(
             f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {uri!r}"
         )
@@ -159,11 +163,16 @@ def split_paths(paths: list[str], val_fraction: float, root: str = "") -> tuple[
     train, val = [], []
     for p in paths:
         rel = p[len(root):].lstrip("/") if root and p.startswith(root) else p
-        h = int.from_bytes(hashlib.sha1(rel.encode()).digest()[:8], "big") / 2**64
-        (val if h < val_fraction else train).append(p)
+        (val if is_val(rel, val_fraction) else train).append(p)
     if paths and not val:  # tiny sets: keep at least one validation image
         val.append(train.pop())
     return train, val
+
+
+def is_val(rel_path: str, val_fraction: float) -> bool:
+    """Whether a (root-relative) path falls in the validation split."""
+    h = int.from_bytes(hashlib.sha1(rel_path.encode()).digest()[:8], "big") / 2**64
+    return h < val_fraction
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -326,6 +335,11 @@ def load_datasets(data: str, image_size: int, crop: float, val_fraction: float
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     t0 = time.time()
     uri = resolve_data_uri(data)
+    from ray_galaxy.prepare import read_manifest
+
+    manifest = read_manifest(uri)
+    if manifest is not None:
+        return _load_prepared(uri, manifest, image_size, crop, val_fraction, t0)
     paths = list_images(uri)
     fs, root = resolve_uri(uri)
     train_paths, val_paths = split_paths(paths, val_fraction, root=root)
@@ -354,4 +368,45 @@ def load_datasets(data: str, image_size: int, crop: float, val_fraction: float
     if stats.val_images == 0:
         raise DataError(f"no readable validation images in {data!r}; lower the number of "
                         f"bad files or raise val_fraction")
+    return out[0], out[1], stats
+
+
+class _Resize:
+    """Ray Data batch UDF: crop/resize prepared uint8 images to the training size."""
+
+    def __init__(self, size: int, crop: float) -> None:
+        self.size, self.crop = size, crop
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from PIL import Image
+
+        imgs = batch["image"]
+        if imgs.shape[1] == self.size and self.crop == 1.0:
+            return {"image": imgs}
+        out = np.stack([np.asarray(center_crop_resize(Image.fromarray(im), self.size, self.crop))
+                        for im in imgs])
+        return {"image": out}
+
+
+def _load_prepared(uri: str, manifest: dict[str, Any], image_size: int, crop: float,
+                   val_fraction: float, t0: float) -> tuple["ray.data.Dataset", "ray.data.Dataset", DataStats]:
+    """Train/val datasets from a jobs/prepare_data.py output (Parquet shards, no decoding)."""
+    import ray
+
+    fs, root = resolve_uri(uri)
+    files = [f"{root.rstrip('/')}/{s}" for s in manifest["shards"]]
+    ds = ray.data.read_parquet(files, filesystem=fs).select_columns(["image", "path"])
+    stats = DataStats(source=uri, files=int(manifest.get("written", 0)))
+    stats.skipped_by_reason = {f"prepare:{k}": v for k, v in manifest.get("dropped", {}).items()}
+    out = []
+    for want_val in (False, True):
+        part = ds.filter(lambda r, v=want_val: is_val(r["path"], val_fraction) == v)
+        part = part.map_batches(_Resize(image_size, crop), batch_size=64, batch_format="numpy")
+        n_blocks = max(8, min(256, stats.files // 64))
+        out.append(part.repartition(n_blocks).materialize())
+    stats.train_images, stats.val_images = out[0].count(), out[1].count()
+    stats.seconds = round(time.time() - t0, 2)
+    if stats.train_images == 0 or stats.val_images == 0:
+        raise DataError(f"prepared data {uri!r} gives {stats.train_images} train and "
+                        f"{stats.val_images} validation images; need at least one of each")
     return out[0], out[1], stats

@@ -60,3 +60,19 @@ def write_corrupt(root: Path) -> dict[str, Path]:
     files["truncated"].write_bytes(good[: len(good) // 3])
     files["text"].write_text("this is not an image\n")
     return files
+
+
+def clumpy_galaxy(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A galaxy with star-forming clumps: structure, so perceptual hashes tell galaxies apart.
+
+    (Perfectly smooth blobs make poor hashing tests: their higher DCT coefficients are noise.)
+    """
+    img = galaxy(size, rng, ellipticity=rng.uniform(0, 0.7), angle=rng.uniform(0, 3.1),
+                 sigma=rng.uniform(0.06, 0.16) * size).astype(np.float64)
+    y, x = np.mgrid[:size, :size]
+    for _ in range(6):
+        cy, cx = rng.uniform(0.2, 0.8, 2) * size
+        s = rng.uniform(0.02, 0.05) * size
+        blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * s * s))
+        img += 120 * blob[..., None] * rng.uniform(0.5, 1.0, 3)
+    return np.clip(img, 0, 255).astype(np.uint8)

@@ -57,3 +57,23 @@ def test_unreachable_endpoint_fails_fast_with_a_clear_error(s3_endpoint, monkeyp
         list_images("s3://galaxies/raw")
     assert time.time() - t0 < 30
     assert "s3://galaxies/raw" in str(e.value) and "connect" in str(e.value).lower()
+
+
+def test_prepare_into_s3_shards_then_train_from_them(ray_address, bucket, tmp_path):
+    """The issue's whole S3 path: raw s3:// pictures -> s3:// shards -> train -> s3:// model."""
+    r = run_job(["jobs/prepare_data.py", "--input", f"s3://{bucket}/raw", "--output", f"s3://{bucket}/shards",
+                 "--image-size", "48", "--crop", "1.0", "--dedupe", "--min-size", "16"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s3 = boto3.client("s3")
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="shards/manifest.json")["Body"].read())
+    assert manifest["read"] == 41 and manifest["written"] == 40
+    assert manifest["dropped"] == {"unreadable": 1}
+    r = run_job(["jobs/train.py", "--data", f"s3://{bucket}/shards", "--storage", f"s3://{bucket}/runs",
+                 "--name", "from-shards", "--epochs", "2", *TINY])
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "data: " in r.stdout and "skipped 0" in r.stdout
+    metrics = json.loads(s3.get_object(Bucket=bucket, Key="runs/from-shards/model/metrics.json")["Body"].read())
+    assert metrics["data"]["train_images"] + metrics["data"]["val_images"] == 40
+    out = tmp_path / "s"
+    r = run_job(["jobs/sample.py", "--model", f"s3://{bucket}/runs/from-shards/model", "--n", "2", "--out", str(out)])
+    assert r.returncode == 0, r.stderr

@@ -1,0 +1,32 @@
+"""Prepare raw galaxy pictures into Parquet shards for training (local folders or s3://).
+
+    python jobs/prepare_data.py --input ../shared/datasets/gz2/train --output data/gz2-256 --crop 0.5 --dedupe
+    python jobs/train.py --data data/gz2-256 --image-size 64
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ray_galaxy.config import parse_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ray_galaxy.data import DataError
+    from ray_galaxy.prepare import PrepareConfig, prepare
+    from ray_galaxy.train import ensure_ray
+
+    cfg, _ = parse_config(PrepareConfig, argv, __doc__)
+    try:
+        ensure_ray()
+        manifest = prepare(cfg)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"prepared data: {cfg.output} ({manifest['written']} images)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

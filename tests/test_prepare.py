@@ -1,0 +1,132 @@
+"""jobs/prepare_data.py: guarded decoding, near-duplicate removal, manifest, atomic re-runs,
+and training straight from the prepared shards."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import GZ2
+from ray_galaxy.data import decode_image, load_datasets
+from ray_galaxy.prepare import (DUPLICATE_BITS, PrepareConfig, find_duplicates, hamming,
+                                perceptual_hash, prepare, read_manifest)
+from synthetic import clumpy_galaxy, write_corrupt
+from test_train_e2e import run_job
+
+
+def _dist(a, b):
+    ha = np.frombuffer(perceptual_hash(a), np.uint8)[None]
+    hb = np.frombuffer(perceptual_hash(b), np.uint8)[None]
+    return int(hamming(ha, hb)[0, 0])
+
+
+def _reencoded_resized(img: np.ndarray, side: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(img).resize((side, side), Image.Resampling.BILINEAR).save(buf, "JPEG", quality=70)
+    return decode_image(buf.getvalue(), 64)
+
+
+def test_hash_is_close_for_copies_and_far_for_other_galaxies():
+    rng = np.random.default_rng(0)
+    a, b = clumpy_galaxy(96, rng), clumpy_galaxy(96, rng)
+    a64 = decode_image(_png(a), 64)
+    assert _dist(a64, _reencoded_resized(a, 80)) <= DUPLICATE_BITS
+    assert _dist(a64, decode_image(_png(b), 64)) > DUPLICATE_BITS
+
+
+@pytest.mark.skipif(not GZ2.is_dir(), reason="needs ../shared/datasets/gz2")
+def test_hash_separates_real_galaxies_from_their_copies():
+    files = sorted((GZ2 / "train").glob("*.jpg"))[:60]
+    raw = [f.read_bytes() for f in files]
+    imgs = [decode_image(r, 64, 0.5) for r in raw]
+    copies = []
+    for r in raw:
+        im = Image.open(io.BytesIO(r))
+        buf = io.BytesIO()
+        im.resize((300, 300)).save(buf, "JPEG", quality=70)
+        copies.append(decode_image(buf.getvalue(), 64, 0.5))
+    assert max(_dist(a, c) for a, c in zip(imgs, copies)) <= DUPLICATE_BITS
+    assert min(_dist(imgs[i], imgs[j]) for i in range(60) for j in range(i + 1, 60)) > DUPLICATE_BITS
+
+
+def test_find_duplicates_keeps_the_first_of_each_group():
+    z = bytes(32)
+    one = bytes([255]) + bytes(31)  # 8 bits away from z
+    far = bytes([255] * 16) + bytes(16)  # 128 bits away
+    assert find_duplicates([z, one, far, z], threshold=10) == [1, 3]
+    assert find_duplicates([z, one], threshold=4) == []
+    assert find_duplicates([]) == []
+
+
+def _png(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def messy_folder(tmp_path_factory):
+    """20 distinct galaxies, 3 near-copies, 3 broken files, 1 tiny picture."""
+    root = tmp_path_factory.mktemp("messy")
+    rng = np.random.default_rng(5)
+    originals = []
+    for i in range(20):
+        img = clumpy_galaxy(96, rng)
+        originals.append(img)
+        (root / f"g{i:02d}.png").write_bytes(_png(img))
+    for i in range(3):  # the same galaxy re-encoded and resized, under other names
+        buf = io.BytesIO()
+        Image.fromarray(originals[i]).resize((150, 150)).save(buf, "JPEG", quality=75)
+        (root / f"zz_copy_of_g{i:02d}.jpg").write_bytes(buf.getvalue())
+    write_corrupt(root / "broken")
+    Image.fromarray(np.full((12, 12, 3), 99, np.uint8)).save(root / "tiny.png")
+    return root
+
+
+def test_prepare_counts_every_reason_and_writes_shards(ray_address, messy_folder, tmp_path):
+    out = tmp_path / "prepared"
+    m = prepare(PrepareConfig(input=str(messy_folder), output=str(out), image_size=32, crop=1.0,
+                              dedupe=True, min_size=16, rows_per_shard=8))
+    assert m["read"] == 27 and m["written"] == 20
+    assert m["dropped"] == {"unreadable": 3, "duplicate": 3, "too_small": 1}
+    assert read_manifest(str(out)) == m
+    assert len(m["shards"]) == 3 and all((out / s).is_file() for s in m["shards"])
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(out / m["shards"][0])
+    assert set(t.column_names) >= {"image", "path", "hash", "width", "height"}
+    paths = {p for s in m["shards"] for p in pq.read_table(out / s, columns=["path"]).column("path").to_pylist()}
+    assert not any(p.startswith("zz_copy") for p in paths), "the copy goes, the original stays"
+    assert all(not p.startswith("/") for p in paths), "paths are stored relative to the input"
+
+    # re-running replaces the output: one shards folder, and a manifest that matches it
+    m2 = prepare(PrepareConfig(input=str(messy_folder), output=str(out), image_size=32, crop=1.0,
+                               dedupe=False, min_size=16, rows_per_shard=100))
+    assert m2["written"] == 23 and "duplicate" not in m2["dropped"]
+    assert len([d for d in out.iterdir() if d.name.startswith("shards-")]) == 1
+
+    # training reads the shards without decoding, with the same hash split
+    train, val, stats = load_datasets(str(out), 32, 1.0, 0.2)
+    assert stats.train_images + stats.val_images == 23
+    assert train.take(1)[0]["image"].shape == (32, 32, 3)
+
+
+def test_unfinished_output_is_never_mistaken_for_data(ray_address, messy_folder, tmp_path):
+    out = tmp_path / "half"
+    prepare(PrepareConfig(input=str(messy_folder), output=str(out), image_size=32, crop=1.0))
+    (out / "manifest.json").unlink()  # as if the job died before finishing
+    from ray_galaxy.data import DataError
+
+    with pytest.raises(DataError, match="unfinished"):
+        load_datasets(str(out), 32, 1.0, 0.2)
+
+
+def test_prepare_job_cli_reports_counts(ray_address, messy_folder, tmp_path):
+    out = tmp_path / "cli"
+    r = run_job(["jobs/prepare_data.py", "--input", str(messy_folder), "--output", str(out),
+                 "--image-size", "32", "--crop", "1.0", "--dedupe", "--min-size", "16"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "wrote 20 images" in r.stdout and "duplicate" in r.stdout
+    assert json.loads((out / "manifest.json").read_text())["written"] == 20
