@@ -372,15 +372,16 @@ def load_datasets(data: str, image_size: int, crop: float, val_fraction: float
 
 
 class _Resize:
-    """Ray Data batch UDF: crop/resize prepared uint8 images to the training size."""
+    """Ray Data batch UDF: raw shard bytes -> uint8 images, cropped/resized to the training size."""
 
-    def __init__(self, size: int, crop: float) -> None:
-        self.size, self.crop = size, crop
+    def __init__(self, size: int, crop: float, stored_size: int) -> None:
+        self.size, self.crop, self.stored = size, crop, stored_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from PIL import Image
 
-        imgs = batch["image"]
+        s = self.stored
+        imgs = np.frombuffer(b"".join(batch["image"]), dtype=np.uint8).reshape(-1, s, s, 3)
         if imgs.shape[1] == self.size and self.crop == 1.0:
             return {"image": imgs}
         out = np.stack([np.asarray(center_crop_resize(Image.fromarray(im), self.size, self.crop))
@@ -401,7 +402,8 @@ def _load_prepared(uri: str, manifest: dict[str, Any], image_size: int, crop: fl
     out = []
     for want_val in (False, True):
         part = ds.filter(lambda r, v=want_val: is_val(r["path"], val_fraction) == v)
-        part = part.map_batches(_Resize(image_size, crop), batch_size=64, batch_format="numpy")
+        part = part.map_batches(_Resize(image_size, crop, int(manifest["image_size"])), batch_size=64,
+                                batch_format="numpy")
         n_blocks = max(8, min(256, stats.files // 64))
         out.append(part.repartition(n_blocks).materialize())
     stats.train_images, stats.val_images = out[0].count(), out[1].count()

@@ -1,0 +1,86 @@
+"""Ingest images/s into a training loop: raw JPEG files against prepared Parquet shards.
+
+The same images, read by Ray Data and iterated as torch batches the way a Train worker does,
+(a) from the raw JPEGs (read bytes, decode, crop, resize every time) and (b) from shards
+written once by jobs/prepare_data.py. Alternating runs a, b, a, b; means reported.
+
+    python benchmarks/ingest.py --input ../shared/datasets/gz2/train --image-size 256 --crop 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def consume(ds, batch_size: int) -> float:
+    """Images/s of iterating ``ds`` as torch batches to the end."""
+    t0, n = time.time(), 0
+    for batch in ds.iter_torch_batches(batch_size=batch_size, drop_last=False):
+        n += batch["image"].shape[0]
+    return n / (time.time() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", default="../shared/datasets/gz2/train")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--crop", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+
+    import ray
+
+    from ray_galaxy.data import list_images, read_images, resolve_uri
+    from ray_galaxy.prepare import PrepareConfig, prepare, read_manifest
+    from ray_galaxy.train import ensure_ray
+
+    ensure_ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    out = tempfile.mkdtemp(prefix="rg-shards-")
+    t0 = time.time()
+    prepare(PrepareConfig(input=args.input, output=out, image_size=args.image_size, crop=args.crop))
+    prepare_s = time.time() - t0
+    manifest = read_manifest(out)
+    paths = list_images(args.input)
+    fs, _ = resolve_uri(args.input)
+    shard_files = [os.path.join(out, s) for s in manifest["shards"]]
+
+    def raw():
+        return read_images(paths, fs, args.image_size, args.crop).select_columns(["image"])
+
+    from ray_galaxy.data import _Resize
+
+    def shards():
+        return ray.data.read_parquet(shard_files).select_columns(["image"]).map_batches(
+            _Resize(args.image_size, 1.0, args.image_size), batch_size=64, batch_format="numpy")
+
+    rates = {"raw_jpeg": [], "parquet_shards": []}
+    for _ in range(args.repeats):
+        rates["raw_jpeg"].append(consume(raw(), args.batch_size))
+        rates["parquet_shards"].append(consume(shards(), args.batch_size))
+    mean = {k: sum(v) / len(v) for k, v in rates.items()}
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    result = {
+        "images": len(paths), "image_size": args.image_size, "crop": args.crop,
+        "physical_cores": os.cpu_count(), "ray_logical_cpus": cpus,
+        "raw_jpeg_images_per_s": round(mean["raw_jpeg"], 1),
+        "parquet_images_per_s": round(mean["parquet_shards"], 1),
+        "ratio_shards_over_raw": round(mean["parquet_shards"] / mean["raw_jpeg"], 2),
+        "raw_images_per_s_per_core": round(mean["raw_jpeg"] / os.cpu_count(), 1),
+        "runs": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+        "prepare_seconds_once": round(prepare_s, 1),
+    }
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
