@@ -93,6 +93,8 @@ class TrainConfig:
     num_workers: int = _h("Ray Train workers (data-parallel DDP ranks).", default=1)
     use_gpu: bool = _h("Train on GPUs (one per worker) with bf16 autocast.", default=False)
     cpus_per_worker: float = _h("Logical CPUs reserved per Train worker; fractional leaves CPU for Ray Data.", default=1.0)
+    placement_strategy: str = _h("How workers are placed on nodes: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD.",
+                                 default="PACK")
     max_failures: int = _h("Worker-group restarts allowed; each resumes from the last checkpoint.", default=2)
     keep_checkpoints: int = _h("Checkpoints kept, best by validation loss (the latest is always kept).", default=3)
     seed: int = _h("Random seed for initialisation, augmentation and sample figures.", default=0)
@@ -116,6 +118,9 @@ class TrainConfig:
             raise ConfigError("lr must be > 0 and kl_weight >= 0")
         if self.kl_warmup_epochs < 0 or self.max_failures < 0 or self.keep_checkpoints < 1:
             raise ConfigError("kl_warmup_epochs and max_failures must be >= 0, keep_checkpoints >= 1")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError("placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+                              f"got {self.placement_strategy!r}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         self.model_config()  # validates the model fields too

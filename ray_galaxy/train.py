@@ -192,6 +192,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = prepare_model(model)
     net = model.module if hasattr(model, "module") else model
 
+    # Where each rank runs, recorded with the metrics (placement is part of what a run did).
+    node_ids = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        import torch.distributed as dist
+
+        node_ids = [None] * world
+        dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     per_worker_batch = max(1, cfg.batch_size // world)
@@ -234,11 +241,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "kl_weight_now": beta,
             "train_images": int(sums[0]),
             "workers": world,
+            "worker_nodes": len(set(node_ids)),
             "images_per_s": sums[0] / max(train_seconds, 1e-9),
             "epoch_seconds": epoch_seconds,
             "decoder_sigma": float(net.log_sigma.clamp(min=-6).exp()),
             **val,
         }
+        metrics_state = {**metrics, "worker_node_ids": node_ids}
         history.append({k: v for k, v in metrics.items() if k != "val_kl_per_dim"})
         reported = {k: v for k, v in metrics.items() if k != "val_kl_per_dim"}
         if rank == 0:
@@ -250,7 +259,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                  f"{epoch_seconds:.1f}s/epoch  ETA {fmt_seconds(eta)}")
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, model, optimizer, {
-                    "epoch": epoch, "history": history, "metrics": metrics,
+                    "epoch": epoch, "history": history, "metrics": metrics_state,
                     "model_config": cfg.model_config().to_dict(), "config": cfg.to_dict()})
                 ray.train.report(reported, checkpoint=Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
@@ -280,7 +289,7 @@ def make_trainer(cfg: TrainConfig, train_ds: Any, val_ds: Any, extra_loop_config
     if cfg.use_gpu:
         resources["GPU"] = 1
     scaling = ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                            resources_per_worker=resources)
+                            resources_per_worker=resources, placement_strategy=cfg.placement_strategy)
     if run_config is None:
         run_config = RunConfig(
             name=cfg.name,
