@@ -254,13 +254,6 @@ def resolve(cls: Type[T], yaml_path: str | Path | None, overrides: Mapping[str, 
     if yaml_path:
         values.update(read_yaml(yaml_path))
         source = str(yaml_path)
-    valid = field_names(cls)
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {', '.join(map(repr, unknown))} in {source}; "
-            f"valid keys are: {', '.join(valid)}"
-        )
     values.update(overrides)
     if presets is not None:
         preset = values.get("preset", "default")
