@@ -1,0 +1,91 @@
+"""Faults with real processes and real signals: a Train worker SIGKILLed mid-run is survived from
+the last checkpoint; a killed job started again with the same name resumes, not restarts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import REPO, job_env
+from ray_galaxy.checkpoint import load_checkpoint, load_model_dir
+
+ARGS = ["--image-size", "32", "--channels", "8,16,32,32", "--latent-dim", "4", "--batch-size", "8",
+        "--num-workers", "2", "--cpus-per-worker", "0.5"]
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of the live Train workers of the suite's cluster (Ray's state API)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                         detail=True)
+    return [a.pid for a in actors]
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "jobs/train.py", *args], cwd=REPO, env=job_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _read_until(proc: subprocess.Popen, needle: str, lines: list[str], timeout: float = 300) -> bool:
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if needle in line:
+            return True
+        if time.time() > deadline:
+            break
+    return False
+
+
+def _checkpoints_all_load(run_dir: Path) -> None:
+    ckpts = sorted(run_dir.glob("checkpoint_epoch_*"))
+    assert ckpts
+    for c in ckpts:
+        _, _, state = load_checkpoint(c)  # raises on a half-written checkpoint
+        assert c.name == f"checkpoint_epoch_{state['epoch'] + 1:04d}"
+
+
+def test_killed_train_worker_is_survived_from_the_last_checkpoint(ray_address, tiny_folder, tmp_path):
+    proc = _start(["--data", str(tiny_folder), "--storage", str(tmp_path), "--name", "kill-worker",
+                   "--epochs", "8", "--max-failures", "2", *ARGS])
+    lines: list[str] = []
+    try:
+        assert _read_until(proc, "epoch 3/8", lines), "".join(lines[-50:])
+        victims = _train_worker_pids()
+        assert len(victims) == 2
+        os.kill(victims[1], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    text = "".join(lines) + (out or "")
+    assert proc.returncode == 0, text[-4000:]
+    assert "resuming from checkpoint after epoch" in text
+    metrics = json.loads((tmp_path / "kill-worker" / "model" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, 9))
+    _checkpoints_all_load(tmp_path / "kill-worker")
+    load_model_dir(str(tmp_path / "kill-worker" / "model"))
+
+
+def test_killed_job_started_again_resumes(ray_address, tiny_folder, tmp_path):
+    args = ["--data", str(tiny_folder), "--storage", str(tmp_path), "--name", "kill-job", "--epochs", "6", *ARGS]
+    proc = _start(args)
+    lines: list[str] = []
+    try:
+        assert _read_until(proc, "epoch 3/6", lines), "".join(lines[-50:])
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    time.sleep(3)  # let Ray notice the dead driver and release its workers
+    _checkpoints_all_load(tmp_path / "kill-job")
+    again = subprocess.run([sys.executable, "jobs/train.py", *args], cwd=REPO, env=job_env(),
+                           capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "resuming from checkpoint after epoch" in again.stdout
+    assert "epoch 1/6" not in again.stdout
+    metrics = json.loads((tmp_path / "kill-job" / "model" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, 7))
