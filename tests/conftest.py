@@ -23,24 +23,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class S3Server:
+    """moto's standalone S3 server on a loopback port; can be stopped and started again
+    (its buckets live in this process, so they survive a restart)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+
 @pytest.fixture(scope="session")
-def s3_endpoint() -> str:
+def s3_server() -> S3Server:
     """A real S3-protocol server (moto's standalone server) on a free loopback port.
 
     Started before Ray so that every Ray worker inherits the standard AWS environment
     (AWS_ENDPOINT_URL and test credentials), exactly as a deployment would provide it.
     """
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = S3Server()
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+    os.environ.update({"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                        "AWS_REGION": "us-east-1"})
-    yield endpoint
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server) -> str:
+    return s3_server.endpoint
 
 
 @pytest.fixture(scope="session")
