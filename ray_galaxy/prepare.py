@@ -30,6 +30,7 @@ from ray_galaxy.config import _h
 from ray_galaxy.data import BadImage, DataError, decode_image, list_images, resolve_uri
 
 MANIFEST = "manifest.json"
+SHARDS_FORMAT = "ray-galaxy-shards/1"
 HASH_BITS = 256
 # Hamming distance (of 256 bits) at or below which two prepared images are the same galaxy.
 # Measured on Galaxy Zoo 2 at 64px, crop 0.5: a re-encoded (JPEG q70) and resized copy differs
@@ -204,7 +205,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     files = sorted(i.path for i in out_fs.get_file_info(pafs.FileSelector(shard_dir))
                    if i.path.endswith(".parquet"))
     manifest = {
-        "format": "ray-galaxy-shards/1",
+        "format": SHARDS_FORMAT,
         "input": cfg.input,
         "image_size": cfg.image_size,
         "crop": cfg.crop,
@@ -241,6 +242,10 @@ def read_manifest(uri: str) -> dict[str, Any] | None:
         if fs.get_file_info(path).type == pafs.FileType.NotFound:
             return None
         with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
+            manifest = json.loads(f.read())
     except json.JSONDecodeError as e:
         raise DataError(f"{uri}: {MANIFEST} is not valid JSON ({e})") from None
+    # Other tools (and the built-in dataset cache) write manifest.json files too.
+    if not isinstance(manifest, dict) or manifest.get("format") != SHARDS_FORMAT:
+        return None
+    return manifest

@@ -125,3 +125,11 @@ def test_corrupt_files_are_skipped_and_counted_every_good_image_used(ray_address
     assert train.count() == stats.train_images and val.count() == stats.val_images
     row = train.take(1)[0]
     assert row["image"].shape == (32, 32, 3) and row["image"].dtype == np.uint8
+
+
+def test_builtin_dataset_loads_through_ray_data(ray_address):
+    """`python jobs/train.py` with no --data reads the built-in set (its folder has a manifest
+    of its own, which must not be mistaken for prepared shards)."""
+    train, val, stats = load_datasets("hubble-xdf", 32, 1.0, 0.1)
+    assert stats.skipped == 0 and 150 <= stats.train_images + stats.val_images <= 350
+    assert train.take(1)[0]["image"].shape == (32, 32, 3)
