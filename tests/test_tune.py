@@ -1,0 +1,193 @@
+"""Ray Tune sweeps: search-space parsing (fast, no Ray) and a tiny real sweep as a subprocess.
+
+The sweep runs jobs/tune.py on the shared Ray cluster: 4 trials of at most 3 epochs at 32px on
+the 40 synthetic galaxies, two trials at a time, ASHA with rungs at epochs 1 and 2 (about 2
+minutes on 2 cores).
+"""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, job_env
+from ray_galaxy.config import ConfigError, parse_config, resolve
+from ray_galaxy.tune import (DISTRIBUTIONS, Param, SearchSpace, TuneConfig, base_train_config,
+                             check_search_space, parse_search_space, plot_trials)
+
+# --------------------------------------------------------------------------- search space
+
+
+def test_search_space_parses_distributions_and_fixed_values():
+    space = parse_search_space({
+        "latent_dim": {"choice": [4, "8", 16]},
+        "lr": {"loguniform": ["3e-4", 3e-3]},  # YAML reads 3e-4 (no dot) as text
+        "kl_weight": {"uniform": [0.5, 8]},
+        "blocks_per_stage": {"randint": [0, 3]},
+        "batch_size": {"grid": [8, 16]},
+        "kl_warmup_epochs": 0,
+        "channels": [8, 16, 32, 32],
+    })
+    assert space.names == ["latent_dim", "lr", "kl_weight", "blocks_per_stage", "batch_size"]
+    assert space.params[0] == Param("latent_dim", "choice", (4, 8, 16))
+    assert space.params[1].args == (3e-4, 3e-3) and space.params[1].log_scale
+    assert space.fixed == {"kl_warmup_epochs": 0, "channels": (8, 16, 32, 32)}
+    ps = space.param_space()
+    assert ps["channels"] == [8, 16, 32, 32] and ps["kl_warmup_epochs"] == 0
+    assert ps["batch_size"] == {"grid_search": [8, 16]}
+    assert sorted(ps["latent_dim"].categories) == [4, 8, 16]
+    assert (ps["lr"].lower, ps["lr"].upper) == (3e-4, 3e-3)
+    assert (ps["blocks_per_stage"].lower, ps["blocks_per_stage"].upper) == (0, 3)
+    assert space.num_trials(3) == 6  # the grid is repeated num_samples times
+    assert space.to_spec()["lr"] == {"loguniform": [3e-4, 3e-3]}
+    assert parse_search_space(space.to_spec()) == space
+
+
+@pytest.mark.parametrize("spec,words", [
+    ({"lr": {"logunifrom": [1e-4, 1e-3]}}, ["'logunifrom'", "'lr'", *DISTRIBUTIONS]),
+    ({"latent_dims": {"choice": [4, 8]}}, ["'latent_dims'", "latent_dim", "kl_weight"]),
+    ({"epochs": {"choice": [3, 5]}}, ["'epochs'", "set by the sweep", "latent_dim"]),
+    ({"latent_dim": {"loguniform": [4, 32]}}, ["latent_dim", "integer", "randint"]),
+    ({"likelihood": {"uniform": [0, 1]}}, ["likelihood", "choice"]),
+    ({"lr": {"loguniform": [0, 1e-3]}}, ["lr", "low > 0"]),
+    ({"lr": {"uniform": [1e-3, 1e-4]}}, ["lr", "low must be below high"]),
+    ({"lr": {"quniform": [1e-4, 1e-3]}}, ["lr", "[low, high, q]"]),
+    ({"latent_dim": {"choice": [4, "eight"]}}, ["latent_dim", "'eight'"]),
+    ({"latent_dim": [4, 8]}, ["latent_dim", "{choice: [4, 8]}"]),
+    ({"lr": {"uniform": [1e-4, 1e-3], "choice": [1]}}, ["lr", "one {distribution: args}"]),
+    ({"lr": {"choice": []}}, ["lr", "a list of values"]),
+])
+def test_bad_search_space_is_a_clear_config_error(spec, words):
+    with pytest.raises(ConfigError) as e:
+        parse_search_space(spec)
+    msg = str(e.value)
+    assert all(w in msg for w in words), msg
+
+
+def test_sampled_values_are_checked_against_the_base_config():
+    base = base_train_config(TuneConfig(image_size=32, channels=(8, 16, 32, 32)))
+    check_search_space(parse_search_space({"latent_dim": {"choice": [2, 4]}}), base)
+    with pytest.raises(ConfigError, match=r"latent_dim=0 .*latent_dim must be >= 1"):
+        check_search_space(parse_search_space({"latent_dim": {"choice": [0, 4]}}), base)
+    with pytest.raises(ConfigError, match=r"image_size=48"):
+        check_search_space(parse_search_space({"image_size": {"choice": [32, 48]}}), base)
+    with pytest.raises(ConfigError, match=r"batch_size=1 "):
+        check_search_space(parse_search_space({"batch_size": {"randint": [1, 9]}}),
+                           base_train_config(TuneConfig(num_workers=2, batch_size=8)))
+
+
+def test_bad_yaml_fails_at_parse_time_with_the_reason(tmp_path):
+    p = tmp_path / "t.yaml"
+    p.write_text("search_space:\n  lr: {logunifrom: [1e-4, 1e-3]}\n")
+    with pytest.raises(SystemExit) as e:
+        parse_config(TuneConfig, ["--config", str(p)], "t")
+    assert e.value.code == 2
+    with pytest.raises(ConfigError, match="grace_period"):
+        TuneConfig(epochs=3, grace_period=5)
+
+
+def test_shipped_sweep_configs_load():
+    # cluster/tune.yaml spells out the defaults, as cluster/train.yaml does for training.
+    assert resolve(TuneConfig, REPO / "cluster" / "tune.yaml", {}) == TuneConfig()
+    gpu = resolve(TuneConfig, REPO / "cluster" / "tune-gpu.yaml", {})
+    base = base_train_config(gpu)
+    check_search_space(parse_search_space(gpu.search_space), base)
+    assert gpu.use_gpu and base.use_gpu and base.image_size == 256 and base.epochs == gpu.epochs
+
+
+def test_plot_has_one_panel_per_searched_parameter():
+    space = parse_search_space({"latent_dim": {"choice": [4, 8]}, "lr": {"loguniform": [1e-4, 1e-2]}})
+    rows = [{"trial_id": f"t{i}", "latent_dim": ld, "lr": lr, "best_val_bpd": bpd,
+             "stopped_early": se} for i, (ld, lr, bpd, se) in
+            enumerate([(4, 1e-3, 5.0, "no"), (8, 1e-4, 6.0, "yes"), (8, 3e-3, None, "no")])]
+    img = plot_trials(rows, space)
+    assert img.size == (2 * 340, 308)
+    assert (214, 39, 40) in {c for _, c in img.getcolors(1 << 20)}  # the best trial, in red
+    assert plot_trials([], SearchSpace((), {})).size[0] > 0
+
+
+# --------------------------------------------------------------------------- tiny real sweep
+
+TINY = ["--num-samples", "1", "--epochs", "3", "--grace-period", "1", "--reduction-factor", "2",
+        "--image-size", "32", "--channels", "8,16,32,32", "--batch-size", "8",
+        "--max-concurrent-trials", "2", "--num-workers", "1", "--cpus-per-worker", "0.5"]
+# A grid over lr, best first, makes ASHA's decision deterministic: trials 3 and 4 start only
+# after 1 and 2 have passed the epoch-1 rung, and their near-frozen lr puts them below its cutoff.
+SWEEP_YAML = """\
+search_space:
+  lr: {grid: [3e-3, 1e-3, 1e-5, 3e-6]}
+  latent_dim: {choice: [2, 4, 8, 16]}
+  kl_weight: {loguniform: [0.5, 8]}
+  kl_warmup_epochs: 0
+"""
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_address, tiny_folder, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("sweeps")
+    (storage / "sweep.yaml").write_text(SWEEP_YAML)
+    r = subprocess.run([sys.executable, "jobs/tune.py", "--config", str(storage / "sweep.yaml"),
+                        "--data", str(tiny_folder), "--storage", str(storage), "--name", "tiny", *TINY],
+                       cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600)
+    (storage / "job.log").write_text(r.stdout + r.stderr)  # for reading after a failure
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-6000:]
+    run_dir = storage / "tiny"
+    with (run_dir / "trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return run_dir, rows, r
+
+
+def test_sweep_runs_every_trial_and_asha_stops_some(sweep):
+    run_dir, rows, r = sweep
+    assert len(rows) == 4 and len({row["trial_id"] for row in rows}) == 4
+    assert all(row["status"] in ("completed", "stopped") for row in rows), rows
+    for row in rows:
+        assert set(row) >= {"latent_dim", "lr", "kl_weight", "best_val_bpd", "final_val_bpd",
+                            "epochs_run", "stopped_early"}
+        assert int(row["latent_dim"]) in (2, 4, 8, 16)
+        stopped = row["stopped_early"] == "yes"
+        assert (int(row["epochs_run"]) < 3) if stopped else (int(row["epochs_run"]) == 3)
+    assert any(row["stopped_early"] == "yes" for row in rows), rows
+    assert {float(row["lr"]) for row in rows} == {3e-3, 1e-3, 1e-5, 3e-6}
+    bpd = [float(row["best_val_bpd"]) for row in rows]
+    assert bpd == sorted(bpd)  # best first
+    md = (run_dir / "trials.md").read_text()
+    assert all(row["trial_id"] in md for row in rows)
+    with Image.open(run_dir / "trials.png") as img:
+        assert img.format == "PNG" and img.size[0] >= 3 * 300
+    assert "Trial status" in r.stdout  # Tune's trial table
+    assert f"model directory: {run_dir / 'model'}" in r.stdout
+
+
+def test_best_trial_is_published_as_a_model_directory(sweep):
+    from ray_galaxy.checkpoint import load_model_dir
+
+    run_dir, rows, _ = sweep
+    best = rows[0]
+    assert len({row["latent_dim"] for row in rows}) > 1  # so the check below means something
+    md = load_model_dir(str(run_dir / "model"))
+    config = json.loads((run_dir / "model" / "config.json").read_text())
+    assert config["train"]["latent_dim"] == int(best["latent_dim"]) == md.model.config.latent_dim
+    assert config["train"]["lr"] == pytest.approx(float(best["lr"]))
+    assert config["tune"]["trial_id"] == best["trial_id"]
+    assert config["tune"]["config"]["search_space"]["lr"] == {"grid": [3e-3, 1e-3, 1e-5, 3e-6]}
+    assert config["tune"]["best_val_bpd"] == pytest.approx(float(best["best_val_bpd"]))
+    assert md.metrics["best"]["val_bpd"] == pytest.approx(float(best["best_val_bpd"]))
+    images = md.model.sample(4, seed=1)
+    assert images.shape == (4, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_job_reports_bad_config_and_missing_data_in_one_line(ray_address, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("search_space:\n  latent_dim: {choice: [0, 4]}\n")
+    for args, words in (
+            (["--config", str(bad), "--image-size", "32"], ["latent_dim=0", "latent_dim must be >= 1"]),
+            (["--data", str(tmp_path / "nowhere")], ["does not exist"])):
+        r = subprocess.run([sys.executable, "jobs/tune.py", "--storage", str(tmp_path), *args],
+                           cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+        assert all(w in r.stderr for w in words) and "Traceback" not in r.stderr, r.stderr[-3000:]
