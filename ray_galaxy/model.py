@@ -184,9 +184,21 @@ class ConvVAE(nn.Module):
         threads, which flips the odd 8-bit pixel. In float64 the same latent gives the same
         bytes however requests are batched (samples and served PNGs are byte-reproducible).
         """
-        fc, dec = copy.deepcopy(self.fc_dec).double(), copy.deepcopy(self.decoder).double()
+        fc, dec = self._float64_decoder()
         h = fc(z.to(self._device()).double()).view(-1, self.config.channels[-1], self.bottom, self.bottom)
         return ((torch.tanh(dec(h)) + 1) / 2).float()
+
+    def _float64_decoder(self) -> tuple[nn.Module, nn.Module]:
+        """A float64 copy of the decoder, rebuilt only when a weight has changed since."""
+        params = list(self.fc_dec.parameters()) + list(self.decoder.parameters())
+        key = (str(self._device()),) + tuple((id(p), p._version) for p in params)
+        cached = getattr(self, "_f64_cache", None)
+        if cached is None or cached[0] != key:
+            fc, dec = copy.deepcopy(self.fc_dec).double(), copy.deepcopy(self.decoder).double()
+            # Stored outside nn.Module bookkeeping: not a submodule, not in the state dict.
+            object.__setattr__(self, "_f64_cache", (key, fc, dec))
+            cached = self._f64_cache
+        return cached[1], cached[2]
 
     @torch.inference_mode()
     def sample(self, n: int, seed: int = 0, temperature: float = 1.0) -> torch.Tensor:

@@ -145,3 +145,20 @@ def test_decoded_pixels_do_not_depend_on_batch_composition():
     for i in (0, 7, 32):
         assert torch.equal(to_uint8(m.decode(z[i:i + 1]))[0], full[i])
     assert torch.equal(to_uint8(m.decode(z[5:12])), full[5:12])
+
+
+def test_decode_follows_weight_changes():
+    """decode() caches a float64 decoder; changed weights must invalidate it."""
+    torch.manual_seed(0)
+    m = ConvVAE(ModelConfig(image_size=32, channels=(8, 16), latent_dim=3)).eval()
+    z = torch.randn(2, 3)
+    a = m.decode(z)
+    assert torch.equal(a, m.decode(z))
+    other = ConvVAE(ModelConfig(image_size=32, channels=(8, 16), latent_dim=3))
+    m.load_state_dict(other.state_dict())
+    assert torch.allclose(m.decode(z), other.eval().decode(z))
+    assert not torch.allclose(m.decode(z), a)
+    with torch.no_grad():
+        m.fc_dec.bias.add_(1.0)
+    assert not torch.allclose(m.decode(z), other.decode(z))
+    assert "_f64_cache" not in m.state_dict()
