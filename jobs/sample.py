@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
     p.add_argument("--temperature", type=float, default=1.0, help="scale of the prior (default 1.0)")
     p.add_argument("--grid", action="store_true", help="also write grid.png with all images")
+    p.add_argument("--sampler", choices=["prior", "gmm"], default="prior",
+                   help="latent sampler: N(0, I) prior or the model's fitted Gaussian mixture "
+                        "(jobs/fit_sampler.py)")
     args = p.parse_args(argv)
 
     from ray_galaxy.figures import write_samples
@@ -26,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.n <= 100_000:
         p.error(f"--n must be in 1..100000, got {args.n}")
     try:
-        paths = write_samples(args.model, args.out, args.n, args.seed, args.temperature, args.grid)
+        paths = write_samples(args.model, args.out, args.n, args.seed, args.temperature, args.grid,
+                              sampler=args.sampler)
     except ModelDirError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -68,7 +68,7 @@ def pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def write_samples(model_uri: str, out: str, n: int, seed: int = 0, temperature: float = 1.0,
-                  with_grid: bool = False, batch: int = 256) -> list[str]:
+                  with_grid: bool = False, batch: int = 256, sampler: str = "prior") -> list[str]:
     """Decode ``n`` prior samples of a model directory into ``out/sample_00000.png`` ...
 
     Image i is the same whatever ``n`` is: each batch draws from ``seed + batch index``.
@@ -76,6 +76,7 @@ def write_samples(model_uri: str, out: str, n: int, seed: int = 0, temperature: 
     from pathlib import Path
 
     from ray_galaxy.checkpoint import load_model_dir
+    from ray_galaxy.evaluate import sample_latents
 
     md = load_model_dir(model_uri)
     outdir = Path(out)
@@ -83,7 +84,7 @@ def write_samples(model_uri: str, out: str, n: int, seed: int = 0, temperature: 
     written, all_images = [], []
     for start in range(0, n, batch):
         k = min(batch, n - start)
-        z = md.model.prior_latents(batch, seed=seed + start // batch, temperature=temperature)[:k]
+        z = sample_latents(md, batch, seed + start // batch, sampler, temperature)[:k]
         imgs = to_uint8(md.model.decode(z)).numpy()
         for j, img in enumerate(imgs):
             path = outdir / f"sample_{start + j:05d}.png"
