@@ -316,3 +316,148 @@ def test_kuberay_unmodified_schema_misses_optional_typos(raycluster):
     _add_head_typo(bad)
     assert kuberay_validator("RayCluster", strict=False).is_valid(bad)
     assert not kuberay_validator("RayCluster", strict=True).is_valid(bad)
+
+
+# --------------------------------------------------------------------------- RayJob (tune), RayService
+
+RAYJOB_TUNE = KUBERAY / "rayjob-tune.yaml"
+RAYSERVICE = KUBERAY / "rayservice.yaml"
+SERVE_CONFIG = CLUSTER / "serve.yaml"
+CRD_FILES["RayService"] = "ray.io_rayservices.yaml"
+
+
+@pytest.fixture(scope="module")
+def rayservice() -> dict[str, Any]:
+    return load_yaml(RAYSERVICE)
+
+
+def _embedded_serve_config(manifest: dict[str, Any]) -> dict[str, Any]:
+    text = manifest["spec"]["serveConfigV2"]
+    assert isinstance(text, str), "serveConfigV2 must be a YAML string"
+    data = yaml.safe_load(text)
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.mark.parametrize("path,kind", [(RAYJOB_TUNE, "RayJob"), (RAYSERVICE, "RayService")],
+                         ids=["rayjob-tune", "rayservice"])
+def test_new_kuberay_manifest_matches_crd_schema(path, kind):
+    manifest = load_yaml(path)
+    assert manifest["apiVersion"] == "ray.io/v1"
+    assert manifest["kind"] == kind
+    assert error_messages(kuberay_validator(kind), manifest) == []
+
+
+@pytest.mark.parametrize("path", [RAYJOB_TUNE, RAYSERVICE], ids=["rayjob-tune", "rayservice"])
+def test_new_kuberay_cluster_shape(path):
+    manifest = load_yaml(path)
+    spec = (manifest["spec"]["rayClusterConfig"] if manifest["kind"] == "RayService"
+            else manifest["spec"]["rayClusterSpec"])
+    assert spec["enableInTreeAutoscaling"] is True
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    (worker,) = spec["workerGroupSpecs"]
+    assert (worker["minReplicas"], worker["maxReplicas"]) == (0, 4)
+    for pod in (head["template"]["spec"], worker["template"]["spec"]):
+        assert pod["serviceAccountName"] == "ray-galaxy"  # IRSA
+        for c in pod["containers"]:
+            assert c["image"] == IMAGE
+            assert not any(e["name"].startswith("AWS_") for e in c.get("env", []))
+    text = path.read_text()
+    for secret in ("aws_access_key_id", "aws_secret_access_key", "AWS_ACCESS_KEY_ID",
+                   "AWS_SECRET_ACCESS_KEY", "AKIA"):
+        assert secret not in text
+
+
+def test_rayjob_tune_settings(rayjob):
+    tune_job = load_yaml(RAYJOB_TUNE)
+    spec = tune_job["spec"]
+    assert spec["entrypoint"] == "python jobs/tune.py --config cluster/tune-gpu.yaml"
+    assert spec["shutdownAfterJobFinishes"] is True
+    # Same code zip and pins as the training job, and the same cluster.
+    assert yaml.safe_load(spec["runtimeEnvYAML"]) == yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
+    assert spec["rayClusterSpec"] == rayjob["spec"]["rayClusterSpec"]
+
+
+def test_rayjob_tune_entrypoint_config_loads():
+    """The entrypoint's arguments parse the way jobs/tune.py parses them, and the sweep's base
+    training config (train_config: in the YAML) resolves too."""
+    from ray_galaxy.config import parse_config
+    from ray_galaxy.tune import TuneConfig, base_train_config
+
+    argv = shlex.split(load_yaml(RAYJOB_TUNE)["spec"]["entrypoint"])
+    assert argv[0] == "python" and argv[1] == "jobs/tune.py" and (REPO / argv[1]).is_file()
+    config = REPO / argv[argv.index("--config") + 1]
+    assert config.is_file(), f"entrypoint config {config} not in the repo"
+    cfg, _ = parse_config(TuneConfig, ["--config", str(config)] + argv[4:], "t")
+    assert cfg.use_gpu is True
+    base = base_train_config(cfg)
+    assert base.use_gpu is True and base.num_workers == cfg.num_workers
+
+
+def test_rayservice_serve_config_passes_strict_check(rayservice):
+    from ray_galaxy.serve import check_serve_config
+
+    assert check_serve_config(_embedded_serve_config(rayservice)) == []
+
+
+def _app_structure(app: dict[str, Any]) -> dict[str, Any]:
+    """An application without what may differ on Kubernetes: the model URI and the runtime env."""
+    app = copy.deepcopy(app)
+    app.pop("runtime_env", None)
+    app["args"].pop("model")
+    return app
+
+
+def test_rayservice_serve_config_matches_serve_yaml(rayservice):
+    embedded = _embedded_serve_config(rayservice)
+    reference = load_yaml(SERVE_CONFIG)
+    assert embedded["proxy_location"] == reference["proxy_location"]
+    assert embedded["http_options"]["port"] == reference["http_options"]["port"]
+    assert set(embedded) == set(reference)
+    assert ([a["name"] for a in embedded["applications"]]
+            == [a["name"] for a in reference["applications"]])
+    for got, want in zip(embedded["applications"], reference["applications"]):
+        assert set(got["args"]) == set(want["args"])
+        assert [d["name"] for d in got["deployments"]] == [d["name"] for d in want["deployments"]]
+        assert _app_structure(got) == _app_structure(want)
+    (app,) = embedded["applications"]
+    assert app["args"]["model"].startswith("s3://")
+    runtime_env = app["runtime_env"]
+    assert str(runtime_env["working_dir"]).endswith(".zip")
+
+
+@pytest.mark.parametrize("where", ["autoscaling", "deployment", "args", "application"])
+def test_rayservice_serve_config_typo_fails(rayservice, where):
+    from ray_galaxy.serve import check_serve_config
+
+    data = _embedded_serve_config(rayservice)
+    app = data["applications"][0]
+    if where == "autoscaling":
+        auto = app["deployments"][1]["autoscaling_config"]
+        auto["max_replica"] = auto.pop("max_replicas")
+    elif where == "deployment":
+        d = app["deployments"][0]
+        d["max_ongoing_request"] = d.pop("max_ongoing_requests")
+    elif where == "args":
+        app["args"]["max_batch"] = app["args"].pop("max_batch_size")
+    else:
+        app["route_prefx"] = app.pop("route_prefix")
+    # Round-trip through the manifest's string, as KubeRay would receive it.
+    bad = copy.deepcopy(rayservice)
+    bad["spec"]["serveConfigV2"] = yaml.safe_dump(data, sort_keys=False)
+    assert error_messages(kuberay_validator("RayService"), bad) == []  # the CRD sees only a string
+    errors = check_serve_config(_embedded_serve_config(bad))
+    assert errors, f"typo at {where} not caught"
+
+
+def test_rayservice_typo_fails(rayservice):
+    bad = copy.deepcopy(rayservice)
+    bad["spec"]["serveConfigV3"] = bad["spec"].pop("serveConfigV2")
+    errors = error_messages(kuberay_validator("RayService"), bad)
+    assert any("Additional properties are not allowed" in e for e in errors), errors
+    bad = copy.deepcopy(rayservice)
+    worker = bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    worker["maxReplica"] = worker.pop("maxReplicas")
+    errors = error_messages(kuberay_validator("RayService"), bad)
+    assert any("Additional properties are not allowed" in e for e in errors), errors
