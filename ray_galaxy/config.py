@@ -11,7 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Type, TypeVar, get_type_hints
+from typing import Any, Callable, Mapping, Type, TypeVar, get_type_hints
 
 T = TypeVar("T")
 
@@ -265,7 +265,7 @@ def resolve(cls: Type[T], yaml_path: str | Path | None, overrides: Mapping[str, 
 
 def parse_config(cls: Type[T], argv: list[str] | None, description: str,
                  presets: Mapping[str, Mapping[str, Any]] | None = None,
-                 extra: "callable | None" = None) -> tuple[T, argparse.Namespace]:
+                 extra: Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[T, argparse.Namespace]:
     """Parse ``--config FILE`` plus one flag per field of ``cls``; returns (config, extra args)."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

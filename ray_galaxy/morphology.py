@@ -208,14 +208,21 @@ def gini(values: np.ndarray) -> float:
     return float(np.sum((2 * i - n - 1) * x) / (x.mean() * n * (n - 1)))
 
 
-def m20(img: np.ndarray, mask: np.ndarray) -> float:
-    """M20 (Lotz et al. 2004, eqs. 7-8) of the non-negative flux of ``img`` inside ``mask``."""
+def _weighted_centre(img: np.ndarray, mask: np.ndarray) -> tuple:
+    """(flux, total, yy, xx, cy, cx): non-negative flux of ``img`` in ``mask`` and its centroid."""
     f = np.where(mask, np.clip(img, 0, None), 0.0)
     total = f.sum()
+    yy, xx = np.indices(f.shape)
+    if total <= 0:
+        return f, total, yy, xx, math.nan, math.nan
+    return f, total, yy, xx, (f * yy).sum() / total, (f * xx).sum() / total
+
+
+def m20(img: np.ndarray, mask: np.ndarray) -> float:
+    """M20 (Lotz et al. 2004, eqs. 7-8) of the non-negative flux of ``img`` inside ``mask``."""
+    f, total, yy, xx, cy, cx = _weighted_centre(img, mask)  # the centre minimises M_tot
     if total <= 0:
         return math.nan
-    yy, xx = np.indices(f.shape)
-    cy, cx = (f * yy).sum() / total, (f * xx).sum() / total  # minimises M_tot
     mi = f * ((yy - cy) ** 2 + (xx - cx) ** 2)
     m_tot = mi.sum()
     if m_tot <= 0:
@@ -229,12 +236,9 @@ def m20(img: np.ndarray, mask: np.ndarray) -> float:
 
 def ellipticity(img: np.ndarray, mask: np.ndarray) -> float:
     """1 - b/a from the flux-weighted second moments of the non-negative flux in ``mask``."""
-    f = np.where(mask, np.clip(img, 0, None), 0.0)
-    total = f.sum()
+    f, total, yy, xx, cy, cx = _weighted_centre(img, mask)
     if total <= 0:
         return math.nan
-    yy, xx = np.indices(f.shape)
-    cy, cx = (f * yy).sum() / total, (f * xx).sum() / total
     dy, dx = yy - cy, xx - cx
     cov = np.array([[(f * dx * dx).sum(), (f * dx * dy).sum()],
                     [(f * dx * dy).sum(), (f * dy * dy).sum()]]) / total

@@ -311,8 +311,6 @@ def make_trainer(cfg: TrainConfig, train_ds: Any, val_ds: Any, extra_loop_config
 def export_model(checkpoint: Any, latest: Any, model_dir: str, cfg: TrainConfig,
                  data_stats: dict[str, Any], extra_config: dict | None = None) -> dict[str, Any]:
     """Turn the best checkpoint into a model directory with metrics and figures."""
-    import torch
-
     from ray_galaxy import figures
     from ray_galaxy.checkpoint import load_checkpoint, save_model_dir
     from ray_galaxy.model import ConvVAE
@@ -344,7 +342,6 @@ def export_model(checkpoint: Any, latest: Any, model_dir: str, cfg: TrainConfig,
     save_model_dir(model_dir, {k: v.detach().cpu() for k, v in model.state_dict().items()},
                    cfg.model_config(), extra_config={"train": cfg.to_dict(), **(extra_config or {})},
                    metrics=metrics, files=files)
-    del torch
     return metrics
 
 
