@@ -94,6 +94,46 @@ def tiny_folder(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """Two tiny trained model directories (serving.train_tiny): ``a`` (latent 4) and ``b``
+    (latent 6), plus ``model_a`` loaded in this process for byte-exact comparisons."""
+    from types import SimpleNamespace
+
+    from serving import train_tiny
+
+    from ray_galaxy.checkpoint import load_model_dir
+
+    root = tmp_path_factory.mktemp("serve-models")
+    # B also has another latent size: the swap must not mix an old and a new replica's codes.
+    a, b = train_tiny(str(root / "a"), 0), train_tiny(str(root / "b"), 1, latent_dim=6)
+    return SimpleNamespace(a=a, b=b, model_a=load_model_dir(a).model)
+
+
+@pytest.fixture(scope="session")
+def server(ray_address, models):
+    """Ray Serve on a loopback port, shared by every Serve test: model A as ``/galaxy`` (no
+    token) and ``/auth`` (bearer token ``serving.TOKEN``)."""
+    from types import SimpleNamespace
+
+    from ray import serve
+    from serving import BODY_LIMIT, MAX_BATCH, SMALL, TOKEN
+
+    from ray_galaxy.serve import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"model": models.a, "max_batch_size": MAX_BATCH, "batch_wait_timeout_s": 0.05,
+            "max_body_bytes": BODY_LIMIT}
+    serve.run_many([
+        serve.RunTarget(build_app(args, SMALL, token=None), name="galaxy", route_prefix="/galaxy"),
+        serve.RunTarget(build_app(args, SMALL, token=TOKEN), name="galaxy-auth", route_prefix="/auth"),
+    ])
+    base = f"http://127.0.0.1:{port}"
+    yield SimpleNamespace(base=base, url=base + "/galaxy", auth=base + "/auth", args=args)
+    serve.shutdown()
+
+
 def job_env(extra: dict | None = None) -> dict:
     """Environment for a job subprocess: joins the shared cluster, imports this checkout."""
     env = dict(os.environ)

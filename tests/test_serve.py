@@ -17,107 +17,20 @@ import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import requests
 import yaml
 
-from conftest import REPO, free_port, job_env
+from conftest import REPO, job_env
+from serving import (BODY_LIMIT, LATENT, MAX_BATCH, SIZE, SMALL, TOKEN, expected_images,
+                     expected_png, pixels, tile)
 
 # Ray Serve's own models use a pydantic idiom deprecated in pydantic 2 (not ours to fix).
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")
 
-TOKEN = "tok-" + "7f3a9c21e4b8d05f"
 SERVE_YAML = REPO / "cluster" / "serve.yaml"
-SIZE, LATENT, MAX_BATCH = 32, 4, 8
-BODY_LIMIT = 64 * 1024
-# Small replicas: the shared test cluster has 4 logical CPUs on 2 cores.
-SMALL = {"GalaxyAPI": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}},
-         "Decoder": {"num_replicas": 1, "max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 0.25}}}
-
-
-# --------------------------------------------------------------------------- fixtures
-
-
-def _train_tiny(uri: str, seed: int, latent_dim: int = LATENT) -> str:
-    """A 32px model after a few Adam steps on synthetic galaxies, saved as a model directory."""
-    import torch
-    from synthetic import galaxy
-
-    from ray_galaxy.checkpoint import save_model_dir
-    from ray_galaxy.config import ModelConfig
-    from ray_galaxy.model import ConvVAE
-
-    torch.manual_seed(seed)
-    cfg = ModelConfig(image_size=SIZE, channels=(8, 16, 32, 32), latent_dim=latent_dim)
-    model = ConvVAE(cfg).train()
-    rng = np.random.default_rng(seed)
-    x = torch.from_numpy(np.stack([galaxy(SIZE, rng) for _ in range(16)])).permute(0, 3, 1, 2).float() / 255
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(8):
-        loss = model.loss(x)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    metrics = {"best_epoch": 1, "epochs_run": 1,
-               "best": {"epoch": 1, "val_loss": loss.item(), "val_psnr": 12.5, "val_kl_per_dim": [0.1, 3.0, 0.2, 2.0, 0.0, 0.0][:latent_dim]},
-               "data": {"source": "synthetic", "train_images": 16, "val_images": 0, "skipped": 0}}
-    return save_model_dir(uri, model.state_dict(), cfg, {"train": {"crop": 1.0}}, metrics)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> SimpleNamespace:
-    from ray_galaxy.checkpoint import load_model_dir
-
-    root = tmp_path_factory.mktemp("serve-models")
-    # B also has another latent size: the swap must not mix an old and a new replica's codes.
-    a, b = _train_tiny(str(root / "a"), 0), _train_tiny(str(root / "b"), 1, latent_dim=6)
-    return SimpleNamespace(a=a, b=b, model_a=load_model_dir(a).model)
-
-
-@pytest.fixture(scope="module")
-def server(ray_address, models):
-    from ray import serve
-
-    from ray_galaxy.serve import build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"model": models.a, "max_batch_size": MAX_BATCH, "batch_wait_timeout_s": 0.05,
-            "max_body_bytes": BODY_LIMIT}
-    serve.run_many([
-        serve.RunTarget(build_app(args, SMALL, token=None), name="galaxy", route_prefix="/galaxy"),
-        serve.RunTarget(build_app(args, SMALL, token=TOKEN), name="galaxy-auth", route_prefix="/auth"),
-    ])
-    base = f"http://127.0.0.1:{port}"
-    yield SimpleNamespace(base=base, url=base + "/galaxy", auth=base + "/auth", args=args)
-    serve.shutdown()
-
-
-def expected_images(model, z) -> np.ndarray:
-    from ray_galaxy.model import to_uint8
-
-    return to_uint8(model.decode(z)).numpy()
-
-
-def expected_png(model, seed: int, temperature: float = 1.0) -> bytes:
-    from ray_galaxy.figures import png_bytes
-
-    return png_bytes(expected_images(model, model.prior_latents(1, seed, temperature))[0])
-
-
-def pixels(png: bytes) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-
-
-def tile(strip: np.ndarray, i: int, j: int = 0, pad: int = 2) -> np.ndarray:
-    """Tile (row j, column i) of a figures.grid mosaic of SIZE-pixel images."""
-    y, x = pad + j * (SIZE + pad), pad + i * (SIZE + pad)
-    return strip[y:y + SIZE, x:x + SIZE]
 
 
 def galaxy_png(size: int = 48, seed: int = 5) -> bytes:
