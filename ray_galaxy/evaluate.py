@@ -31,7 +31,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -391,12 +391,13 @@ def fit_gmm_sampler(model_dir_uri: str, train_data_uri: str | None = None, compo
     return meta
 
 
-def load_sampler(model_dir: ModelDir) -> dict[str, Any] | None:
+def load_sampler(model_dir: ModelDir | str) -> dict[str, Any] | None:
     """The GMM sampler of a model directory (tensors + meta), None if it has none.
 
+    Takes a loaded :class:`ModelDir` or just its URI (the Serve ingress never loads weights).
     Raises :class:`SamplerError` if it was fitted to another model.pt (the model was retrained).
     """
-    uri = model_dir.uri
+    uri = model_dir if isinstance(model_dir, str) else model_dir.uri
     try:
         meta = json.loads(read_bytes(join(uri, SAMPLER_META)))
     except (FileNotFoundError, OSError):
@@ -424,12 +425,28 @@ def sample_latents(model_dir: ModelDir | str, n: int, seed: int = 0, sampler: st
     if gmm is None:
         raise SamplerError(f"{md.uri} has no {SAMPLER_FILE}; fit one with "
                            f"`python jobs/fit_sampler.py --model {md.uri}` or pass --fit-sampler")
+    return gmm_latents(gmm, n, seed, temperature)
+
+
+def gmm_latents(gmm: Mapping[str, torch.Tensor], n: int, seed: int = 0, temperature: float = 1.0
+                ) -> torch.Tensor:
+    """(n, latent_dim) codes drawn from a fitted mixture (``load_sampler``'s tensors), by seed."""
     g = torch.Generator().manual_seed(int(seed))
     comp = torch.multinomial(gmm["weights"].double(), n, replacement=True, generator=g)
     eps = torch.randn(n, gmm["means"].shape[1], generator=g, dtype=torch.float64)
     chol = torch.linalg.cholesky(gmm["covariances"].double())
     z = gmm["means"].double()[comp] + temperature * (chol[comp] @ eps[..., None])[..., 0]
     return z.float()
+
+
+def gmm_variance(gmm: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """Per-dimension variance of the mixture (law of total variance): how much each latent
+    dimension varies across the training set's codes."""
+    w = gmm["weights"].double().numpy()
+    means = gmm["means"].double().numpy()
+    var = np.einsum("kii->ki", gmm["covariances"].double().numpy())
+    mean = w @ means
+    return w @ (var + means ** 2) - mean ** 2
 
 
 def decode_images(model: ConvVAE, z: torch.Tensor, batch_size: int = 256) -> np.ndarray:

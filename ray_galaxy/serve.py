@@ -54,6 +54,10 @@ MAX_ABS_LATENT = 100.0      # |z_i| bound for latent vectors sent by clients
 MAX_INTERP_STEPS = 32
 MAX_TRAVERSE_STEPS = 16
 MAX_TRAVERSE_RANGE = 10.0
+EXPLORER_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+# The explorer page sets this cookie from ``GET /?token=...``: a browser cannot send a bearer
+# header when it loads a page, its script and its images.
+TOKEN_COOKIE = "ray_galaxy_token"
 # How long the ingress keeps retrying while the decoder is unavailable or mid-swap.
 DECODER_RETRY_S = 20.0
 
@@ -183,14 +187,45 @@ def prior_latents(model_config: ModelConfig, n: int, seed: int, temperature: flo
 
 
 def endpoint_latent(model_config: ModelConfig, value: int | list[float], field: str,
-                    temperature: float) -> np.ndarray:
-    """An interpolation endpoint: a seed's prior code, or a latent vector of the right length."""
+                    temperature: float,
+                    draw: Callable[[ModelConfig, int, int, float], np.ndarray] | None = None
+                    ) -> np.ndarray:
+    """An interpolation endpoint: a seed's code (``draw``, default the prior), or a latent
+    vector of the right length."""
     if isinstance(value, int):
-        return prior_latents(model_config, 1, value, temperature)[0]
+        return (draw or prior_latents)(model_config, 1, value, temperature)[0]
     if len(value) != model_config.latent_dim:
         raise ApiError(422, f"{field}: a latent vector must have {model_config.latent_dim} values, "
                             f"got {len(value)}", field)
     return np.asarray(value, dtype=np.float32)
+
+
+def activity_order(metrics: Mapping[str, Any], latent_dim: int,
+                   gmm: Mapping[str, Any] | None = None) -> list[int]:
+    """Latent dimensions, most used first: by the GMM sampler's per-dimension variance when the
+    model has one, else by the validation KL per dimension (an inactive dimension carries ~0 KL
+    and changes nothing when moved), else in index order."""
+    score = None
+    if gmm is not None:
+        from ray_galaxy.evaluate import gmm_variance
+
+        score = [float(v) for v in gmm_variance(gmm)]
+    else:
+        kl = (metrics.get("best") or {}).get("val_kl_per_dim")
+        if isinstance(kl, list) and len(kl) == latent_dim \
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in kl):
+            score = [float(v) for v in kl]
+    if score is None or len(score) != latent_dim:
+        return list(range(latent_dim))
+    return sorted(range(latent_dim), key=lambda i: (-score[i], i))
+
+
+def model_name(uri: str) -> str:
+    """A short display name: the run directory of ``<storage>/<name>/model``, else the last part."""
+    parts = [p for p in uri.rstrip("/").replace("\\", "/").split("/") if p and not p.endswith(":")]
+    if len(parts) >= 2 and parts[-1] == "model":
+        return parts[-2]
+    return parts[-1] if parts else uri
 
 
 def slerp(z0: np.ndarray, z1: np.ndarray, steps: int) -> np.ndarray:
@@ -324,25 +359,82 @@ def _relative_path(scope: Mapping[str, Any]) -> str:
     return path or "/"
 
 
+def _header(scope: Mapping[str, Any], name: bytes) -> str:
+    for k, v in scope.get("headers", []):
+        if k == name:
+            return v.decode("latin-1")
+    return ""
+
+
+def _cookie(scope: Mapping[str, Any], name: str) -> str:
+    from urllib.parse import unquote
+
+    for part in _header(scope, b"cookie").split(";"):
+        k, sep, v = part.strip().partition("=")
+        if sep and k == name:
+            return unquote(v.strip().strip('"'))
+    return ""
+
+
+_LOGIN_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>ray-galaxy: token required</title></head>
+<body style="font-family:sans-serif;background:#0b0e17;color:#dde;padding:3em">
+<h1>ray-galaxy</h1><p>{message}</p>
+<form method="get" action="{action}"><label>Token <input name="token" type="password" autofocus>
+</label> <button>Open the explorer</button></form></body></html>"""
+
+
 class _AuthMiddleware:
-    """Bearer-token check on every route but /healthz (401 without or with a wrong token)."""
+    """Bearer-token check on every route but /healthz (401 without or with a wrong token).
+
+    A browser cannot put a bearer header on a page load or an ``<img>``, so the explorer page
+    takes the token once as ``GET /?token=...``: the answer is a redirect that drops it from the
+    address bar and stores it in an HttpOnly, SameSite=Strict cookie, which then stands in for
+    the header (a cross-site page never gets it sent along).
+    """
 
     def __init__(self, app: Any, token: _Token) -> None:
         self.app, self.token = app, token
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or _relative_path(scope) == "/healthz":
+        import html
+        from urllib.parse import parse_qs, quote
+
+        from starlette.responses import HTMLResponse, RedirectResponse
+
+        path = _relative_path(scope)
+        if scope["type"] != "http" or path == "/healthz":
             return await self.app(scope, receive, send)
-        auth = ""
-        for k, v in scope.get("headers", []):
-            if k == b"authorization":
-                auth = v.decode("latin-1")
+        root = scope.get("root_path", "") or ""
+        page = path == "/" and scope.get("method") in ("GET", "HEAD")
+        if page:
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            if "token" in query:
+                if self.token.matches(query["token"][0]):
+                    resp = RedirectResponse(root + "/", status_code=303)
+                    resp.set_cookie(TOKEN_COOKIE, quote(self.token.value, safe=""), path=root or "/",
+                                    httponly=True, samesite="strict")
+                    return await resp(scope, receive, send)
+                return await HTMLResponse(_LOGIN_PAGE.format(message="That token is not valid.",
+                                                             action=html.escape(root + "/")),
+                                          status_code=401)(scope, receive, send)
+        auth = _header(scope, b"authorization")
         scheme, _, presented = auth.partition(" ")
-        if scheme.lower() != "bearer" or not presented.strip() or not self.token.matches(presented.strip()):
-            message = "missing bearer token" if not auth else "invalid bearer token"
-            resp = _error_response(401, message, "authorization", {"WWW-Authenticate": "Bearer"})
-            return await resp(scope, receive, send)
-        return await self.app(scope, receive, send)
+        if scheme.lower() == "bearer" and presented.strip():
+            ok = self.token.matches(presented.strip())
+        else:
+            cookie = _cookie(scope, TOKEN_COOKIE)
+            ok = bool(cookie) and self.token.matches(cookie)
+        if ok:
+            return await self.app(scope, receive, send)
+        if page and "text/html" in _header(scope, b"accept"):
+            return await HTMLResponse(
+                _LOGIN_PAGE.format(message="This server needs its access token.",
+                                   action=html.escape(root + "/")),
+                status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        message = "missing bearer token" if not auth else "invalid bearer token"
+        resp = _error_response(401, message, "authorization", {"WWW-Authenticate": "Bearer"})
+        return await resp(scope, receive, send)
 
 
 class _BodyLimitMiddleware:
@@ -393,6 +485,13 @@ def _field_of(loc: tuple | list) -> str:
     if len(loc) > 1 and isinstance(loc[1], str):
         return loc[1]
     return str(loc[0]) if loc else "body"
+
+
+def _explorer_file(name: str) -> bytes:
+    """A file of the latent explorer page, shipped in the package (ray_galaxy/explorer/)."""
+    from importlib.resources import files
+
+    return (files("ray_galaxy") / "explorer" / name).read_bytes()
 
 
 def _png_response(png: bytes, version: str):
@@ -463,6 +562,36 @@ class GalaxyAPI:
         self.traverse_dims = default_traverse_dims(metrics, self.latent_dim)
         crop = self.train_config.get("crop", 1.0)
         self.crop = float(crop) if isinstance(crop, (int, float)) and 0 < crop <= 1 else 1.0
+        self.gmm, self.sampler_problem = self._load_sampler(config.model)
+        self.samplers = ["prior"] + (["gmm"] if self.gmm is not None else [])
+        self.dims_by_activity = activity_order(metrics, self.latent_dim, self.gmm)
+
+    @staticmethod
+    def _load_sampler(uri: str) -> tuple[dict[str, Any] | None, str | None]:
+        """The model directory's GMM sampler, or (None, why not). A stale or unreadable one is
+        logged and left out rather than failing the app: the prior still works."""
+        from ray_galaxy.evaluate import SamplerError, load_sampler
+
+        try:
+            gmm = load_sampler(uri)
+        except (SamplerError, OSError, ValueError, KeyError) as e:
+            logger.warning("not serving the GMM sampler of %s: %s", uri, e)
+            return None, str(e)
+        return gmm, (None if gmm is not None else "the model directory has no sampler.pt")
+
+    def latents(self, cfg: ModelConfig, n: int, seed: int, temperature: float,
+                sampler: str = "prior") -> np.ndarray:
+        """(n, latent_dim) codes for ``seed`` from the prior or the model's GMM sampler."""
+        if sampler == "prior":
+            return prior_latents(cfg, n, seed, temperature)
+        if self.gmm is None:
+            raise ApiError(422, f"sampler: this model has no GMM sampler ({self.sampler_problem}); "
+                                "use 'prior' or fit one with jobs/fit_sampler.py", "sampler")
+        if cfg != self.model_config:  # mid-swap: the sampler belongs to this replica's model
+            raise ApiError(503, "sampler: the model is being replaced; retry", "sampler")
+        from ray_galaxy.evaluate import gmm_latents
+
+        return gmm_latents(self.gmm, n, seed, temperature).numpy()
 
     def __serve_build_asgi_app__(self):
         return build_fastapi(self)
@@ -534,6 +663,11 @@ class GalaxyAPI:
             "train_config": self.train_config,
             "metrics": metrics_summary(self.metrics),
             "traverse_dims": list(self.traverse_dims) if self.traverse_dims else None,
+            "name": model_name(self.config.model),
+            "dims_by_activity": self.dims_by_activity,
+            "samplers": self.samplers,
+            "sampler": ({k: self.gmm["meta"].get(k) for k in ("kind", "components", "covariance")}
+                        if self.gmm is not None else None),
             "serving": {
                 "max_batch_size": self.config.max_batch_size,
                 "batch_wait_timeout_s": self.config.batch_wait_timeout_s,
@@ -561,6 +695,8 @@ def build_fastapi(svc: GalaxyAPI):
     Temperature = Annotated[float, Field(ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)]
     LatentValue = Annotated[float, Field(ge=-MAX_ABS_LATENT, le=MAX_ABS_LATENT, allow_inf_nan=False)]
     Endpoint = Union[Seed, list[LatentValue]]
+    SamplerName = Literal["prior", "gmm"]
+    sampler_doc = "prior: N(0, T^2 I); gmm: the model's two-stage sampler (see /info samplers)"
 
     class SampleRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -569,6 +705,7 @@ def build_fastapi(svc: GalaxyAPI):
         temperature: Temperature = Field(1.0, description="scale of the prior N(0, T^2 I)")
         format: Literal["grid", "zip", "npy"] = Field(
             "grid", description="grid: one PNG mosaic; zip: one PNG per galaxy; npy: (n, S, S, 3) uint8")
+        sampler: SamplerName = Field("prior", description=sampler_doc)
 
     class InterpolateRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -576,6 +713,11 @@ def build_fastapi(svc: GalaxyAPI):
         to: Endpoint = Field(..., description="a seed, or a latent vector")
         steps: int = Field(8, ge=2, le=MAX_INTERP_STEPS)
         temperature: Temperature = Field(1.0, description="prior scale for seed endpoints")
+        sampler: SamplerName = Field("prior", description="sampler of seed endpoints: " + sampler_doc)
+
+    class DecodeRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        z: list[LatentValue] = Field(..., description="one latent vector (latent_dim values)")
 
     app = FastAPI(
         title="ray-galaxy",
@@ -631,9 +773,10 @@ def build_fastapi(svc: GalaxyAPI):
         request: Request,
         seed: Annotated[int, Query(ge=0, le=MAX_SEED)] = 0,
         temperature: Annotated[float, Query(ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)] = 1.0,
+        sampler: Annotated[SamplerName, Query(description=sampler_doc)] = "prior",
     ):
-        only(request, ("seed", "temperature"))
-        images, version = await svc.run(lambda cfg: prior_latents(cfg, 1, seed, temperature))
+        only(request, ("seed", "temperature", "sampler"))
+        images, version = await svc.run(lambda cfg: svc.latents(cfg, 1, seed, temperature, sampler))
         return _png_response(png_bytes(images[0]), version)
 
     @app.post("/sample", response_class=Response,
@@ -641,7 +784,8 @@ def build_fastapi(svc: GalaxyAPI):
                                            "application/octet-stream": {}}}},
               summary="n galaxies as a PNG grid, a zip of PNGs, or a .npy array")
     async def sample_many(req: Annotated[SampleRequest, Body()]):
-        images, version = await svc.run(lambda cfg: prior_latents(cfg, req.n, req.seed, req.temperature))
+        images, version = await svc.run(
+            lambda cfg: svc.latents(cfg, req.n, req.seed, req.temperature, req.sampler))
         headers = {"X-Model-Version": version}
         if req.format == "grid":
             return _png_response(png_bytes(grid(images)), version)
@@ -662,8 +806,11 @@ def build_fastapi(svc: GalaxyAPI):
               summary="A strip of galaxies along the spherical path (slerp) between two codes")
     async def interpolate(req: Annotated[InterpolateRequest, Body()]):
         def build(cfg: ModelConfig) -> np.ndarray:
-            z0 = endpoint_latent(cfg, req.from_, "from", req.temperature)
-            return slerp(z0, endpoint_latent(cfg, req.to, "to", req.temperature), req.steps)
+            def draw(c: ModelConfig, n: int, seed: int, t: float) -> np.ndarray:
+                return svc.latents(c, n, seed, t, req.sampler)
+
+            z0 = endpoint_latent(cfg, req.from_, "from", req.temperature, draw)
+            return slerp(z0, endpoint_latent(cfg, req.to, "to", req.temperature, draw), req.steps)
 
         images, version = await svc.run(build)
         return _png_response(png_bytes(grid(images, ncols=req.steps)), version)
@@ -677,8 +824,21 @@ def build_fastapi(svc: GalaxyAPI):
         steps: Annotated[int, Query(ge=2, le=MAX_TRAVERSE_STEPS)] = 8,
         span: Annotated[float, Query(alias="range", gt=0, le=MAX_TRAVERSE_RANGE, allow_inf_nan=False,
                                      description="values run from -range to +range")] = 3.0,
+        center: Annotated[str | None, Query(description="comma-separated latent vector for the other "
+                                                        "dims (default: all 0)")] = None,
     ):
-        only(request, ("dims", "steps", "range"))
+        only(request, ("dims", "steps", "range", "center"))
+        base = None
+        if center is not None:
+            try:
+                base = [float(v) for v in center.split(",")]
+            except ValueError:
+                raise ApiError(422, "center: expected comma-separated numbers", "center") from None
+            if len(base) != svc.latent_dim:
+                raise ApiError(422, f"center: a latent vector must have {svc.latent_dim} values, "
+                                    f"got {len(base)}", "center")
+            if not all(math.isfinite(v) and abs(v) <= MAX_ABS_LATENT for v in base):
+                raise ApiError(422, f"center: values must be finite and within +-{MAX_ABS_LATENT:g}", "center")
         if dims is None:
             if svc.traverse_dims is None:
                 raise ApiError(422, "dims: this model has a single latent dimension", "dims")
@@ -691,8 +851,56 @@ def build_fastapi(svc: GalaxyAPI):
             if len(pair) != 2 or pair[0] == pair[1] or not all(0 <= d < svc.latent_dim for d in pair):
                 raise ApiError(422, f"dims: need two different indices in 0..{svc.latent_dim - 1}, "
                                     f"got {dims!r}", "dims")
-        images, version = await svc.run(lambda cfg: traversal_latents(cfg.latent_dim, pair, steps, span).numpy())
+        def build(cfg: ModelConfig) -> np.ndarray:
+            import torch
+
+            if base is not None and len(base) != cfg.latent_dim:
+                raise ApiError(422, "center: does not fit the model being swapped in", "center")
+            b = torch.tensor(base, dtype=torch.float32) if base is not None else None
+            return traversal_latents(cfg.latent_dim, pair, steps, span, base=b).numpy()
+
+        images, version = await svc.run(build)
         return _png_response(png_bytes(grid(images, ncols=steps)), version)
+
+    @app.get("/latent", summary="The latent code a seed draws (what GET /sample decodes)")
+    async def latent(
+        request: Request,
+        seed: Annotated[int, Query(ge=0, le=MAX_SEED)] = 0,
+        temperature: Annotated[float, Query(ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)] = 1.0,
+        sampler: Annotated[SamplerName, Query(description=sampler_doc)] = "prior",
+    ) -> dict[str, Any]:
+        only(request, ("seed", "temperature", "sampler"))
+        z = svc.latents(svc.model_config, 1, seed, temperature, sampler)[0]
+        return {"z": [float(v) for v in z], "seed": seed, "temperature": temperature,
+                "sampler": sampler, "version": svc.version}
+
+    @app.post("/decode", response_class=Response, responses={200: png},
+              summary="Decode one latent vector to a PNG galaxy")
+    async def decode(req: Annotated[DecodeRequest, Body()]):
+        def build(cfg: ModelConfig) -> np.ndarray:
+            if len(req.z) != cfg.latent_dim:
+                raise ApiError(422, f"z: a latent vector must have {cfg.latent_dim} values, "
+                                    f"got {len(req.z)}", "z")
+            return np.asarray(req.z, dtype=np.float32)[None]
+
+        images, version = await svc.run(build)
+        return _png_response(png_bytes(images[0]), version)
+
+    @app.get("/", response_class=Response, include_in_schema=False)
+    async def explorer_page(request: Request):
+        import html
+        from starlette.responses import HTMLResponse
+
+        root = request.scope.get("root_path", "") or ""
+        page = _explorer_file("index.html").decode().replace("{{BASE}}", html.escape(root + "/"))
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/explorer/{name}", response_class=Response, include_in_schema=False)
+    async def explorer_asset(name: str):
+        if name not in EXPLORER_FILES:
+            raise ApiError(404, f"name: no explorer file {name!r}", "name")
+        return Response(_explorer_file(name), media_type=EXPLORER_FILES[name],
+                        headers={"Cache-Control": "no-cache"})
 
     upload_doc = {"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {

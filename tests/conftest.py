@@ -96,17 +96,23 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
-    """Two tiny trained model directories (serving.train_tiny): ``a`` (latent 4) and ``b``
-    (latent 6), plus ``model_a`` loaded in this process for byte-exact comparisons."""
+    """Two tiny trained model directories (serving.train_tiny): ``a`` (latent 4, with a GMM
+    sampler) and ``b`` (latent 6), plus ``model_a`` loaded here for byte-exact comparisons."""
     from types import SimpleNamespace
 
-    from serving import train_tiny
+    import numpy as np
+    from serving import SIZE, train_tiny
+    from synthetic import galaxy
 
     from ray_galaxy.checkpoint import load_model_dir
+    from ray_galaxy.evaluate import fit_gmm_sampler
 
     root = tmp_path_factory.mktemp("serve-models")
     # B also has another latent size: the swap must not mix an old and a new replica's codes.
     a, b = train_tiny(str(root / "a"), 0), train_tiny(str(root / "b"), 1, latent_dim=6)
+    # A also carries a two-stage GMM sampler (served as sampler=gmm); B has none.
+    rng = np.random.default_rng(3)
+    fit_gmm_sampler(a, images=np.stack([galaxy(SIZE, rng) for _ in range(48)]), components=2)
     return SimpleNamespace(a=a, b=b, model_a=load_model_dir(a).model)
 
 

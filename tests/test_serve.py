@@ -138,6 +138,58 @@ def test_traverse_grid(server, models):
     assert small.content == png_bytes(grid(expected_images(models.model_a, z), ncols=3))
 
 
+def test_traverse_around_a_center(server, models):
+    import torch
+
+    from ray_galaxy.figures import grid, png_bytes, traversal_latents
+
+    center = [0.5, -1.25, 2.0, 0.125]
+    r = requests.get(server.url + "/traverse", params={"dims": "0,2", "steps": 3, "center": ",".join(map(str, center))},
+                     timeout=30)
+    z = traversal_latents(LATENT, (0, 2), 3, 3.0, base=torch.tensor(center))
+    assert r.status_code == 200 and r.content == png_bytes(grid(expected_images(models.model_a, z), ncols=3))
+    assert (z[:, 1] == -1.25).all() and (z[:, 3] == 0.125).all()  # the other dims stay at the center
+
+
+def test_latent_and_decode(server, models):
+    """The explorer's two calls: a seed's code, and any code decoded: together they equal GET /sample."""
+    body = requests.get(server.url + "/latent", params={"seed": 7, "temperature": 0.5}, timeout=30).json()
+    assert body["sampler"] == "prior" and body["version"] == requests.get(server.url + "/info", timeout=30).json()["version"]
+    np.testing.assert_array_equal(np.float32(body["z"]), models.model_a.prior_latents(1, 7, 0.5)[0].numpy())
+    png = requests.post(server.url + "/decode", json={"z": body["z"]}, timeout=30)
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.content == expected_png(models.model_a, 7, 0.5) == \
+        requests.get(server.url + "/sample?seed=7&temperature=0.5", timeout=30).content
+
+
+def test_gmm_sampler_is_served(server, models):
+    from ray_galaxy.evaluate import sample_latents
+    from ray_galaxy.figures import grid, png_bytes
+
+    info = requests.get(server.url + "/info", timeout=30).json()
+    assert info["samplers"] == ["prior", "gmm"] and info["sampler"]["components"] == 2
+    z = sample_latents(models.a, 3, seed=5, sampler="gmm", temperature=0.8)
+    assert not np.allclose(z.numpy(), models.model_a.prior_latents(3, 5, 0.8).numpy())
+    z1 = sample_latents(models.a, 1, seed=5, sampler="gmm", temperature=0.8)
+    latent = requests.get(server.url + "/latent?seed=5&temperature=0.8&sampler=gmm", timeout=30).json()["z"]
+    np.testing.assert_array_equal(np.float32(latent), z1[0].numpy())
+    one = requests.get(server.url + "/sample?seed=5&temperature=0.8&sampler=gmm", timeout=30)
+    assert one.content == png_bytes(expected_images(models.model_a, z1)[0])
+    many = requests.post(server.url + "/sample", json={"n": 3, "seed": 5, "temperature": 0.8, "sampler": "gmm"},
+                         timeout=30)
+    assert many.content == png_bytes(grid(expected_images(models.model_a, z)))
+
+
+def test_explorer_files_are_served(server):
+    page = requests.get(server.url + "/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<base href="/galaxy/">' in page.text  # relative URLs resolve under the route prefix
+    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        r = requests.get(server.url + "/explorer/" + name, timeout=30)
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kind) and len(r.content) > 500
+        assert "http://" not in r.text and "https://" not in r.text  # works offline: no CDN
+
+
 def test_reconstruct_upload(server):
     from synthetic import jpeg_bytes
 
@@ -208,6 +260,20 @@ BAD = [
     ("upload-too-large-chunked", "post", "/reconstruct",
      {"data": "chunks", "headers": {"content-type": "image/png"}}, 413, "body"),
     ("json-too-large", "post", "/sample", _json('{"n": 1, "pad": "' + "x" * BODY_LIMIT + '"}'), 413, "body"),
+    ("sampler-unknown", "get", "/sample?sampler=flow", {}, 422, "sampler"),
+    ("sampler-unknown-json", "post", "/sample", {"json": {"sampler": "vamp"}}, 422, "sampler"),
+    ("latent-sampler-unknown", "get", "/latent?sampler=x", {}, 422, "sampler"),
+    ("latent-seed-negative", "get", "/latent?seed=-3", {}, 422, "seed"),
+    ("decode-short", "post", "/decode", {"json": {"z": [0.0, 1.0]}}, 422, "z"),
+    ("decode-nan", "post", "/decode", _json('{"z": [0, NaN, 0, 0]}'), 422, "z"),
+    ("decode-huge", "post", "/decode", {"json": {"z": [0, 0, 1e9, 0]}}, 422, "z"),
+    ("decode-missing", "post", "/decode", {"json": {}}, 422, "z"),
+    ("decode-extra-key", "post", "/decode", {"json": {"z": [0, 0, 0, 0], "seed": 1}}, 422, "seed"),
+    ("center-short", "get", "/traverse?center=1,2", {}, 422, "center"),
+    ("center-text", "get", "/traverse?center=a,b,c,d", {}, 422, "center"),
+    ("center-inf", "get", "/traverse?center=0,inf,0,0", {}, 422, "center"),
+    ("explorer-file-unknown", "get", "/explorer/secrets.txt", {}, 404, "name"),
+    ("explorer-file-traversal", "get", "/explorer/..%2Fserve.py", {}, 404, None),
     ("no-route", "get", "/nope", {}, 404, None),
     ("wrong-method", "delete", "/sample", {}, 405, None),
 ]
@@ -328,6 +394,9 @@ def test_model_swap_drops_no_requests(server, models):
         assert version_a in versions and version_b in versions
         info = requests.get(url + "/info", timeout=30).json()
         assert (info["version"], info["latent_dim"]) == (version_b, 6)
+        assert info["samplers"] == ["prior"] and info["sampler"] is None  # B has no sampler.pt
+        r = requests.get(url + "/sample?sampler=gmm", timeout=30)
+        assert r.status_code == 422 and r.json()["field"] == "sampler" and "fit_sampler" in r.json()["error"]
         assert versions[-1] == version_b
     finally:
         serve.delete("swap")

@@ -1,0 +1,292 @@
+// ray-galaxy latent explorer. Plain script, no build step, no requests beyond this app:
+// every URL is relative to <base href>, i.e. to the Serve app's route prefix. When the server
+// has a token, the page was opened once as ?token=...; the server then keeps it in a
+// same-site cookie, which fetch() sends along (credentials: "same-origin").
+"use strict";
+
+const PAD = 2;            // figures.grid: pixels between and around tiles
+const SLIDER_RANGE = 4;   // slider span in prior standard deviations
+const DEFAULT_SLIDERS = 12;
+const DEBOUNCE_MS = 30;
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  info: null,
+  z: [],          // the current latent code (full precision; sliders show it rounded)
+  shown: [],      // latent dims that have a slider, most used first
+  a: null, b: null,
+  traversal: null, interpolation: null,  // what the figures on screen were drawn from
+};
+
+// ------------------------------------------------------------------ HTTP
+
+async function api(path, options = {}) {
+  const resp = await fetch(path, { credentials: "same-origin", ...options });
+  if (!resp.ok) {
+    let message = `HTTP ${resp.status}`;
+    try { message = (await resp.json()).error || message; } catch (_) { /* not JSON */ }
+    throw new Error(`${path.split("?")[0]}: ${message}`);
+  }
+  return resp;
+}
+
+function postJSON(path, body) {
+  return api(path, { method: "POST", headers: { "Content-Type": "application/json" },
+                     body: JSON.stringify(body) });
+}
+
+function setStatus(text, error = false) {
+  const el = $("status");
+  el.textContent = text;
+  el.classList.toggle("error", error);
+}
+
+function showBlob(img, blob) {
+  const old = img.src;
+  img.src = URL.createObjectURL(blob);
+  if (old.startsWith("blob:")) URL.revokeObjectURL(old);
+}
+
+// ------------------------------------------------------------------ live decoding
+// At most one /decode request is in flight. Slider events only mark the code dirty; the
+// running request, when it returns, sends the latest code. So a fast drag never queues a
+// backlog of stale requests, and the image always ends on the code the sliders show.
+
+const live = { dirty: false, busy: false, timer: 0 };
+
+function scheduleDecode() {
+  live.dirty = true;
+  $("view").setAttribute("aria-busy", "true");
+  clearTimeout(live.timer);
+  live.timer = setTimeout(pump, DEBOUNCE_MS);
+}
+
+async function pump() {
+  if (live.busy) return;
+  live.busy = true;
+  try {
+    while (live.dirty) {
+      live.dirty = false;
+      const z = state.z.slice();
+      const t0 = performance.now();
+      const blob = await (await postJSON("decode", { z })).blob();
+      showBlob($("galaxy"), blob);
+      setStatus(`decoded in ${Math.round(performance.now() - t0)} ms`);
+    }
+  } catch (err) {
+    live.dirty = false;
+    setStatus(err.message, true);
+  } finally {
+    live.busy = false;
+    if (!live.dirty) $("view").setAttribute("aria-busy", "false");
+  }
+}
+
+// ------------------------------------------------------------------ the latent code
+
+function fmt(v) { return (v >= 0 ? "+" : "") + v.toFixed(2); }
+
+function buildSliders() {
+  const info = state.info;
+  const count = Number($("dimcount").value) || Math.min(DEFAULT_SLIDERS, info.latent_dim);
+  state.shown = info.dims_by_activity.slice(0, count);
+  const box = $("sliders");
+  box.replaceChildren();
+  for (const d of state.shown) {
+    const row = document.createElement("div");
+    row.className = "slider";
+    const label = document.createElement("label");
+    label.htmlFor = `z${d}`;
+    label.textContent = `z${d}`;
+    const input = document.createElement("input");
+    Object.assign(input, { type: "range", id: `z${d}`, min: -SLIDER_RANGE, max: SLIDER_RANGE, step: 0.01 });
+    input.dataset.dim = d;
+    const out = document.createElement("output");
+    out.htmlFor = input.id;
+    input.addEventListener("input", () => {
+      state.z[d] = Number(input.value);
+      out.textContent = fmt(state.z[d]);
+      showVector();
+      scheduleDecode();
+    });
+    row.append(label, input, out);
+    box.append(row);
+  }
+  syncSliders();
+}
+
+function syncSliders() {
+  for (const d of state.shown) {
+    const input = $(`z${d}`);
+    // A sampler's code can lie past the default span: widen that slider rather than clip it.
+    const span = Math.max(SLIDER_RANGE, Math.ceil(Math.abs(state.z[d])));
+    if (span > Number(input.max)) Object.assign(input, { min: -span, max: span });
+    input.value = String(state.z[d]);
+    input.nextElementSibling.textContent = fmt(state.z[d]);
+  }
+  showVector();
+}
+
+function showVector() { $("zvec").value = JSON.stringify(state.z); }
+
+function setCode(z) {
+  state.z = z.map(Number);
+  syncSliders();
+  scheduleDecode();
+}
+
+async function loadSeed(seed) {
+  const params = new URLSearchParams({ seed: String(seed), temperature: $("temperature").value,
+                                       sampler: $("sampler").value });
+  const body = await (await api(`latent?${params}`)).json();
+  $("seed").value = String(body.seed);
+  setCode(body.z);
+  return body.z;
+}
+
+// ------------------------------------------------------------------ figures
+
+function tileAt(img, event, cols, rows) {
+  // Map a click on the scaled image to the (row, col) of a figures.grid tile.
+  const size = state.info.image_size;
+  const scale = img.naturalWidth / img.clientWidth;
+  const x = event.offsetX * scale - PAD / 2, y = event.offsetY * scale - PAD / 2;
+  const clamp = (v, n) => Math.max(0, Math.min(n - 1, Math.floor(v / (size + PAD))));
+  return [clamp(y, rows), clamp(x, cols)];
+}
+
+function slerp(a, b, steps) {
+  // The same path as the server's slerp (serve.py), so a clicked tile gets the code it shows.
+  const dot = a.reduce((s, v, i) => s + v * b[i], 0);
+  const na = Math.hypot(...a), nb = Math.hypot(...b);
+  const out = [];
+  for (let k = 0; k < steps; k++) {
+    const t = k / (steps - 1);
+    let wa = 1 - t, wb = t;
+    if (na > 0 && nb > 0) {
+      const omega = Math.acos(Math.max(-1, Math.min(1, dot / (na * nb))));
+      const so = Math.sin(omega);
+      if (so > 1e-6) { wa = Math.sin((1 - t) * omega) / so; wb = Math.sin(t * omega) / so; }
+    }
+    out.push(a.map((v, i) => wa * v + wb * b[i]));
+  }
+  return out;
+}
+
+async function drawInterpolation() {
+  if (!state.a || !state.b) return;
+  const steps = Math.max(2, Math.min(16, Number($("interp-steps").value) || 8));
+  const blob = await (await postJSON("interpolate", { from: state.a, to: state.b, steps })).blob();
+  state.interpolation = { codes: slerp(state.a, state.b, steps), steps };
+  showBlob($("interp"), blob);
+}
+
+async function drawTraversal() {
+  const a = Number($("dim-a").value), b = Number($("dim-b").value);
+  if (a === b) { setStatus("traversal: pick two different dimensions", true); return; }
+  const steps = Math.max(2, Math.min(12, Number($("trav-steps").value) || 7));
+  const span = Number($("trav-range").value) || 3;
+  const center = $("trav-center").checked ? state.z.slice() : state.z.map(() => 0);
+  const params = new URLSearchParams({ dims: `${a},${b}`, steps: String(steps), range: String(span),
+                                       center: center.join(",") });
+  const blob = await (await api(`traverse?${params}`)).blob();
+  const values = Array.from({ length: steps }, (_, i) => -span + (2 * span * i) / (steps - 1));
+  state.traversal = { a, b, values, center, steps };
+  showBlob($("traverse"), blob);
+}
+
+function report(promise) { promise.catch((err) => setStatus(err.message, true)); }
+
+// ------------------------------------------------------------------ model info
+
+function showInfo(info) {
+  const best = info.metrics?.best || {}, data = info.metrics?.data || {};
+  const rows = [
+    ["name", info.name], ["version", info.version], ["latent dim", info.latent_dim],
+    ["image size", `${info.image_size} px`], ["samplers", info.samplers.join(", ")],
+    ["best epoch", info.metrics?.best_epoch ?? "–"], ["epochs run", info.metrics?.epochs_run ?? "–"],
+  ];
+  for (const [k, v] of Object.entries(best)) if (k !== "epoch") rows.push([k, Number(v).toPrecision(4)]);
+  for (const [k, v] of Object.entries(data)) rows.push([`data ${k}`, v]);
+  const list = $("info-list");
+  list.replaceChildren();
+  for (const [k, v] of rows) {
+    const dt = document.createElement("dt"), dd = document.createElement("dd");
+    dt.textContent = k;
+    dd.textContent = String(v);
+    list.append(dt, dd);
+  }
+}
+
+function fillSelect(select, values, label, selected) {
+  select.replaceChildren(...values.map((v) => new Option(label(v), String(v), false, v === selected)));
+}
+
+// ------------------------------------------------------------------ start
+
+async function start() {
+  const info = await (await api("info")).json();
+  state.info = info;
+  document.title = `${info.name} · ray-galaxy latent explorer`;
+  showInfo(info);
+
+  fillSelect($("sampler"), info.samplers, (s) => (s === "gmm" ? "GMM (fitted to training codes)" : "prior N(0, I)"),
+             info.samplers.includes("gmm") ? "gmm" : "prior");
+  $("sampler-box").hidden = info.samplers.length < 2;
+  if (info.latent_dim > DEFAULT_SLIDERS) {
+    const counts = [DEFAULT_SLIDERS, 24, 48].filter((c) => c < info.latent_dim).concat([info.latent_dim]);
+    fillSelect($("dimcount"), counts, (c) => (c === info.latent_dim ? `all ${c}` : `first ${c}`), DEFAULT_SLIDERS);
+    $("dimcount-box").hidden = false;
+  }
+  const dims = [...Array(info.latent_dim).keys()];
+  const [ta, tb] = info.traverse_dims || info.dims_by_activity;
+  fillSelect($("dim-a"), dims, (d) => `z${d}`, ta);
+  fillSelect($("dim-b"), dims, (d) => `z${d}`, tb ?? ta);
+
+  state.z = new Array(info.latent_dim).fill(0);
+  buildSliders();
+
+  $("dimcount").addEventListener("change", buildSliders);
+  $("random").addEventListener("click", () => report(loadSeed(Math.floor(Math.random() * 1e9))));
+  for (const id of ["seed", "temperature", "sampler"]) {
+    $(id).addEventListener("change", () => report(loadSeed(Math.max(0, Math.floor(Number($("seed").value) || 0)))));
+  }
+  $("apply-z").addEventListener("click", () => {
+    try {
+      const z = JSON.parse($("zvec").value);
+      if (!Array.isArray(z) || z.length !== info.latent_dim || !z.every(Number.isFinite)) {
+        throw new Error(`need a JSON list of ${info.latent_dim} numbers`);
+      }
+      setCode(z);
+    } catch (err) { setStatus(`latent vector: ${err.message}`, true); }
+  });
+  $("set-a").addEventListener("click", () => { state.a = state.z.slice(); report(drawInterpolation()); });
+  $("set-b").addEventListener("click", () => { state.b = state.z.slice(); report(drawInterpolation()); });
+  $("interp-steps").addEventListener("change", () => report(drawInterpolation()));
+  $("interp").addEventListener("click", (event) => {
+    const fig = state.interpolation;
+    if (!fig) return;
+    const [, col] = tileAt($("interp"), event, fig.steps, 1);
+    setCode(fig.codes[col]);
+  });
+  for (const id of ["dim-a", "dim-b", "trav-range", "trav-steps", "trav-center"]) {
+    $(id).addEventListener("change", () => report(drawTraversal()));
+  }
+  $("draw-trav").addEventListener("click", () => report(drawTraversal()));
+  $("traverse").addEventListener("click", (event) => {
+    const fig = state.traversal;
+    if (!fig) return;
+    const [row, col] = tileAt($("traverse"), event, fig.steps, fig.steps);
+    const z = fig.center.slice();
+    z[fig.a] = fig.values[row];
+    z[fig.b] = fig.values[col];
+    setCode(z);
+  });
+
+  // First view: seed 0, an interpolation from it to seed 1, the traversal around it.
+  state.b = (await (await api(`latent?seed=1&sampler=${$("sampler").value}`)).json()).z;
+  state.a = await loadSeed(Number($("seed").value) || 0);
+  await Promise.all([drawInterpolation(), drawTraversal()]);
+}
+
+start().catch((err) => setStatus(err.message, true));
