@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.run(application, name=name, route_prefix=route_prefix)
     url = f"http://{args.host}:{args.port}{route_prefix.rstrip('/')}"
     print(f"[ray-galaxy] serving {model} at {url}/  (API docs: {url}/docs; Ctrl-C to stop)", flush=True)
+    token_env = app_args.get("token_env", "RAY_GALAXY_TOKEN")
+    page = f"{url}/?token=<${token_env}>" if token_env and os.environ.get(token_env) else f"{url}/"
+    print(f"[ray-galaxy] latent explorer: open {page} in a browser", flush=True)
 
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
