@@ -10,6 +10,7 @@ decoder makes exact however requests were batched.
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import threading
@@ -463,3 +464,47 @@ def test_jobs_serve_refuses_bad_model_and_config(tmp_path):
     assert r.returncode == 2 and "max_replica" in r.stderr
     h = subprocess.run(run + ["--help"], capture_output=True, text=True, env=job_env(), timeout=120)
     assert h.returncode == 0 and "--model" in h.stdout and "127.0.0.1" in h.stdout
+
+
+def test_jobs_serve_end_to_end(tmp_path, models):
+    """`python jobs/serve.py --model DIR` as a user runs it: its own local Ray (no RAY_ADDRESS),
+    a loopback port, the token from the environment; SIGTERM stops it cleanly."""
+    import signal
+
+    from conftest import free_port
+
+    port = free_port()
+    env = job_env({"RAY_GALAXY_TOKEN": TOKEN})
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "serve.py"), "--model", models.a,
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while not any("latent explorer: open" in line for line in lines):
+            assert proc.poll() is None, "".join(lines)[-3000:]
+            assert time.monotonic() < deadline, "jobs/serve.py did not come up:\n" + "".join(lines)[-3000:]
+            time.sleep(0.5)
+        assert any(f"{base}/?token=<$RAY_GALAXY_TOKEN>" in line for line in lines)  # never the token itself
+        assert not any(TOKEN in line for line in lines)
+        assert requests.get(base + "/healthz", timeout=30).json() == {"status": "ok"}
+        assert requests.get(base + "/sample?seed=3", timeout=30).status_code == 401
+        r = requests.get(base + "/sample?seed=3", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+        assert r.status_code == 200 and r.content == expected_png(models.model_a, 3)
+        page = requests.get(base + f"/?token={TOKEN}", timeout=30)  # follows the redirect with the cookie
+        assert page.status_code == 200 and "latent explorer" in page.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        reader.join(timeout=10)
+    assert code == 0 and any("shutting down" in line for line in lines), "".join(lines)[-3000:]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(base + "/healthz", timeout=5)
