@@ -76,6 +76,11 @@ class ServeConfig:
     token_env: str = "RAY_GALAXY_TOKEN"
     device: str = "auto"
     torch_threads: int = 0
+    # Rows per forward pass inside a decoder batch. 0 = auto: the whole batch on a GPU, one row
+    # at a time on a CPU, where the float64 decoder is fastest per image on single rows (its
+    # activations for a bigger batch spill the cache; benchmarks/README.md has the sweep).
+    # Batching still pays there: one replica call and one thread hand-off per batch.
+    decode_chunk_rows: int = 0
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -90,6 +95,8 @@ class ServeConfig:
             raise ConfigError(f"device must be one of auto, cpu, cuda; got {self.device!r}")
         if self.torch_threads < 0:
             raise ConfigError(f"torch_threads must be >= 0, got {self.torch_threads}")
+        if self.decode_chunk_rows < 0:
+            raise ConfigError(f"decode_chunk_rows must be >= 0 (0 = auto), got {self.decode_chunk_rows}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -275,6 +282,7 @@ class Decoder:
         self.version = model_version(config.model)
         self.latent_dim = md.model_config.latent_dim
         self.image_size = md.model_config.image_size
+        self.chunk_rows = config.decode_chunk_rows or (1 if device == "cpu" else config.max_batch_size)
         self._decode_batch.set_max_batch_size(config.max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.stats_counts = {"batches": 0, "rows": 0, "calls": 0, "max_rows": 0, "max_calls": 0}
@@ -286,7 +294,9 @@ class Decoder:
 
         from ray_galaxy.model import to_uint8
 
-        return to_uint8(self.model.decode(torch.from_numpy(z))).numpy()
+        step = self.chunk_rows
+        return np.concatenate([to_uint8(self.model.decode(torch.from_numpy(z[i:i + step]))).numpy()
+                               for i in range(0, len(z), step)])
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_rows)
     async def _decode_batch(self, zs: list[np.ndarray]) -> list[np.ndarray]:
