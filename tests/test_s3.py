@@ -77,3 +77,113 @@ def test_prepare_into_s3_shards_then_train_from_them(ray_address, bucket, tmp_pa
     out = tmp_path / "s"
     r = run_job(["jobs/sample.py", "--model", f"s3://{bucket}/runs/from-shards/model", "--n", "2", "--out", str(out)])
     assert r.returncode == 0, r.stderr
+
+
+class FlakyS3Proxy:
+    """An S3 endpoint on loopback in front of the moto server where every kind of request
+    (method, key, query parameter names) first gets ``failures_per_kind`` transient 503
+    SlowDown answers, and is forwarded after that: a store throttling for a while, in a
+    schedule no retry pattern can dodge by luck."""
+
+    def __init__(self, upstream: str, failures_per_kind: int = 1) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        up = urlparse(upstream)
+        proxy = self
+        self.seen = self.failed = 0
+        self.kinds: dict = {}
+        self._lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _handle(self) -> None:
+                if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                    body = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        body += self.rfile.read(size)
+                        self.rfile.readline()  # the CRLF after each chunk (and after the last)
+                        if size == 0:
+                            break
+                else:
+                    length = int(self.headers.get("Content-Length") or 0)
+                    body = self.rfile.read(length) if length else b""
+                from urllib.parse import parse_qsl, urlsplit
+
+                url = urlsplit(self.path)
+                kind = (self.command, url.path, tuple(sorted(k for k, _ in parse_qsl(url.query, True))))
+                with proxy._lock:
+                    proxy.seen += 1
+                    fail = proxy.kinds.get(kind, 0) < failures_per_kind
+                    proxy.kinds[kind] = proxy.kinds.get(kind, 0) + 1
+                    proxy.failed += fail
+                if fail:
+                    err = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                           b"<Message>Please reduce your request rate.</Message></Error>")
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(err)))
+                    self.end_headers()
+                    self.wfile.write(err if self.command != "HEAD" else b"")
+                    return
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("connection", "keep-alive", "proxy-connection", "expect",
+                                                "transfer-encoding", "content-length")}
+                headers["Content-Length"] = str(len(body))
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("connection", "transfer-encoding", "content-length", "server", "date"):
+                        self.send_header(k, v)
+                # A HEAD answer has no body but tells the object's size.
+                self.send_header("Content-Length", resp.getheader("Content-Length", "0")
+                                 if self.command == "HEAD" else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("failures", [1, 6])
+def test_transient_errors_are_retried(s3_endpoint, bucket, monkeypatch, failures):
+    """Every S3 request first fails with 503 SlowDown, once or six times in a row: listing,
+    reading and writing (a multipart upload: create, part, complete) still work and nothing is
+    lost. pyarrow's S3 client retries these itself (AWS standard retry with backoff)."""
+    from ray_galaxy.checkpoint import read_bytes, write_bytes
+    from ray_galaxy.data import list_images
+
+    direct = list_images(f"s3://{bucket}/raw")
+    proxy = FlakyS3Proxy(s3_endpoint, failures)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        assert list_images(f"s3://{bucket}/raw") == direct and len(direct) == 41
+        payload = bytes(range(256)) * 512
+        write_bytes(f"s3://{bucket}/flaky{failures}/blob.bin", payload)
+        assert read_bytes(f"s3://{bucket}/flaky{failures}/blob.bin") == payload
+        png = next(p for p in direct if p.endswith(".png"))
+        assert read_bytes(f"s3://{png}")[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        proxy.close()
+    assert proxy.failed >= 5 and proxy.seen > proxy.failed  # list, create, part, complete, get
+    obj = boto3.client("s3", endpoint_url=s3_endpoint).get_object(Bucket=bucket, Key=f"flaky{failures}/blob.bin")["Body"].read()
+    assert obj == payload
