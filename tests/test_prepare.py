@@ -97,20 +97,32 @@ def test_prepare_counts_every_reason_and_writes_shards(ray_address, messy_folder
 
     t = pq.read_table(out / m["shards"][0])
     assert set(t.column_names) >= {"image", "path", "hash", "width", "height"}
+    meta = pq.ParquetFile(out / m["shards"][0]).metadata.row_group(0)
+    image_col = meta.column(t.column_names.index("image"))
+    assert m["compression"] == "zstd" and image_col.compression == "ZSTD"
+    assert "PLAIN_DICTIONARY" not in image_col.encodings and "RLE_DICTIONARY" not in image_col.encodings
     paths = {p for s in m["shards"] for p in pq.read_table(out / s, columns=["path"]).column("path").to_pylist()}
     assert not any(p.startswith("zz_copy") for p in paths), "the copy goes, the original stays"
     assert all(not p.startswith("/") for p in paths), "paths are stored relative to the input"
 
     # re-running replaces the output: one shards folder, and a manifest that matches it
     m2 = prepare(PrepareConfig(input=str(messy_folder), output=str(out), image_size=32, crop=1.0,
-                               dedupe=False, min_size=16, rows_per_shard=100))
+                               dedupe=False, min_size=16, rows_per_shard=100, compression="none"))
     assert m2["written"] == 23 and "duplicate" not in m2["dropped"]
+    assert pq.ParquetFile(out / m2["shards"][0]).metadata.row_group(0).column(0).compression == "UNCOMPRESSED"
     assert len([d for d in out.iterdir() if d.name.startswith("shards-")]) == 1
 
     # training reads the shards without decoding, with the same hash split
     train, val, stats = load_datasets(str(out), 32, 1.0, 0.2)
     assert stats.train_images + stats.val_images == 23
     assert train.take(1)[0]["image"].shape == (32, 32, 3)
+
+
+def test_unknown_compression_is_refused_by_name():
+    from ray_galaxy.config import ConfigError
+
+    with pytest.raises(ConfigError, match="compression must be one of zstd, none"):
+        PrepareConfig(input="in", output="out", compression="gzip2")
 
 
 def test_unfinished_output_is_never_mistaken_for_data(ray_address, messy_folder, tmp_path):
