@@ -5,7 +5,9 @@
     ray job submit --working-dir . -- python jobs/tune.py --config cluster/tune-gpu.yaml
 
 Writes <storage>/<name>/trials.csv, trials.md, trials.png and the best trial's model
-directory <storage>/<name>/model/ (the format jobs/sample.py reads).
+directory <storage>/<name>/model/ (the format jobs/sample.py reads). Run again with the same
+--name and --storage, it resumes an interrupted sweep, or publishes a finished one's results
+again; a new sweep needs a new --name.
 """
 
 import os

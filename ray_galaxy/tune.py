@@ -12,6 +12,10 @@ Afterwards the driver writes, under ``<storage>/<name>/``:
     trials.png               best val_bpd against each searched hyperparameter
     model/                   the best trial's best checkpoint as a model directory
     trials/<trial_id>/       each trial's Ray Train run (checkpoints)
+    sweep.json               the settings the sweep started with, and the data counts
+
+Running the same sweep (same name and storage) again resumes it if it was interrupted
+(Tune's ``Tuner.restore``), or, if every trial ended, publishes its results again.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import logging
 import math
 import sys
@@ -398,29 +403,41 @@ def _trial_states(results: Any) -> list[tuple[str, str]]:
     return [(str(r.path).rstrip("/").rsplit("/", 1)[-1], "TERMINATED") for r in results]
 
 
-def trial_rows(results: Any, space: SearchSpace, epochs: int) -> list[dict[str, Any]]:
+def trial_rows(results: Any, space: SearchSpace, epochs: int,
+               saved_status: Mapping[str, str] | None = None,
+               histories: Mapping[str, list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
     """One row per trial of a Tune ResultGrid, best first (by best val_bpd).
 
     status: completed (ran all epochs), stopped (by ASHA), error, or interrupted (the sweep
-    ended, e.g. by Ctrl-C, while the trial was pending or running).
+    ended, e.g. by Ctrl-C, while the trial was pending or running). ``saved_status`` (trial
+    id -> Tune status in the saved experiment state) takes precedence: after Ctrl-C, Tune
+    saves the state and then marks the trials it ends TERMINATED in what ``fit`` returns.
+    ``histories`` (trial id -> :func:`train_history`) add the epochs Tune's own results lack:
+    a trial resumed without a Tune checkpoint restarts its Tune results, and epochs its Train
+    run finished just before an interruption were never reported to Tune.
     """
     rows = []
     for r, (trial_id, tune_status) in zip(results, _trial_states(results)):
+        tune_status = (saved_status or {}).get(trial_id, tune_status)
         df = r.metrics_dataframe
         row: dict[str, Any] = {"trial_id": trial_id}
         row.update({p: (r.config or {}).get(p) for p in space.names})
         best = final = best_epoch = psnr = None
         epochs_run = 0
+        per_epoch: dict[int, tuple[float | None, float | None]] = {}  # epoch -> (val_bpd, val_psnr)
         if df is not None and len(df) and TUNE_METRIC in df.columns:
-            bpd = [_finite(v) for v in df[TUNE_METRIC]]
             ep = [int(v) for v in df["epoch"]] if "epoch" in df.columns else list(range(1, len(df) + 1))
-            epochs_run = max(ep)
-            final = bpd[-1]
-            good = [(v, e) for v, e in zip(bpd, ep) if v is not None]
+            ps = df["val_psnr"] if "val_psnr" in df.columns else [None] * len(df)
+            per_epoch.update({e: (_finite(b), _finite(q)) for e, b, q in zip(ep, df[TUNE_METRIC], ps)})
+        for h in (histories or {}).get(trial_id, []):
+            if "epoch" in h:
+                per_epoch[int(h["epoch"])] = (_finite(h.get(TUNE_METRIC)), _finite(h.get("val_psnr")))
+        if per_epoch:
+            epochs_run = max(per_epoch)
+            final, psnr = per_epoch[epochs_run]
+            good = [(v, e) for e, (v, _) in sorted(per_epoch.items()) if v is not None]
             if good:
                 best, best_epoch = min(good)
-            if "val_psnr" in df.columns:
-                psnr = _finite(df["val_psnr"].iloc[-1])
         error = r.error
         if error is not None or tune_status == "ERROR":
             status = "error"
@@ -485,25 +502,49 @@ def rows_markdown(rows: list[dict[str, Any]], cfg: TuneConfig, space: SearchSpac
     return ("\n".join(lines) + "\n").encode()
 
 
-def export_best(cfg: TuneConfig, base: TrainConfig, best: dict[str, Any], space: SearchSpace,
-                results_params: dict[str, Any], n_trials: int, data_stats: dict[str, Any],
-                run_dir: str) -> str:
-    """Export the best trial's best checkpoint as ``<run_dir>/model``; returns its URI."""
+def _train_result(train_run: str) -> Any:
+    """The ``ray.train.Result`` of a finished or interrupted Train run, read from storage."""
     import ray.train
 
-    from ray_galaxy.checkpoint import join
-    from ray_galaxy.train import export_model
-
-    trial_id = best["trial_id"]
-    train_run = join(trials_storage(cfg), trial_id)
     # Restoring a Result logs, at INFO, advice about starting a new run; nothing is started.
     train_logger = logging.getLogger("ray.train")
     level = train_logger.level
     train_logger.setLevel(logging.WARNING)
     try:
-        result = ray.train.Result.from_path(train_run)
+        return ray.train.Result.from_path(train_run)
     finally:
         train_logger.setLevel(level)
+
+
+def train_history(train_run: str) -> list[dict[str, Any]]:
+    """Per-epoch metrics of a trial's Train run, from its latest checkpoint (``[]`` if none).
+
+    Every epoch's report carries a checkpoint whose ``state.json`` holds the whole history, so
+    this is complete up to the last epoch the run finished, whatever Tune recorded.
+    """
+    from ray_galaxy.checkpoint import STATE_FILE, join, read_bytes
+
+    try:
+        latest = _train_result(train_run).checkpoint
+        if latest is None:
+            return []
+        state = json.loads(read_bytes(join(train_run, latest.path.rstrip("/").rsplit("/", 1)[-1],
+                                           STATE_FILE)))
+    except Exception:  # no run (trial never started), or no readable checkpoint
+        return []
+    return list(state.get("history") or [])
+
+
+def export_best(cfg: TuneConfig, base: TrainConfig, best: dict[str, Any], space: SearchSpace,
+                results_params: dict[str, Any], n_trials: int, data_stats: dict[str, Any],
+                run_dir: str) -> str:
+    """Export the best trial's best checkpoint as ``<run_dir>/model``; returns its URI."""
+    from ray_galaxy.checkpoint import join
+    from ray_galaxy.train import export_model
+
+    trial_id = best["trial_id"]
+    train_run = join(trials_storage(cfg), trial_id)
+    result = _train_result(train_run)
     checkpoint = result.get_best_checkpoint(metric=TUNE_METRIC, mode=TUNE_MODE) or result.checkpoint
     if checkpoint is None:
         raise RuntimeError(f"best trial {trial_id} left no checkpoint in {train_run}")
@@ -519,6 +560,81 @@ def export_best(cfg: TuneConfig, base: TrainConfig, best: dict[str, Any], space:
     }}
     export_model(checkpoint, result.checkpoint, model_dir, trial_cfg, data_stats, extra_config=extra)
     return model_dir
+
+
+SWEEP_FILE = "sweep.json"
+
+
+def sweep_settings(cfg: TuneConfig, space: SearchSpace, base: TrainConfig) -> dict[str, Any]:
+    """What a rerun must repeat to resume a sweep: the sweep config and the resolved base
+    training config (storage and name locate the sweep, so they are left out)."""
+    where = ("storage", "name")
+    sweep = {k: v for k, v in cfg.to_dict().items() if k not in where}
+    sweep["search_space"] = space.to_spec()
+    train = {k: v for k, v in base.to_dict().items() if k not in where and k not in sweep}
+    return json.loads(json.dumps({"sweep": sweep, "train": train}))
+
+
+def settings_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``key: old -> new`` for every setting that differs between two :func:`sweep_settings`."""
+    out = []
+    for part in ("sweep", "train"):
+        a, b = old.get(part) or {}, new.get(part) or {}
+        for k in sorted(set(a) | set(b)):
+            if a.get(k, "<unset>") != b.get(k, "<unset>"):
+                out.append(f"{'' if part == 'sweep' else 'train.'}{k}: {a.get(k, '<unset>')!r} -> "
+                           f"{b.get(k, '<unset>')!r}")
+    return out
+
+
+def _read_sweep_file(run_dir: str) -> dict[str, Any] | None:
+    from ray_galaxy.checkpoint import exists, join, read_bytes
+
+    path = join(run_dir, SWEEP_FILE)
+    return json.loads(read_bytes(path)) if exists(path) else None
+
+
+def _saved_trials(run_dir: str) -> Any:
+    """Tune's saved state of the sweep in ``run_dir`` (an ExperimentAnalysis), or None if no
+    trial state was saved yet."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return ExperimentAnalysis(run_dir, default_metric=TUNE_METRIC, default_mode=TUNE_MODE)
+    except (FileNotFoundError, ValueError, RuntimeError):
+        return None
+
+
+def _resume_plan(cfg: TuneConfig, run_dir: str, settings: dict[str, Any],
+                 n_trials: int) -> tuple[str, Any, dict[str, Any] | None]:
+    """Decide what a run of the sweep in ``run_dir`` does: ``("new", None, None)``,
+    ``("resume", analysis, saved)`` or ``("finished", analysis, saved)``.
+
+    Raises a :class:`ConfigError` if the saved sweep was started with other settings.
+    """
+    import ray.tune
+
+    if not ray.tune.Tuner.can_restore(run_dir):
+        return "new", None, None
+    saved = _read_sweep_file(run_dir)
+    if saved is None:
+        _log(f"{run_dir} holds a sweep without {SWEEP_FILE} (started by an older version); "
+             "its settings cannot be checked against these")
+    else:
+        diffs = settings_differences(saved.get("settings") or {}, settings)
+        if diffs:
+            raise ConfigError(
+                f"sweep {cfg.name!r} in {run_dir} was started with other settings ("
+                + "; ".join(diffs) + "); rerun with the settings it started with to resume it, "
+                "or choose a new --name for a new sweep")
+    analysis = _saved_trials(run_dir)
+    if analysis is None:
+        _log(f"{run_dir}: the sweep was stopped before Tune saved any trial; starting it anew")
+        return "new", None, None
+    trials = list(analysis.trials or [])
+    if len(trials) >= n_trials and all(str(t.status) == "TERMINATED" for t in trials):
+        return "finished", analysis, saved
+    return "resume", analysis, saved
 
 
 def tune(cfg: TuneConfig) -> TuneResult:
@@ -543,32 +659,69 @@ def tune(cfg: TuneConfig) -> TuneResult:
          f"{cfg.max_concurrent_trials} at a time, searching {', '.join(space.names) or 'nothing'}; "
          f"base {cfg.train_config}, {base.image_size}px, {cfg.num_workers} worker(s) per trial on "
          f"{'GPU' if cfg.use_gpu else 'CPU'}")
-    train_ds, val_ds, stats = load_datasets(base.data, base.image_size, base.crop, base.val_fraction)
-    _log(f"data: {stats.train_images} train / {stats.val_images} val images from {stats.files} files "
-         f"in {stats.seconds:.1f}s; skipped {stats.skipped} {stats.skipped_by_reason or ''}")
+    n_trials = space.num_trials(cfg.num_samples)
+    settings = sweep_settings(cfg, space, base)
+    plan, analysis, saved = _resume_plan(cfg, run_dir, settings, n_trials)
+    previous = list(getattr(analysis, "trials", None) or [])
+    if plan == "finished":
+        _log(f"sweep {cfg.name!r} already finished ({len(previous)} trials) in {run_dir}: nothing to "
+             "run; publishing its results again (choose a new --name for a new sweep)")
+    elif plan == "resume":
+        counts = {s: sum(str(t.status) == s for t in previous) for s in ("TERMINATED", "ERROR")}
+        unfinished = len(previous) - counts["TERMINATED"] - counts["ERROR"]
+        _log(f"resuming the interrupted sweep {cfg.name!r} in {run_dir}: {counts['TERMINATED']} of "
+             f"{n_trials} trials ended; {unfinished} unfinished and {counts['ERROR']} failed continue "
+             f"from their last checkpoints; {max(0, n_trials - len(previous))} not started yet")
+    else:
+        _log(f"starting a new sweep {cfg.name!r} in {run_dir}")
 
-    # with_parameters puts the datasets in the object store once for all trials.
-    trainable = ray.tune.with_parameters(run_trial, base=base.to_dict(), train_ds=train_ds,
-                                         val_ds=val_ds, storage=trials_storage(cfg))
-    trainable = ray.tune.with_resources(
-        trainable, ray.tune.PlacementGroupFactory([{"CPU": cfg.trial_cpus}]))
-    tuner = ray.tune.Tuner(
-        trainable,
-        param_space=space.param_space(),
-        tune_config=ray.tune.TuneConfig(
-            metric=TUNE_METRIC, mode=TUNE_MODE, num_samples=cfg.num_samples,
-            scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.epochs, grace_period=cfg.grace_period,
-                                    reduction_factor=cfg.reduction_factor),
-            # The concurrency limit goes on the generator itself: Tune ignores (with only a log
-            # line) TuneConfig.max_concurrent_trials once a BasicVariantGenerator is passed.
-            search_alg=BasicVariantGenerator(max_concurrent=cfg.max_concurrent_trials,
-                                             random_state=cfg.seed),
-            trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
-        run_config=ray.tune.RunConfig(name=cfg.name, storage_path=storage_path(cfg.storage)),
-    )
-    results = tuner.fit()
+    stats_dict = (saved or {}).get("data") if plan == "finished" else None
+    if stats_dict is None:
+        train_ds, val_ds, stats = load_datasets(base.data, base.image_size, base.crop, base.val_fraction)
+        _log(f"data: {stats.train_images} train / {stats.val_images} val images from {stats.files} files "
+             f"in {stats.seconds:.1f}s; skipped {stats.skipped} {stats.skipped_by_reason or ''}")
+        stats_dict = stats.to_dict()
+        if plan != "finished":
+            # Before the Tuner starts: a sweep that can be restored always has its settings.
+            write_bytes(join(run_dir, SWEEP_FILE), json.dumps(
+                {"format": 1, "settings": settings, "data": stats_dict}, indent=1).encode())
 
-    rows = trial_rows(results, space, cfg.epochs)
+    if plan == "finished":
+        results = ray.tune.ResultGrid(analysis)
+    else:
+        # with_parameters puts the datasets in the object store once for all trials.
+        trainable = ray.tune.with_parameters(run_trial, base=base.to_dict(), train_ds=train_ds,
+                                             val_ds=val_ds, storage=trials_storage(cfg))
+        trainable = ray.tune.with_resources(
+            trainable, ray.tune.PlacementGroupFactory([{"CPU": cfg.trial_cpus}]))
+        if plan == "resume":
+            # Unfinished and failed trials continue under their trial ids, so each one's Ray
+            # Train run resumes from its latest checkpoint; trials not created yet are sampled
+            # by the restored search algorithm.
+            tuner = ray.tune.Tuner.restore(run_dir, trainable=trainable, resume_errored=True)
+        else:
+            tuner = ray.tune.Tuner(
+                trainable,
+                param_space=space.param_space(),
+                tune_config=ray.tune.TuneConfig(
+                    metric=TUNE_METRIC, mode=TUNE_MODE, num_samples=cfg.num_samples,
+                    scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.epochs,
+                                            grace_period=cfg.grace_period,
+                                            reduction_factor=cfg.reduction_factor),
+                    # The concurrency limit goes on the generator itself: Tune ignores (with only
+                    # a log line) TuneConfig.max_concurrent_trials once a BasicVariantGenerator
+                    # is passed.
+                    search_alg=BasicVariantGenerator(max_concurrent=cfg.max_concurrent_trials,
+                                                     random_state=cfg.seed),
+                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
+                run_config=ray.tune.RunConfig(name=cfg.name, storage_path=storage_path(cfg.storage)),
+            )
+        results = tuner.fit()
+
+    saved_now = _saved_trials(run_dir) if plan != "finished" else None
+    rows = trial_rows(results, space, cfg.epochs,
+                      {str(t.trial_id): str(t.status) for t in getattr(saved_now, "trials", None) or []},
+                      {tid: train_history(join(trials_storage(cfg), tid)) for tid, _ in _trial_states(results)})
     params_by_trial = {tid: dict(r.config or {}) for r, (tid, _) in zip(results, _trial_states(results))}
     model_dir = join(run_dir, "model")
     write_bytes(join(run_dir, "trials.csv"), rows_csv(rows))
@@ -579,12 +732,14 @@ def tune(cfg: TuneConfig) -> TuneResult:
         errors = "; ".join(f"{r['trial_id']}: {r['error']}" for r in rows if r["error"])[:2000]
         raise RuntimeError(f"sweep {cfg.name!r}: no trial reported {TUNE_METRIC} ({errors or 'no trials'})")
     best = rows[0]
-    export_best(cfg, base, best, space, params_by_trial[best["trial_id"]], len(rows), stats.to_dict(),
-                run_dir)
+    export_best(cfg, base, best, space, params_by_trial[best["trial_id"]], len(rows), stats_dict, run_dir)
     n = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped", "error", "interrupted")}
     interrupted = f", {n['interrupted']} interrupted" if n["interrupted"] else ""
     _log(f"{len(rows)} trials: {n['completed']} completed, {n['stopped']} stopped early by ASHA, "
          f"{n['error']} failed{interrupted}; total {fmt_seconds(time.time() - t0)}")
+    if n["interrupted"] or len(rows) < n_trials:
+        _log(f"the sweep is unfinished ({len(rows)} of {n_trials} trials created, {n['interrupted']} "
+             "interrupted): run the same command again to resume it")
     _log(f"best trial {best['trial_id']}: {TUNE_METRIC} {best['best_val_bpd']:.4f} at epoch "
          f"{best['best_epoch']} (" + ", ".join(f"{p}={_fmt(best[p])}" for p in space.names) + ")")
     _log(f"model directory: {model_dir}")

@@ -70,13 +70,17 @@ def ray_address(tmp_path_factory, s3_endpoint) -> str:
     """One real local Ray cluster shared by every test; job subprocesses join it via RAY_ADDRESS.
 
     Four logical CPUs on this 2-core machine so Train workers and Ray Data never starve each
-    other (see README, "Resources on small machines").
+    other (see README, "Resources on small machines"). Workers get this cluster's address in
+    RAY_ADDRESS (``ray_runtime_env``, as ``ensure_ray`` does for jobs), so Ray Train's cleanup
+    finds it when other Ray instances run on this host.
     """
     import ray
 
+    from ray_galaxy.train import ray_runtime_env
+
     os.environ.setdefault("RAY_GALAXY_CACHE", str(tmp_path_factory.mktemp("cache")))
     ctx = ray.init(num_cpus=4, include_dashboard=True, logging_level="warning",
-                   runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+                   runtime_env=ray_runtime_env(str(REPO)))
     address = ctx.address_info["gcs_address"]
     os.environ["RAY_ADDRESS"] = address
     yield address

@@ -2,19 +2,25 @@
 
 The sweep runs jobs/tune.py on the shared Ray cluster: 4 trials of at most 3 epochs at 32px on
 the 40 synthetic galaxies, two trials at a time, ASHA with rungs at epochs 1 and 2 (about 2
-minutes on 2 cores).
+minutes on 2 cores), while an unrelated Ray instance runs on the same host. A second sweep is
+killed midway and run again, which resumes it (about 2 minutes).
 """
 
 import csv
 import json
+import math
+import os
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, job_env
+from conftest import REPO, free_port, job_env
 from ray_galaxy.config import ConfigError, parse_config, resolve
 from ray_galaxy.tune import (DISTRIBUTIONS, Param, SearchSpace, TuneConfig, base_train_config,
                              check_search_space, parse_search_space, plot_trials)
@@ -114,7 +120,7 @@ def test_plot_has_one_panel_per_searched_parameter():
 
 TINY = ["--num-samples", "1", "--epochs", "3", "--grace-period", "1", "--reduction-factor", "2",
         "--image-size", "32", "--channels", "8,16,32,32", "--batch-size", "8",
-        "--max-concurrent-trials", "2", "--num-workers", "1", "--cpus-per-worker", "0.5"]
+        "--max-concurrent-trials", "2", "--num-workers", "1"]
 # A grid over lr, best first, makes ASHA's decision deterministic: trials 3 and 4 start only
 # after 1 and 2 have passed the epoch-1 rung, and their near-frozen lr puts them below its cutoff.
 SWEEP_YAML = """\
@@ -127,14 +133,60 @@ search_space:
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_address, tiny_folder, tmp_path_factory):
+def other_ray_instance(ray_address):
+    """An unrelated Ray instance on this host (``ray start --head`` in its own temp dir), as when
+    other test sessions or jobs share the machine; stopped by killing only its own processes."""
+    from ray._private.services import find_gcs_addresses
+    from test_multinode import _kill_cluster, _node_ports
+
+    temp_dir = tempfile.mkdtemp(prefix="rgoth", dir="/tmp")  # short: socket paths have a length limit
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "token"
+    port = free_port()
+    try:
+        r = subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
+                            "--num-cpus=1", "--include-dashboard=false", f"--dashboard-port={free_port()}",
+                            f"--temp-dir={temp_dir}",
+                            "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
+                            *_node_ports()], env=env, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        find_gcs_addresses.cache_clear()
+        gcs = find_gcs_addresses()
+        assert len(gcs) >= 2 and any(a.endswith(f":{port}") for a in gcs), gcs
+        yield port
+    finally:
+        _kill_cluster(temp_dir)
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_address, other_ray_instance, tiny_folder, tmp_path_factory):
+    """The tiny sweep, run while another Ray instance is up, with CPUs so tight that a trial
+    which ended without its workers' CPUs being freed leaves the next trial waiting forever.
+
+    Two trials fit at once and three do not; a trial that ASHA stops (or that reaches max_t)
+    has its actor ended by Tune, and only Ray Train's placement-group cleaner frees its
+    workers' CPUs. That cleaner finds its cluster through RAY_ADDRESS (set in every worker by
+    ensure_ray); without it, it fails on "multiple active Ray instances" and trial 3 never starts.
+    """
+    import ray
+
     storage = tmp_path_factory.mktemp("sweeps")
     (storage / "sweep.yaml").write_text(SWEEP_YAML)
-    r = subprocess.run([sys.executable, "jobs/tune.py", "--config", str(storage / "sweep.yaml"),
-                        "--data", str(tiny_folder), "--storage", str(storage), "--name", "tiny", *TINY],
-                       cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600)
+    cpus = math.floor(ray.available_resources().get("CPU", 0) * 3 / 8 * 100) / 100
+    assert cpus >= 0.5, ray.available_resources()
+    try:
+        r = subprocess.run([sys.executable, "jobs/tune.py", "--config", str(storage / "sweep.yaml"),
+                            "--data", str(tiny_folder), "--storage", str(storage), "--name", "tiny", *TINY,
+                            "--cpus-per-worker", str(cpus)],
+                           cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=420)
+    except subprocess.TimeoutExpired as e:
+        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x or ""
+                      for x in (e.stdout, e.stderr))
+        pytest.fail("the sweep did not finish in 420s: stopped trials' CPUs were probably never "
+                    "freed (look for PlacementGroupCleaner errors)\n" + out[-6000:])
     (storage / "job.log").write_text(r.stdout + r.stderr)  # for reading after a failure
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-6000:]
+    assert "multiple active Ray instances" not in r.stdout + r.stderr
     run_dir = storage / "tiny"
     with (run_dir / "trials.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -191,3 +243,89 @@ def test_job_reports_bad_config_and_missing_data_in_one_line(ray_address, tmp_pa
                            cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
         assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
         assert all(w in r.stderr for w in words) and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- resume
+
+RESUME_YAML = """\
+search_space:
+  lr: {grid: [3e-3, 1e-3, 3e-4]}
+  latent_dim: 4
+  kl_warmup_epochs: 0
+"""
+RESUME = ["--num-samples", "1", "--epochs", "3", "--grace-period", "1", "--image-size", "32",
+          "--channels", "8,16,32,32", "--batch-size", "8", "--max-concurrent-trials", "2",
+          "--num-workers", "1", "--cpus-per-worker", "0.5"]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    with (run_dir / "trials.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_killed_sweep_resumes_and_a_finished_one_is_published_again(ray_address, tiny_folder, tmp_path):
+    from ray_galaxy.checkpoint import load_model_dir
+
+    (tmp_path / "sweep.yaml").write_text(RESUME_YAML)
+    cmd = [sys.executable, "jobs/tune.py", "--config", str(tmp_path / "sweep.yaml"), "--data",
+           str(tiny_folder), "--storage", str(tmp_path), "--name", "resume", *RESUME]
+    run_dir = tmp_path / "resume"
+
+    # 1. Kill the job as soon as a trial has reported its first epoch (and checkpoint). Tune
+    # saves its state every second here (by default every 10s or more), so the saved state
+    # already lists the trials, which started well before.
+    with (tmp_path / "first.log").open("w") as log:
+        first = subprocess.Popen(cmd, cwd=REPO, env=job_env({"TUNE_GLOBAL_CHECKPOINT_S": "1"}),
+                                 stdout=log, stderr=subprocess.STDOUT)
+        reported: set[str] = set()
+        try:
+            deadline = time.time() + 240
+            while time.time() < deadline and first.poll() is None and not reported:
+                reported = {p.parent.name for p in run_dir.glob("*/result.json") if p.stat().st_size > 0}
+                time.sleep(0.1)
+        finally:
+            first.kill()
+            first.wait()
+    first_log = (tmp_path / "first.log").read_text()
+    assert reported and first.returncode == -9, first_log[-4000:]  # killed, not finished
+    assert all(json.loads(line)["epoch"] < 3 for t in reported
+               for line in (run_dir / t / "result.json").read_text().splitlines())
+    assert "starting a new sweep 'resume'" in first_log
+    assert not (run_dir / "trials.csv").exists()
+
+    # 2. The same command resumes it: the interrupted trials keep their ids, none is added.
+    second = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
+    (tmp_path / "second.log").write_text(second.stdout + second.stderr)
+    assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-6000:]
+    assert "resuming the interrupted sweep 'resume'" in second.stdout
+    assert "resuming from checkpoint after epoch" in second.stdout  # a trial's Train run continued
+    rows = _rows(run_dir)
+    ids = [row["trial_id"] for row in rows]
+    assert len(ids) == 3 and len(set(ids)) == 3, rows
+    assert reported <= set(ids), (reported, ids)
+    assert {float(row["lr"]) for row in rows} == {3e-3, 1e-3, 3e-4}
+    assert all(row["status"] in ("completed", "stopped") for row in rows), rows
+    for row in rows:  # the table holds every epoch each trial's Train run finished, before or after
+        states = sorted((run_dir / "trials" / row["trial_id"]).glob("checkpoint_epoch_*/state.json"))
+        history = json.loads(states[-1].read_text())["history"]
+        assert int(row["epochs_run"]) == len(history) == history[-1]["epoch"], (row, history)
+        assert float(row["best_val_bpd"]) == pytest.approx(min(h["val_bpd"] for h in history))
+    md = load_model_dir(str(run_dir / "model"))
+    assert json.loads((run_dir / "model" / "config.json").read_text())["tune"]["trial_id"] == rows[0]["trial_id"]
+    assert md.model.config.image_size == 32 and torch.isfinite(md.model.sample(2, seed=0)).all()
+
+    # 3. Run again: nothing to run, the same results are published again.
+    (run_dir / "trials.csv").unlink()
+    third = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stdout[-6000:] + third.stderr[-6000:]
+    assert "sweep 'resume' already finished (3 trials)" in third.stdout
+    assert "Trial status" not in third.stdout and "data:" not in third.stdout  # no Tuner, no data read
+    assert _rows(run_dir) == rows
+    assert f"model directory: {run_dir / 'model'}" in third.stdout
+    load_model_dir(str(run_dir / "model"))
+
+    # 4. Other settings under the same name are refused, naming what changed.
+    changed = subprocess.run([*cmd, "--epochs", "4"], cwd=REPO, env=job_env(), capture_output=True,
+                             text=True, timeout=300)
+    assert changed.returncode == 2, changed.stdout[-3000:] + changed.stderr[-3000:]
+    assert "epochs: 3 -> 4" in changed.stderr and "new --name" in changed.stderr, changed.stderr[-3000:]
