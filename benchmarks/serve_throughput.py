@@ -6,7 +6,9 @@ the same torch thread count as the Serve decoder replica, in batches of the size
 fastest here (swept first), and PNG-encoded; it runs right before and after each HTTP run and
 the mean is the baseline. Over HTTP, ``--concurrency`` client threads send the N requests and
 Serve's dynamic batching stacks them, for each ``--batch-sizes`` value (1 = batching off);
-then p50/p99 latency of one request at a time. Prints one JSON object.
+then p50/p99 latency of one request at a time. With ``--per-request K`` (default 16) the same
+N galaxies are also fetched as N/K ``POST /sample {"n": K, "format": "zip"}`` requests (K
+PNGs each), the way a program that wants many galaxies asks for them. Prints one JSON object.
 
     python benchmarks/serve_throughput.py --model runs/galaxy-vae/model
 """
@@ -62,6 +64,32 @@ def http_throughput(url: str, n: int, concurrency: int, path: str = "/sample?see
         return n / (time.perf_counter() - t0)
 
 
+def http_bulk_throughput(url: str, n: int, per_request: int, concurrency: int) -> float:
+    """Galaxies/s fetching ``n`` galaxies as zips of ``per_request`` PNGs each."""
+    import zipfile
+    import io
+
+    import requests
+
+    local = threading.local()
+
+    def post(i: int) -> int:
+        s = getattr(local, "s", None) or requests.Session()
+        local.s = s
+        r = s.post(url + "/sample", json={"n": per_request, "seed": i, "format": "zip"}, timeout=300)
+        assert r.status_code == 200, r.text
+        count = len(zipfile.ZipFile(io.BytesIO(r.content)).namelist())
+        assert count == per_request
+        return count
+
+    requests_n = max(1, n // per_request)
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(post, range(min(requests_n, concurrency))))  # warm-up
+        t0 = time.perf_counter()
+        got = sum(pool.map(post, range(requests_n)))
+        return got / (time.perf_counter() - t0)
+
+
 def http_latency(url: str, n: int) -> dict:
     import requests
 
@@ -89,6 +117,10 @@ def main() -> None:
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     p.add_argument("--decoder-cpus", type=float, default=1.0, help="num_cpus of the decoder replica")
     p.add_argument("--threads", type=int, default=1, help="torch threads, decoder replica and in-process alike")
+    p.add_argument("--per-request", type=int, default=16,
+                   help="galaxies per POST /sample in the bulk run (0: skip it; default 16)")
+    p.add_argument("--chunk-rows", type=int, default=0,
+                   help="decode_chunk_rows of the Serve app (0 = auto: 1 on CPU)")
     p.add_argument("--out", default=None, help="also write the JSON here (Ray may print to stdout too)")
     args = p.parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -126,7 +158,7 @@ def main() -> None:
     results = {}
     for batch in batch_sizes:
         cfg = {"model": model, "max_batch_size": batch, "batch_wait_timeout_s": args.batch_wait_timeout_s,
-               "torch_threads": args.threads}
+               "torch_threads": args.threads, "decode_chunk_rows": args.chunk_rows}
         options = {"GalaxyAPI": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
                    "Decoder": {"num_replicas": 1, "max_ongoing_requests": max(64, 2 * batch),
                                "ray_actor_options": {"num_cpus": args.decoder_cpus}}}
@@ -138,6 +170,10 @@ def main() -> None:
         # load from other processes on a shared machine hits both sides alike.
         before = in_process(local_model, args.requests, best)
         rate = http_throughput(url, args.requests, args.concurrency)
+        bulk = None
+        if args.per_request and batch == batch_sizes[0]:
+            bulk = http_bulk_throughput(url, args.requests, args.per_request,
+                                        max(1, min(args.concurrency, args.requests // args.per_request // 4)))
         after = in_process(local_model, args.requests, best)
         baseline = (before["galaxies_per_s"] + after["galaxies_per_s"]) / 2
         stats = serve.get_deployment_handle("Decoder", app_name="bench").stats.remote().result(timeout_s=60)
@@ -149,6 +185,8 @@ def main() -> None:
             "in_process_galaxies_per_s": baseline,
             "in_process_runs": [before, after],
             "ratio_vs_in_process": rate / baseline,
+            **({"bulk_galaxies_per_request": args.per_request, "bulk_http_galaxies_per_s": bulk,
+                "bulk_ratio_vs_in_process": bulk / baseline} if bulk else {}),
             "mean_batch_rows": stats["rows"] / max(stats["batches"], 1),
             "latency_single_request": http_latency(url, args.latency_requests),
         }
@@ -161,6 +199,7 @@ def main() -> None:
         "concurrency": args.concurrency,
         "threads": args.threads,
         "decoder_cpus": args.decoder_cpus,
+        "decode_chunk_rows": args.chunk_rows,
         "batch_wait_timeout_s": args.batch_wait_timeout_s,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "in_process_batch_sweep": {b: r["galaxies_per_s"] for b, r in sweep.items()},
