@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -13,6 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, free_port
+
+# The ray CLI of the interpreter running the tests, whether or not its venv is activated.
+RAY = str(Path(sys.executable).parent / "ray")
 
 
 def _kill_cluster(temp_dir: str) -> None:
@@ -50,12 +54,14 @@ def two_nodes(ray_address):
     temp_dir = tempfile.mkdtemp(prefix="rgmn", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "token"  # the token made by the suite's ray.init is in ~/.ray/auth_token
+    # The job's `python` is looked up on PATH: the tests' interpreter, activated venv or not.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     port, dash = free_port(), free_port()
     try:
         for args in (["--head", f"--port={port}", f"--dashboard-port={dash}", "--include-dashboard=true",
                       f"--ray-client-server-port={free_port()}", '--resources={"head_node": 1}'],
                      [f"--address=127.0.0.1:{port}", '--resources={"second_node": 1}']):
-            r = subprocess.run(["ray", "start", *args, "--num-cpus=2", f"--temp-dir={temp_dir}",
+            r = subprocess.run([RAY, "start", *args, "--num-cpus=2", f"--temp-dir={temp_dir}",
                                 "--disable-usage-stats", *_node_ports()],
                                env=env, capture_output=True, text=True, timeout=180)
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -66,14 +72,14 @@ def two_nodes(ray_address):
 
 def test_job_submit_places_two_workers_on_two_nodes(two_nodes, tiny_folder, tmp_path):
     env, address = two_nodes["env"], two_nodes["dashboard"]
-    nodes = subprocess.run(["ray", "list", "nodes", "--address", address, "--format", "json"],
+    nodes = subprocess.run([RAY, "list", "nodes", "--address", address, "--format", "json"],
                            env=env, capture_output=True, text=True, timeout=60)
     assert nodes.returncode == 0, nodes.stderr
     alive = {n["node_id"] for n in json.loads(nodes.stdout) if n["state"] == "ALIVE"}
     assert len(alive) == 2
     storage = tmp_path / "runs"
     r = subprocess.run(
-        ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
          "python", "jobs/train.py", "--data", str(tiny_folder), "--storage", str(storage), "--name", "mn",
          "--epochs", "2", "--num-workers", "2", "--placement-strategy", "STRICT_SPREAD",
          "--cpus-per-worker", "1", "--image-size", "32", "--channels", "8,16,32,32", "--latent-dim", "4",

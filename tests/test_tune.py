@@ -308,8 +308,12 @@ def test_killed_sweep_resumes_and_a_finished_one_is_published_again(ray_address,
     for row in rows:  # the table holds every epoch each trial's Train run finished, before or after
         states = sorted((run_dir / "trials" / row["trial_id"]).glob("checkpoint_epoch_*/state.json"))
         history = json.loads(states[-1].read_text())["history"]
-        assert int(row["epochs_run"]) == len(history) == history[-1]["epoch"], (row, history)
-        assert float(row["best_val_bpd"]) == pytest.approx(min(h["val_bpd"] for h in history))
+        assert len(history) == history[-1]["epoch"], history
+        # A trial ASHA stops may still write one more epoch's checkpoint while its Train run is
+        # torn down; Tune has stopped listening by then, so the table may end one epoch earlier.
+        epochs = int(row["epochs_run"])
+        assert epochs == len(history) or (row["status"] == "stopped" and epochs == len(history) - 1), (row, history)
+        assert float(row["best_val_bpd"]) == pytest.approx(min(h["val_bpd"] for h in history[:epochs]))
     md = load_model_dir(str(run_dir / "model"))
     assert json.loads((run_dir / "model" / "config.json").read_text())["tune"]["trial_id"] == rows[0]["trial_id"]
     assert md.model.config.image_size == 32 and torch.isfinite(md.model.sample(2, seed=0)).all()
