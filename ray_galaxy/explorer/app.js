@@ -239,7 +239,8 @@ async function start() {
     $("dimcount-box").hidden = false;
   }
   const dims = [...Array(info.latent_dim).keys()];
-  const [ta, tb] = info.traverse_dims || info.dims_by_activity;
+  // The traversal starts on the two most used dimensions: the first two sliders.
+  const [ta, tb] = info.dims_by_activity.length >= 2 ? info.dims_by_activity : (info.traverse_dims || [0, 0]);
   fillSelect($("dim-a"), dims, (d) => `z${d}`, ta);
   fillSelect($("dim-b"), dims, (d) => `z${d}`, tb ?? ta);
 
