@@ -66,8 +66,8 @@ def http_throughput(url: str, n: int, concurrency: int, path: str = "/sample?see
 
 def http_bulk_throughput(url: str, n: int, per_request: int, concurrency: int) -> float:
     """Galaxies/s fetching ``n`` galaxies as zips of ``per_request`` PNGs each."""
-    import zipfile
     import io
+    import zipfile
 
     import requests
 

@@ -508,3 +508,23 @@ def test_jobs_serve_end_to_end(tmp_path, models):
     assert code == 0 and any("shutting down" in line for line in lines), "".join(lines)[-3000:]
     with pytest.raises(requests.ConnectionError):
         requests.get(base + "/healthz", timeout=5)
+
+
+def test_model_name_activity_order_and_chunk_rows_config():
+    import torch
+
+    from ray_galaxy.config import ConfigError
+    from ray_galaxy.evaluate import gmm_variance
+    from ray_galaxy.serve import ServeConfig, activity_order, model_name
+
+    assert model_name("s3://bucket/runs/galaxy-vae/model") == "galaxy-vae"
+    assert model_name("/tmp/x/a/") == "a" and model_name("s3://bucket") == "bucket"
+    # Two equal components at x=0 and x=2: variance along x is within (1) + between (1) = 2.
+    gmm = {"weights": torch.tensor([0.5, 0.5]), "means": torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0]]),
+           "covariances": torch.diag_embed(torch.tensor([[1.0, 4.0, 0.1], [1.0, 4.0, 0.1]]))}
+    np.testing.assert_allclose(gmm_variance(gmm), [2.0, 4.0, 0.1], rtol=1e-6)
+    assert activity_order({}, 3, gmm) == [1, 0, 2]
+    assert activity_order({"best": {"val_kl_per_dim": [0.1, 3.0, 2.0]}}, 3) == [1, 2, 0]
+    assert activity_order({"best": {"val_kl_per_dim": [0.1, float("nan"), 2.0]}}, 3) == [0, 1, 2]
+    with pytest.raises(ConfigError, match="decode_chunk_rows"):
+        ServeConfig(model="m", decode_chunk_rows=-1)
