@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crop", type=float, default=None, help="crop fraction (default: the model's own)")
     p.add_argument("--max-images", type=int, default=5000, help="at most this many training images (default 5000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--no-detail", action="store_true",
+                   help="fit only the latent mixture, not the residual detail model")
     args = p.parse_args(argv)
     if args.components < 1 or args.max_images < 1:
         p.error("--components and --max-images must be >= 1")
@@ -32,13 +34,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         meta = fit_gmm_sampler(args.model, args.train_data, args.components, args.covariance, args.seed,
-                               args.crop, args.max_images)
+                               args.crop, args.max_images, detail=not args.no_detail)
     except (ModelDirError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"fitted a {meta['components']}-component {meta['covariance']} GMM to {meta['train_images']} "
           f"training images ({meta['iterations']} EM iterations, mean log-likelihood "
-          f"{meta['mean_log_likelihood']:.3f}); wrote sampler.pt and sampler.json in {args.model}")
+          f"{meta['mean_log_likelihood']:.3f}){' and the residual detail model' if meta['detail'] else ''}; "
+          f"wrote sampler.pt and sampler.json in {args.model}")
     return 0
 
 

@@ -18,9 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
     p.add_argument("--temperature", type=float, default=1.0, help="scale of the prior (default 1.0)")
     p.add_argument("--grid", action="store_true", help="also write grid.png with all images")
-    p.add_argument("--sampler", choices=["prior", "gmm"], default="prior",
+    p.add_argument("--sampler", choices=["auto", "prior", "gmm"], default="auto",
                    help="latent sampler: N(0, I) prior or the model's fitted Gaussian mixture "
-                        "(jobs/fit_sampler.py)")
+                        "(jobs/fit_sampler.py; gmm also adds its residual detail); auto (default): "
+                        "gmm when the model directory has a sampler, else prior")
+    p.add_argument("--no-detail", action="store_true",
+                   help="with --sampler gmm: write the decoder's means, without the residual detail")
     args = p.parse_args(argv)
 
     from ray_galaxy.figures import write_samples
@@ -30,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--n must be in 1..100000, got {args.n}")
     try:
         paths = write_samples(args.model, args.out, args.n, args.seed, args.temperature, args.grid,
-                              sampler=args.sampler)
+                              sampler=args.sampler, detail=not args.no_detail)
     except ModelDirError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

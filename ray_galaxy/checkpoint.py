@@ -5,8 +5,10 @@ A **model directory** (local path or any pyarrow URI such as s3://bucket/prefix)
     model.pt       state dict of :class:`ConvVAE` (tensors only: torch.load(weights_only=True))
     config.json    {"format": 1, "model": ModelConfig, "train": TrainConfig, ...}
     metrics.json   best-epoch metrics, per-epoch history, data counts
-    samples.png    8x8 grid of prior samples from fixed seeds
+    samples.png    8x8 grid of samples from a fixed seed (the fitted sampler's, else the prior's)
     traversal.png  two latent dimensions swept over rows and columns, the others at 0
+    sampler.pt     optional two-stage sampler: GMM over the codes + residual detail model
+    sampler.json   its description (written last; jobs/fit_sampler.py, or train's fit_sampler)
 
 ``config.json`` is written last, so a directory without it is unfinished and never loaded.
 A **training checkpoint** (written by each epoch) holds model.pt, optimizer.pt and state.json.

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Type, TypeVar, get_type_hints
 T = TypeVar("T")
 
 LIKELIHOODS = ("gaussian", "bce")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 class ConfigError(ValueError):
@@ -28,7 +29,7 @@ class ModelConfig:
 
     image_size: int = 64
     channels: tuple[int, ...] = (32, 64, 128, 256)
-    latent_dim: int = 6
+    latent_dim: int = 64
     likelihood: str = "gaussian"
     # Residual 3x3 blocks added to each encoder/decoder stage; 0 is the original design.
     blocks_per_stage: int = 0
@@ -80,15 +81,23 @@ class TrainConfig:
     preset: str = _h("Model preset: 'default' (sigma-VAE) or 'seed' (the original design).", default="default")
     epochs: int = _h("Number of training epochs.", default=100)
     batch_size: int = _h("Global batch size (split across workers).", default=16)
-    lr: float = _h("Adam learning rate.", default=2e-3)
+    lr: float = _h("Adam learning rate (peak, when lr_schedule is cosine).", default=2e-3)
+    lr_schedule: str = _h("Learning-rate schedule over the epochs: 'cosine' (decays to lr/20) or 'constant'.",
+                          default="cosine")
+    grad_clip: float = _h("Clip each step's gradient norm to this multiple of the median of the last "
+                          "200 steps' norms (AutoClip-style, independent of the loss scale); 0 = off.",
+                          default=5.0)
     image_size: int = _h("Training resolution in pixels (power of two, 32..256).", default=64)
     crop: float = _h("Central fraction of each image kept before resizing (0.5 for Galaxy Zoo).", default=1.0)
     channels: tuple[int, ...] = _h("Channels per stride-2 stage, e.g. 32,64,128,256.", default=(32, 64, 128, 256))
     blocks_per_stage: int = _h("Residual blocks per stage (0 = original design).", default=0)
-    latent_dim: int = _h("Latent dimension.", default=6)
-    kl_weight: float = _h("Weight (beta) of the KL term.", default=4.0)
+    latent_dim: int = _h("Latent dimension.", default=64)
+    kl_weight: float = _h("Weight (beta) of the KL term.", default=0.1)
     kl_warmup_epochs: int = _h("Epochs over which the KL weight ramps linearly from 0.", default=5)
     likelihood: str = _h("Reconstruction likelihood: 'gaussian' (learned sigma) or 'bce'.", default="gaussian")
+    fit_sampler: bool = _h("After training, fit the two-stage sampler (a Gaussian mixture on the training "
+                           "codes plus the residual detail model) into the model directory; samples.png "
+                           "then shows its draws instead of N(0, I) decodes.", default=True)
     val_fraction: float = _h("Fraction of images held out for validation (by path hash).", default=0.1)
     num_workers: int = _h("Ray Train workers (data-parallel DDP ranks).", default=1)
     use_gpu: bool = _h("Train on GPUs (one per worker) with bf16 autocast.", default=False)
@@ -121,6 +130,11 @@ class TrainConfig:
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ConfigError("placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
                               f"got {self.placement_strategy!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.grad_clip < 0 or (0 < self.grad_clip < 1):
+            raise ConfigError(f"grad_clip must be 0 (off) or >= 1 (a multiple of the median norm), "
+                              f"got {self.grad_clip}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         self.model_config()  # validates the model fields too
@@ -148,7 +162,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # The astronomer's original design: plain stride-2 encoder, upsample+conv decoder,
     # latent dim 4, cross-entropy reconstruction, no warm-up.
-    "seed": {"latent_dim": 4, "likelihood": "bce", "kl_weight": 1.0, "kl_warmup_epochs": 0},
+    "seed": {"latent_dim": 4, "likelihood": "bce", "kl_weight": 1.0, "kl_warmup_epochs": 0,
+             "lr_schedule": "constant", "grad_clip": 0.0, "fit_sampler": False},
 }
 
 

@@ -25,6 +25,7 @@ next to the model as ``sampler.pt`` (tensors only) and ``sampler.json`` (written
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -44,7 +45,7 @@ from ray_galaxy.model import LOG_2PI, ConvVAE, to_uint8
 
 SAMPLER_FILE = "sampler.pt"
 SAMPLER_META = "sampler.json"
-SAMPLERS = ("prior", "gmm")
+SAMPLERS = ("auto", "prior", "gmm")
 COVARIANCES = ("full", "diag")
 
 # Every metric metrics.json carries (dotted paths); tests check each is present.
@@ -86,9 +87,11 @@ class EvaluateConfig:
     train_data: str = _h("Training images for the memorisation check and the sampler fit; default: "
                          "train.data from the model's config.json when it can be read (its "
                          "training split). 'none' skips the memorisation check.", default="")
-    sampler: str = _h("Latent sampler for generated images: 'prior' (N(0, I)) or 'gmm' (sampler.pt).",
-                      default="prior")
+    sampler: str = _h("Latent sampler for generated images: 'prior' (N(0, I)), 'gmm' (sampler.pt) or "
+                      "'auto' (gmm when the model directory has one, else prior).", default="auto")
     fit_sampler: bool = _h("Fit the GMM sampler first if the model directory has none.", default=False)
+    detail: bool = _h("With the gmm sampler: draw generated images from p(x|z) with the sampler's "
+                      "residual detail model (when it has one); false: decoder means only.", default=True)
     gmm_components: int = _h("Mixture components of a sampler fitted here.", default=10)
     gmm_covariance: str = _h("Covariance of a sampler fitted here: 'full' or 'diag'.", default="full")
     iwae_k: int = _h("Importance samples per image for the IWAE bound.", default=32)
@@ -362,8 +365,11 @@ def _model_sha(uri: str) -> str:
 def fit_gmm_sampler(model_dir_uri: str, train_data_uri: str | None = None, components: int = 10,
                     covariance: str = "full", seed: int = 0, crop: float | None = None,
                     max_images: int = 5000, images: np.ndarray | None = None,
-                    batch_size: int = 64) -> dict[str, Any]:
+                    batch_size: int = 64, detail: bool = True) -> dict[str, Any]:
     """Fit the two-stage GMM sampler to a model's training set; write sampler.pt + sampler.json.
+
+    With ``detail`` it also fits the residual detail model (:mod:`ray_galaxy.detail`) to the
+    training images and their reconstructions, stored as ``detail_*`` tensors in sampler.pt.
 
     ``train_data_uri`` defaults to the model's recorded training data (its training split);
     ``images`` (uint8, already at the model's size) skips reading. Returns sampler.json's content.
@@ -381,11 +387,21 @@ def fit_gmm_sampler(model_dir_uri: str, train_data_uri: str | None = None, compo
     mu = encode_means(md.model, images, batch_size)
     gmm = fit_gmm(mu, components, covariance, seed)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(gmm[k])) for k in ("weights", "means", "covariances")}
-    meta = {"format": 1, "kind": "gmm", "components": int(len(gmm["weights"])), "covariance": covariance,
+    detail_meta = None
+    if detail:
+        from ray_galaxy.detail import fit_detail, k_min
+
+        z = torch.from_numpy(mu).float()
+        means = torch.cat([md.model.decode(z[i:i + 256]) for i in range(0, len(z), 256)])
+        d = fit_detail(images, means.permute(0, 2, 3, 1).numpy())
+        tensors.update({f"detail_{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()})
+        detail_meta = {"k_min": k_min(md.model.config.image_size),
+                       "variance_coef": [float(c) for c in d["variance_coef"]]}
+    meta = {"format": 2, "kind": "gmm", "components": int(len(gmm["weights"])), "covariance": covariance,
             "seed": seed, "train_data": source, "train_images": int(len(images)),
             "mean_log_likelihood": gmm["log_likelihood"], "iterations": gmm["iterations"],
             "converged": gmm["converged"], "model_sha256": _model_sha(model_dir_uri),
-            "latent_dim": md.model.config.latent_dim}
+            "latent_dim": md.model.config.latent_dim, "detail": detail_meta}
     write_bytes(join(model_dir_uri, SAMPLER_FILE), _tensor_bytes(tensors))
     write_bytes(join(model_dir_uri, SAMPLER_META), json.dumps(meta, indent=1).encode())  # marker, last
     return meta
@@ -409,6 +425,19 @@ def load_sampler(model_dir: ModelDir | str) -> dict[str, Any] | None:
     return {**tensors, "meta": meta}
 
 
+def resolve_sampler(model_dir: ModelDir | str, sampler: str) -> str:
+    """'auto' -> 'gmm' when the model directory has a (current) sampler, else 'prior'.
+
+    With a small KL weight the N(0, I) prior's samples land in holes of the latent space, so
+    every job and the Serve app use the fitted sampler by default when there is one."""
+    if sampler != "auto":
+        return sampler
+    try:
+        return "gmm" if load_sampler(model_dir) is not None else "prior"
+    except SamplerError:
+        return "prior"
+
+
 def sample_latents(model_dir: ModelDir | str, n: int, seed: int = 0, sampler: str = "prior",
                    temperature: float = 1.0) -> torch.Tensor:
     """(n, latent_dim) latent codes from the N(0, I) prior or the directory's GMM sampler.
@@ -417,6 +446,7 @@ def sample_latents(model_dir: ModelDir | str, n: int, seed: int = 0, sampler: st
     For 'gmm', temperature scales each component's spread around its mean.
     """
     md = load_model_dir(model_dir) if isinstance(model_dir, str) else model_dir
+    sampler = resolve_sampler(md, sampler)
     if sampler == "prior":
         return md.model.prior_latents(n, seed, temperature)
     if sampler != "gmm":
@@ -426,6 +456,33 @@ def sample_latents(model_dir: ModelDir | str, n: int, seed: int = 0, sampler: st
         raise SamplerError(f"{md.uri} has no {SAMPLER_FILE}; fit one with "
                            f"`python jobs/fit_sampler.py --model {md.uri}` or pass --fit-sampler")
     return gmm_latents(gmm, n, seed, temperature)
+
+
+def detail_model(sampler: Mapping[str, Any] | None) -> dict[str, torch.Tensor] | None:
+    """The residual detail model inside a loaded sampler, None if it was fitted without one."""
+    if not sampler or "detail_spectrum" not in sampler:
+        return None
+    return {k[len("detail_"):]: v for k, v in sampler.items() if k.startswith("detail_")}
+
+
+def generate(model_dir: ModelDir | str, n: int, seed: int = 0, sampler: str = "prior",
+             temperature: float = 1.0, detail: bool = True, batch_size: int = 256,
+             keep: int | None = None) -> torch.Tensor:
+    """n generated galaxies, (n, 3, S, S) floats in [0, 1]; the same seed gives the same images.
+
+    'prior' decodes N(0, I) codes; 'gmm' decodes the mixture's codes and, when the sampler has a
+    residual detail model and ``detail`` is true, draws from p(x | z) around the decoded mean
+    (:func:`ray_galaxy.detail.add_detail`, noise seeded by ``seed``). Without it: the means.
+    ``keep`` returns only the first images of the n (the same bytes, less decoding).
+    """
+    from ray_galaxy.detail import add_detail
+
+    md = load_model_dir(model_dir) if isinstance(model_dir, str) else model_dir
+    sampler = resolve_sampler(md, sampler)
+    z = sample_latents(md, n, seed, sampler, temperature)[:keep]
+    means = torch.cat([md.model.decode(z[i:i + batch_size]) for i in range(0, len(z), batch_size)])
+    d = detail_model(load_sampler(md)) if sampler == "gmm" and detail else None
+    return means if d is None else add_detail(means, d, seed=seed)
 
 
 def gmm_latents(gmm: Mapping[str, torch.Tensor], n: int, seed: int = 0, temperature: float = 1.0
@@ -568,6 +625,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     crop = cfg.crop or float(tcfg.get("crop", 1.0))
     val_fraction = float(tcfg.get("val_fraction", 0.1))
 
+    if cfg.sampler == "auto":
+        cfg = dataclasses.replace(cfg, sampler="gmm" if cfg.fit_sampler else resolve_sampler(md, "auto"))
+        _log(f"sampler: {cfg.sampler} (auto)")
     # Fail fast on a missing sampler, before any data is read.
     gmm_meta = None
     if cfg.sampler == "gmm":
@@ -613,9 +673,24 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     rec = reconstruction_scores(real, recon)
     _log(f"reconstruction: PSNR {rec['psnr']:.2f} dB, SSIM {rec['ssim']:.3f}")
 
-    # Generated galaxies.
-    z = sample_latents(md, cfg.n, cfg.seed, cfg.sampler, cfg.temperature)
-    gen = decode_images(model, z)
+    # Generated galaxies: draws from p(x | z) when the sampler has a detail model, else the means.
+    detail_used = cfg.sampler == "gmm" and cfg.detail and detail_model(load_sampler(md)) is not None
+    gen = to_uint8(generate(md, cfg.n, cfg.seed, cfg.sampler, cfg.temperature, detail_used)).numpy()
+    means_only = None
+    if detail_used:  # the same codes' decoder means, so the report shows what the detail adds
+        means = to_uint8(generate(md, cfg.n, cfg.seed, cfg.sampler, cfg.temperature, False)).numpy()
+        m_means = morphology.wasserstein_table(morphology.measure_all(real), morphology.measure_all(means),
+                                               cfg.seed)
+        k_, p_real_ = morphology.radial_power_spectrum(morphology.luminance(real))
+        _, p_means = morphology.radial_power_spectrum(morphology.luminance(means))
+        means_only = {
+            "morphology_mean_distance": float(np.nanmean([v["distance"] for v in m_means.values()])),
+            "morphology_distance": {k: v["distance"] for k, v in m_means.items()},
+            "power_deficit_dex": morphology.power_deficit_dex(k_, p_means, p_real_, size),
+            "memorisation_ratio": (memorisation(means, real, train)["ratio"] if train is not None else None),
+        }
+        _log(f"decoder means alone: morphology {means_only['morphology_mean_distance']:.3f}, structure-band "
+             f"power {means_only['power_deficit_dex']:+.3f} dex")
 
     # Morphology.
     m_real, m_gen = morphology.measure_all(real), morphology.measure_all(gen)
@@ -665,7 +740,11 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         files.append((name, title, caption))
 
     save("samples.png", figures.grid(gen[:64]), "Samples",
-         f"64 generated galaxies ({cfg.sampler} sampler, seed {cfg.seed}, temperature {cfg.temperature}).")
+         f"64 generated galaxies ({cfg.sampler} sampler{' with residual detail' if detail_used else ''}, "
+         f"seed {cfg.seed}, temperature {cfg.temperature}).")
+    if detail_used:
+        save("samples_means.png", figures.grid(means[:64]), "Samples: decoder means",
+             "The same 64 latent codes decoded to their means, without the residual detail.")
     dims = figures.most_active_dims(lik["kl_per_dim"], k=2)
     if len(dims) == 2:
         save("traversal.png", figures.traversal(model, dims), "Latent traversal",
@@ -712,6 +791,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "format": 1, "model": cfg.model, "data": cfg.data, "held_out": real_info,
         "train_data": train_uri, "train": train_info, "crop": crop, "image_size": size,
         "likelihood_kind": mcfg.likelihood, "sampler": cfg.sampler, "sampler_meta": gmm_meta,
+        "detail": detail_used, "means_only": means_only,
         "n_generated": int(len(gen)), "seed": cfg.seed, "temperature": cfg.temperature,
         "likelihood": lik, "reconstruction": rec, "morphology": morph, "sharpness": sharp,
         "memorisation": mem, "figures": [f[0] for f in files], "config": cfg.to_dict(),
@@ -764,6 +844,21 @@ def report_markdown(m: dict[str, Any], files: list[tuple[str, str, str]]) -> str
         "",
         "Bits/dim of a `bce` model are not comparable with those of a `gaussian` one: cross-entropy on "
         "grey values is not a normalised likelihood.", "",
+    ]
+    mo_ = m.get("means_only")
+    if mo_:
+        lines += [
+            "## Residual detail", "",
+            "Generated images are draws from p(x | z): the decoder's mean plus the sampler's residual "
+            "detail model (texture the mean cannot predict: amplitude following the galaxy's light, "
+            "spatially correlated, from 1/16 of the image size down). The same codes' means alone:", "",
+            "| metric | with detail | means only |", "|---|---|---|",
+            f"| morphology distance (mean W/sd) | {_fmt(mo['mean_distance'])} | {_fmt(mo_['morphology_mean_distance'])} |",
+            f"| structure-band power vs real | {_fmt(sh['power_deficit_dex'], 3)} dex | "
+            f"{_fmt(mo_['power_deficit_dex'], 3)} dex |",
+            f"| memorisation ratio | {_fmt(mem.get('ratio'))} | {_fmt(mo_.get('memorisation_ratio'))} |", "",
+        ]
+    lines += [
         "## Morphology", "",
         "Normalised 1-D Wasserstein distance between the real and generated distributions (divided by "
         "the real standard deviation), next to the same distance between two halves of the real set. "

@@ -68,15 +68,19 @@ def pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def write_samples(model_uri: str, out: str, n: int, seed: int = 0, temperature: float = 1.0,
-                  with_grid: bool = False, batch: int = 256, sampler: str = "prior") -> list[str]:
-    """Decode ``n`` prior samples of a model directory into ``out/sample_00000.png`` ...
+                  with_grid: bool = False, batch: int = 256, sampler: str = "auto",
+                  detail: bool = True) -> list[str]:
+    """Write ``n`` generated galaxies of a model directory to ``out/sample_00000.png`` ...
+
+    ``sampler`` 'prior', 'gmm' (with the sampler's residual detail unless ``detail`` is false) or
+    'auto' (gmm when the directory has a sampler).
 
     Image i is the same whatever ``n`` is: each batch draws from ``seed + batch index``.
     """
     from pathlib import Path
 
     from ray_galaxy.checkpoint import load_model_dir
-    from ray_galaxy.evaluate import sample_latents
+    from ray_galaxy.evaluate import generate
 
     md = load_model_dir(model_uri)
     outdir = Path(out)
@@ -84,8 +88,7 @@ def write_samples(model_uri: str, out: str, n: int, seed: int = 0, temperature: 
     written, all_images = [], []
     for start in range(0, n, batch):
         k = min(batch, n - start)
-        z = sample_latents(md, batch, seed + start // batch, sampler, temperature)[:k]
-        imgs = to_uint8(md.model.decode(z)).numpy()
+        imgs = to_uint8(generate(md, batch, seed + start // batch, sampler, temperature, detail, keep=k)).numpy()
         for j, img in enumerate(imgs):
             path = outdir / f"sample_{start + j:05d}.png"
             path.write_bytes(png_bytes(img))

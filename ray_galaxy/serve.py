@@ -590,8 +590,11 @@ class GalaxyAPI:
         return gmm, (None if gmm is not None else "the model directory has no sampler.pt")
 
     def latents(self, cfg: ModelConfig, n: int, seed: int, temperature: float,
-                sampler: str = "prior") -> np.ndarray:
+                sampler: str = "auto") -> np.ndarray:
         """(n, latent_dim) codes for ``seed`` from the prior or the model's GMM sampler."""
+        if sampler == "auto" and cfg != self.model_config:
+            sampler = "prior"  # mid-swap, rebuilt for the new model: its sampler is not loaded here
+        sampler = self.resolve_sampler(sampler)
         if sampler == "prior":
             return prior_latents(cfg, n, seed, temperature)
         if self.gmm is None:
@@ -602,6 +605,13 @@ class GalaxyAPI:
         from ray_galaxy.evaluate import gmm_latents
 
         return gmm_latents(self.gmm, n, seed, temperature).numpy()
+
+    def resolve_sampler(self, sampler: str) -> str:
+        """'auto' is the model's GMM sampler when it has one (its N(0, I) prior samples land in
+        holes of the latent space when the KL weight is small), else the prior."""
+        if sampler == "auto":
+            return "gmm" if self.gmm is not None else "prior"
+        return sampler
 
     def __serve_build_asgi_app__(self):
         return build_fastapi(self)
@@ -705,8 +715,9 @@ def build_fastapi(svc: GalaxyAPI):
     Temperature = Annotated[float, Field(ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)]
     LatentValue = Annotated[float, Field(ge=-MAX_ABS_LATENT, le=MAX_ABS_LATENT, allow_inf_nan=False)]
     Endpoint = Union[Seed, list[LatentValue]]
-    SamplerName = Literal["prior", "gmm"]
-    sampler_doc = "prior: N(0, T^2 I); gmm: the model's two-stage sampler (see /info samplers)"
+    SamplerName = Literal["auto", "prior", "gmm"]
+    sampler_doc = ("prior: N(0, T^2 I); gmm: the model's two-stage sampler (see /info samplers); "
+                   "auto (default): gmm when the model has one, else prior")
 
     class SampleRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -715,7 +726,7 @@ def build_fastapi(svc: GalaxyAPI):
         temperature: Temperature = Field(1.0, description="scale of the prior N(0, T^2 I)")
         format: Literal["grid", "zip", "npy"] = Field(
             "grid", description="grid: one PNG mosaic; zip: one PNG per galaxy; npy: (n, S, S, 3) uint8")
-        sampler: SamplerName = Field("prior", description=sampler_doc)
+        sampler: SamplerName = Field("auto", description=sampler_doc)
 
     class InterpolateRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -723,7 +734,7 @@ def build_fastapi(svc: GalaxyAPI):
         to: Endpoint = Field(..., description="a seed, or a latent vector")
         steps: int = Field(8, ge=2, le=MAX_INTERP_STEPS)
         temperature: Temperature = Field(1.0, description="prior scale for seed endpoints")
-        sampler: SamplerName = Field("prior", description="sampler of seed endpoints: " + sampler_doc)
+        sampler: SamplerName = Field("auto", description="sampler of seed endpoints: " + sampler_doc)
 
     class DecodeRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -783,7 +794,7 @@ def build_fastapi(svc: GalaxyAPI):
         request: Request,
         seed: Annotated[int, Query(ge=0, le=MAX_SEED)] = 0,
         temperature: Annotated[float, Query(ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)] = 1.0,
-        sampler: Annotated[SamplerName, Query(description=sampler_doc)] = "prior",
+        sampler: Annotated[SamplerName, Query(description=sampler_doc)] = "auto",
     ):
         only(request, ("seed", "temperature", "sampler"))
         images, version = await svc.run(lambda cfg: svc.latents(cfg, 1, seed, temperature, sampler))
@@ -877,12 +888,12 @@ def build_fastapi(svc: GalaxyAPI):
         request: Request,
         seed: Annotated[int, Query(ge=0, le=MAX_SEED)] = 0,
         temperature: Annotated[float, Query(ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)] = 1.0,
-        sampler: Annotated[SamplerName, Query(description=sampler_doc)] = "prior",
+        sampler: Annotated[SamplerName, Query(description=sampler_doc)] = "auto",
     ) -> dict[str, Any]:
         only(request, ("seed", "temperature", "sampler"))
         z = svc.latents(svc.model_config, 1, seed, temperature, sampler)[0]
         return {"z": [float(v) for v in z], "seed": seed, "temperature": temperature,
-                "sampler": sampler, "version": svc.version}
+                "sampler": svc.resolve_sampler(sampler), "version": svc.version}
 
     @app.post("/decode", response_class=Response, responses={200: png},
               summary="Decode one latent vector to a PNG galaxy")

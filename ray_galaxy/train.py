@@ -7,6 +7,7 @@ as a model directory. Workers run :func:`train_loop_per_worker`.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -23,6 +24,8 @@ from ray_galaxy.config import TrainConfig
 
 # Training-loop helpers are reused by Tune, which drives the same loop.
 VAL_METRIC = "val_loss"
+# The cosine schedule ends at this fraction of the peak learning rate.
+LR_FLOOR = 0.05
 
 
 def _log(msg: str) -> None:
@@ -123,6 +126,51 @@ def kl_weight_at(cfg: TrainConfig, epoch: int) -> float:
     return cfg.kl_weight * min(1.0, (epoch + 1) / (cfg.kl_warmup_epochs + 1))
 
 
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate of an epoch: constant, or a cosine from lr down to 5% of it at the last epoch
+    (Loshchilov & Hutter 2017, without restarts). Per epoch, so a resumed run continues the curve."""
+    if cfg.lr_schedule == "constant" or cfg.epochs <= 1:
+        return cfg.lr
+    t = epoch / (cfg.epochs - 1)
+    return cfg.lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+class GradGuard:
+    """Skips steps whose gradient is not finite and clips outliers (Seetharaman et al. 2020, AutoClip).
+
+    The clip threshold is ``multiple`` times the median norm of the last ``window`` steps, so it
+    follows the loss scale (the sigma-VAE's gradients grow as its sigma shrinks) and only cuts
+    spikes, e.g. the first-epoch blow-up of a large latent with KL weight 1. Under DDP the
+    gradients are already all-reduced, so every rank takes the same decision.
+    """
+
+    def __init__(self, multiple: float, window: int = 200, max_consecutive_skips: int = 25) -> None:
+        self.multiple, self.max_skips = multiple, max_consecutive_skips
+        self.norms: collections.deque[float] = collections.deque(maxlen=window)
+        self.clipped = self.skipped = self.consecutive = 0
+
+    def __call__(self, params: list) -> bool:
+        """Clip in place; False when the step must be skipped (non-finite gradient)."""
+        import torch
+
+        limit = float("inf")
+        if self.multiple > 0 and len(self.norms) >= 20:
+            limit = self.multiple * float(np.median(self.norms))
+        norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+        if not math.isfinite(norm):
+            self.skipped += 1
+            self.consecutive += 1
+            if self.consecutive >= self.max_skips:
+                raise FloatingPointError(
+                    f"{self.consecutive} training steps in a row had a non-finite loss or gradient; "
+                    "lower --lr or --kl-weight (the run resumes from its last checkpoint)")
+            return False
+        self.consecutive = 0
+        self.clipped += norm > limit
+        self.norms.append(norm)
+        return True
+
+
 def _to_images(batch: dict, device: Any) -> "torch.Tensor":
     import torch
 
@@ -221,6 +269,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
     model = ConvVAE(cfg.model_config())
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    guard = GradGuard(cfg.grad_clip)
     start_epoch, history = 0, []
     ckpt = ray.train.get_checkpoint()
     if ckpt:
@@ -255,6 +304,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         beta = kl_weight_at(cfg, epoch)
+        lr = lr_at(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        clipped0, skipped0 = guard.clipped, guard.skipped
         model.train()
         sums = [0.0, 0.0, 0.0, 0.0]  # n, loss, recon, kl
         for batch in train_shard.iter_torch_batches(
@@ -268,6 +321,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loss = (recon + beta * kl).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if not guard(list(model.parameters())):
+                optimizer.zero_grad(set_to_none=True)
+                continue
             optimizer.step()
             b = x.shape[0]
             sums[0] += b
@@ -286,6 +342,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "train_recon": sums[2] / n,
             "train_kl": sums[3] / n,
             "kl_weight_now": beta,
+            "lr_now": lr,
+            "steps_clipped": guard.clipped - clipped0,
+            "steps_skipped": guard.skipped - skipped0,
             "train_images": int(sums[0]),
             "workers": world,
             "worker_nodes": len(set(node_ids)),
@@ -392,6 +451,29 @@ def export_model(checkpoint: Any, latest: Any, model_dir: str, cfg: TrainConfig,
     return metrics
 
 
+def fit_sampler_into(model_dir: str, cfg: TrainConfig) -> dict[str, Any] | None:
+    """Fit the two-stage sampler (GMM + residual detail) of a fresh model directory and redraw
+    samples.png from it. A failure here is reported, never fatal: the trained model is kept and
+    ``jobs/fit_sampler.py`` can fit it later."""
+    from ray_galaxy import figures
+    from ray_galaxy.checkpoint import join, write_bytes
+    from ray_galaxy.evaluate import fit_gmm_sampler, generate
+    from ray_galaxy.model import to_uint8
+
+    t0 = time.time()
+    try:
+        meta = fit_gmm_sampler(model_dir, cfg.data, seed=cfg.seed, crop=cfg.crop)
+        grid = figures.grid(to_uint8(generate(model_dir, 64, cfg.seed, "gmm")).numpy())
+        write_bytes(join(model_dir, "samples.png"), figures.png_bytes(grid))
+    except Exception as e:  # noqa: BLE001 - the model directory is already complete
+        _log(f"warning: the sampler was not fitted ({type(e).__name__}: {e}); samples.png shows "
+             f"prior samples. Fit it later with: python jobs/fit_sampler.py --model {model_dir}")
+        return None
+    _log(f"sampler: {meta['components']}-component GMM on {meta['train_images']} training codes"
+         f"{' + residual detail' if meta['detail'] else ''} in {time.time() - t0:.1f}s; samples.png redrawn")
+    return meta
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Run a whole training job: data, Ray Train, export. Returns where the model went."""
     from ray_galaxy.checkpoint import join
@@ -418,6 +500,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     run_dir = join(storage_path(cfg.storage), cfg.name)
     model_dir = join(run_dir, "model")
     metrics = export_model(best, result.checkpoint, model_dir, cfg, stats.to_dict())
+    if cfg.fit_sampler:
+        fit_sampler_into(model_dir, cfg)
     b = metrics["best"]
     _log(f"best epoch {b['epoch']}: val loss {b[VAL_METRIC]:.1f}, {b['val_bpd']:.3f} bits/dim, "
          f"PSNR {b['val_psnr']:.2f} dB; total {fmt_seconds(time.time() - t0)}")

@@ -51,10 +51,18 @@ def expected_images(model, z) -> np.ndarray:
     return to_uint8(model.decode(z)).numpy()
 
 
-def expected_png(model, seed: int, temperature: float = 1.0) -> bytes:
+def default_latents(models, n: int, seed: int, temperature: float = 1.0):
+    """The codes a request without ``sampler`` decodes on model A: 'auto' is its GMM sampler."""
+    from ray_galaxy.evaluate import sample_latents
+
+    return sample_latents(models.a, n, seed, "auto", temperature)
+
+
+def expected_png(models, seed: int, temperature: float = 1.0) -> bytes:
+    """GET /sample?seed=...&temperature=... of model A (default sampler), decoded in this process."""
     from ray_galaxy.figures import png_bytes
 
-    return png_bytes(expected_images(model, model.prior_latents(1, seed, temperature))[0])
+    return png_bytes(expected_images(models.model_a, default_latents(models, 1, seed, temperature))[0])
 
 
 def pixels(png: bytes) -> np.ndarray:

@@ -131,7 +131,13 @@ def test_sampler_missing_fitted_reproducible_and_stale(tiny, tmp_path):
     assert meta["components"] == 3 and meta["train_data"] == str(tiny["train"])
     assert meta["train_images"] < 48  # the training split only, not the images held out by hash
     raw = torch.load(str(tmp_path / "model" / E.SAMPLER_FILE), weights_only=True)
-    assert set(raw) == {"weights", "means", "covariances"}
+    assert set(raw) == {"weights", "means", "covariances", "detail_variance_coef", "detail_mix", "detail_spectrum"}
+    assert meta["detail"]["k_min"] == 2  # 32 px: S/16
+    means = E.generate(uri, 6, seed=2, sampler="gmm", detail=False)
+    drawn, again = E.generate(uri, 6, seed=2, sampler="gmm"), E.generate(md, 6, seed=2, sampler="gmm")
+    torch.testing.assert_close(drawn, again)  # p(x|z) draws are reproducible by seed
+    assert (drawn - means).abs().mean() > 1e-3 and drawn.min() >= 0 and drawn.max() <= 1
+    torch.testing.assert_close(E.generate(uri, 6, seed=2, sampler="gmm", keep=2), drawn[:2])
     z1, z2 = E.sample_latents(uri, 50, seed=1, sampler="gmm"), E.sample_latents(md, 50, seed=1, sampler="gmm")
     torch.testing.assert_close(z1, z2)
     assert z1.shape == (50, 4) and torch.isfinite(z1).all()
@@ -184,7 +190,7 @@ def test_evaluate_job_end_to_end(tiny, tmp_path):
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert sorted(linked) == pngs
     assert {"samples.png", "traversal.png", "interpolations.png", "reconstructions.png", "morphology.png",
-            "power_spectrum.png", "training_curves.png", "nearest_neighbours.png"} <= set(pngs)
+            "power_spectrum.png", "training_curves.png", "nearest_neighbours.png", "samples_means.png"} <= set(pngs)
     m = json.loads((out / "metrics.json").read_text())
     for key in E.METRIC_KEYS:
         v = E.get_metric(m, key)
@@ -193,8 +199,12 @@ def test_evaluate_job_end_to_end(tiny, tmp_path):
     assert m["held_out"]["images"] == 24 and m["held_out"]["split"] == "all"
     assert m["train"]["split"] == "train" and m["sampler_meta"]["components"] == 3
     assert (Path(tiny["model"]) / E.SAMPLER_FILE).is_file()
-    for key in ("PSNR", "SSIM", "IWAE", "memorisation ratio", "M20", "Gini"):
+    for key in ("PSNR", "SSIM", "IWAE", "memorisation ratio", "M20", "Gini", "Residual detail"):
         assert key in report
+    assert m["detail"] is True and m["sampler_meta"]["detail"]["k_min"] == 2
+    assert np.isfinite(m["means_only"]["power_deficit_dex"])
+    # the detail adds structure-band power the means lack
+    assert m["sharpness"]["power_deficit_dex"] > m["means_only"]["power_deficit_dex"]
 
     # Without training data the memorisation check is skipped, and said to be.
     out2 = tmp_path / "eval2"

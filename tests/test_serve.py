@@ -26,7 +26,7 @@ import yaml
 
 from conftest import REPO, job_env
 from serving import (BODY_LIMIT, LATENT, MAX_BATCH, SIZE, SMALL, TOKEN, expected_images,
-                     expected_png, pixels, tile)
+                     expected_png, pixels, tile, default_latents)
 
 # Ray Serve's own models use a pydantic idiom deprecated in pydantic 2 (not ours to fix).
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")
@@ -69,18 +69,18 @@ def test_get_sample_is_byte_identical_by_seed(server, models):
     r2 = requests.get(server.url + "/sample?seed=7", timeout=30)
     assert r1.status_code == 200 and r1.headers["content-type"] == "image/png"
     assert r1.headers["x-model-version"] == requests.get(server.url + "/info", timeout=30).json()["version"]
-    assert r1.content == r2.content == expected_png(models.model_a, 7)
+    assert r1.content == r2.content == expected_png(models, 7)
     assert pixels(r1.content).shape == (SIZE, SIZE, 3)
     other = requests.get(server.url + "/sample?seed=8", timeout=30).content
     cool = requests.get(server.url + "/sample?seed=7&temperature=0.5", timeout=30).content
     assert other != r1.content and cool != r1.content
-    assert cool == expected_png(models.model_a, 7, 0.5)
+    assert cool == expected_png(models, 7, 0.5)
 
 
 def test_post_sample_grid_zip_npy(server, models):
     from ray_galaxy.figures import grid, png_bytes
 
-    want = expected_images(models.model_a, models.model_a.prior_latents(5, 3, 0.8))
+    want = expected_images(models.model_a, default_latents(models, 5, 3, 0.8))
     body = {"n": 5, "seed": 3, "temperature": 0.8}
     g = requests.post(server.url + "/sample", json=body, timeout=30)
     assert g.status_code == 200 and g.headers["content-type"] == "image/png"
@@ -99,7 +99,7 @@ def test_post_sample_grid_zip_npy(server, models):
     # still exactly what ConvVAE.sample(64, seed) gives in this process.
     big = requests.post(server.url + "/sample", json={"n": 64, "seed": 11, "format": "npy"}, timeout=60)
     arr = np.load(io.BytesIO(big.content))
-    np.testing.assert_array_equal(arr, expected_images(models.model_a, models.model_a.prior_latents(64, 11)))
+    np.testing.assert_array_equal(arr, expected_images(models.model_a, default_latents(models, 64, 11)))
 
 
 def test_interpolate_slerp_strip(server, models):
@@ -107,8 +107,8 @@ def test_interpolate_slerp_strip(server, models):
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     strip = pixels(r.content)
     assert strip.shape == (SIZE + 4, 5 * (SIZE + 2) + 2, 3)
-    assert np.array_equal(tile(strip, 0), pixels(expected_png(models.model_a, 1)))
-    assert np.array_equal(tile(strip, 4), pixels(expected_png(models.model_a, 2)))
+    assert np.array_equal(tile(strip, 0), pixels(expected_png(models, 1)))
+    assert np.array_equal(tile(strip, 4), pixels(expected_png(models, 2)))
     vec = requests.post(server.url + "/interpolate",
                         json={"from": [0.5, -1.0, 0.0, 2.0], "to": 4, "steps": 3, "temperature": 0.7}, timeout=30)
     assert vec.status_code == 200 and pixels(vec.content).shape[1] == 3 * (SIZE + 2) + 2
@@ -155,11 +155,11 @@ def test_traverse_around_a_center(server, models):
 def test_latent_and_decode(server, models):
     """The explorer's two calls: a seed's code, and any code decoded: together they equal GET /sample."""
     body = requests.get(server.url + "/latent", params={"seed": 7, "temperature": 0.5}, timeout=30).json()
-    assert body["sampler"] == "prior" and body["version"] == requests.get(server.url + "/info", timeout=30).json()["version"]
-    np.testing.assert_array_equal(np.float32(body["z"]), models.model_a.prior_latents(1, 7, 0.5)[0].numpy())
+    assert body["sampler"] == "gmm" and body["version"] == requests.get(server.url + "/info", timeout=30).json()["version"]
+    np.testing.assert_array_equal(np.float32(body["z"]), default_latents(models, 1, 7, 0.5)[0].numpy())
     png = requests.post(server.url + "/decode", json={"z": body["z"]}, timeout=30)
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
-    assert png.content == expected_png(models.model_a, 7, 0.5) == \
+    assert png.content == expected_png(models, 7, 0.5) == \
         requests.get(server.url + "/sample?seed=7&temperature=0.5", timeout=30).content
 
 
@@ -179,6 +179,11 @@ def test_gmm_sampler_is_served(server, models):
     many = requests.post(server.url + "/sample", json={"n": 3, "seed": 5, "temperature": 0.8, "sampler": "gmm"},
                          timeout=30)
     assert many.content == png_bytes(grid(expected_images(models.model_a, z)))
+    # No sampler given: 'auto' serves the GMM of a model that has one; 'prior' stays available.
+    assert requests.get(server.url + "/sample?seed=5&temperature=0.8", timeout=30).content == one.content
+    prior = requests.get(server.url + "/sample?seed=5&temperature=0.8&sampler=prior", timeout=30)
+    assert prior.content == png_bytes(expected_images(models.model_a, models.model_a.prior_latents(1, 5, 0.8))[0])
+    assert prior.content != one.content
 
 
 def test_explorer_files_are_served(server):
@@ -302,7 +307,7 @@ def test_32_concurrent_requests_all_succeed_and_batch(server, models):
     with ThreadPoolExecutor(32) as pool:
         responses = list(pool.map(lambda s: requests.get(server.url + f"/sample?seed={s}", timeout=60), seeds))
     assert [r.status_code for r in responses] == [200] * 32
-    assert [r.content for r in responses] == [expected_png(models.model_a, s) for s in seeds]
+    assert [r.content for r in responses] == [expected_png(models, s) for s in seeds]
     stats = serve.get_deployment_handle("Decoder", app_name="galaxy").stats.remote().result(timeout_s=30)
     assert stats["max_calls"] > 1, stats  # requests were decoded together
     assert stats["max_rows"] <= MAX_BATCH
@@ -494,7 +499,7 @@ def test_jobs_serve_end_to_end(tmp_path, models):
         assert requests.get(base + "/healthz", timeout=30).json() == {"status": "ok"}
         assert requests.get(base + "/sample?seed=3", timeout=30).status_code == 401
         r = requests.get(base + "/sample?seed=3", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
-        assert r.status_code == 200 and r.content == expected_png(models.model_a, 3)
+        assert r.status_code == 200 and r.content == expected_png(models, 3)
         page = requests.get(base + f"/?token={TOKEN}", timeout=30)  # follows the redirect with the cookie
         assert page.status_code == 200 and "latent explorer" in page.text
     finally:

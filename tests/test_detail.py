@@ -1,0 +1,79 @@
+"""The residual detail model: fitting recovers a known noise model; drawing is reproducible."""
+
+import numpy as np
+import pytest
+import torch
+
+from ray_galaxy import detail as D
+
+
+def _blobs(n: int, s: int = 32, seed: int = 0) -> np.ndarray:
+    """Smooth galaxies on a sky of 0.3 (far from the clip at 0): (n, s, s, 3) floats."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:s, :s] - (s - 1) / 2
+    out = []
+    for _ in range(n):
+        w = rng.uniform(2, 5)
+        g = np.exp(-(xx ** 2 + yy ** 2) / (2 * w ** 2))
+        out.append(0.3 + 0.5 * g[..., None] * np.array([1.0, 0.8, 0.6]))
+    return np.stack(out)
+
+
+def _model(s: int = 32, coef=(4e-4, 2e-3, 0.0)) -> dict:
+    ring = D._ring_index(s)
+    k = np.arange(ring.max() + 1, dtype=float)
+    spectrum = np.where(k >= D.k_min(s), 1.0 / (1 + (k / 6.0) ** 2), 0.0)
+    spectrum /= spectrum[ring].mean()  # unit variance per band
+    mix = np.linalg.cholesky(np.array([[1.0, 0.6, 0.3], [0.6, 1.0, 0.6], [0.3, 0.6, 1.0]]))
+    return {"variance_coef": np.array(coef), "mix": mix, "spectrum": spectrum}
+
+
+def test_fit_recovers_the_model_that_drew_the_residuals():
+    truth = _model()
+    means = _blobs(400)
+    mt = torch.from_numpy(means).permute(0, 3, 1, 2).float()
+    x = D.add_detail(mt, truth, seed=1).permute(0, 2, 3, 1).double().numpy()
+    fit = D.fit_detail(x, means)
+    np.testing.assert_allclose(fit["variance_coef"][0], truth["variance_coef"][0], rtol=0.1)
+    np.testing.assert_allclose(fit["variance_coef"][1], truth["variance_coef"][1], rtol=0.25)
+    np.testing.assert_allclose(fit["mix"] @ fit["mix"].T, truth["mix"] @ truth["mix"].T, atol=0.05)
+    band = slice(D.k_min(32), 16)
+    np.testing.assert_allclose(fit["spectrum"][band], truth["spectrum"][band], rtol=0.15)
+    assert np.all(fit["spectrum"][: D.k_min(32)] == 0)  # no shape-scale noise
+
+
+def test_fit_of_white_noise_is_flat_and_uncorrelated_across_bands():
+    rng = np.random.default_rng(0)
+    means = _blobs(200)
+    x = means + 0.02 * rng.standard_normal(means.shape)
+    fit = D.fit_detail(x, means)
+    np.testing.assert_allclose(fit["variance_coef"][0], 4e-4, rtol=0.05)
+    assert fit["variance_coef"][1:].sum() < 1e-4  # no dependence on the galaxy's light
+    np.testing.assert_allclose(fit["mix"] @ fit["mix"].T, np.eye(3), atol=0.03)
+    np.testing.assert_allclose(fit["spectrum"][2:20], 1.0, rtol=0.1)
+
+
+def test_residual_grows_with_the_galaxy_light():
+    means = torch.from_numpy(_blobs(50)).permute(0, 3, 1, 2).float()
+    x = D.add_detail(means, _model(coef=(1e-5, 5e-3, 0.0)), seed=0)
+    r = (x - means).abs().mean(1)  # (B, S, S)
+    centre, sky = r[:, 12:20, 12:20].mean(), r[:, :4, :4].mean()
+    assert centre > 3 * sky
+
+
+def test_draws_are_seeded_clipped_and_independent_of_batch_size():
+    means = torch.from_numpy(_blobs(8)).permute(0, 3, 1, 2).float()
+    m = _model(coef=(0.05, 0.0, 0.0))  # large enough to hit the [0, 1] clip
+    a, b = D.add_detail(means, m, seed=5), D.add_detail(means, m, seed=5)
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a, D.add_detail(means, m, seed=6))
+    torch.testing.assert_close(D.add_detail(means[:3], m, seed=5), a[:3])
+    assert a.min() >= 0 and a.max() <= 1 and a.shape == means.shape and a.dtype == torch.float32
+
+
+def test_size_mismatch_and_bad_shapes_are_clear_errors():
+    means = torch.from_numpy(_blobs(2, s=64)).permute(0, 3, 1, 2).float()
+    with pytest.raises(ValueError, match="another image size"):
+        D.add_detail(means, _model(s=32))
+    with pytest.raises(ValueError, match=r"\(N, S, S, 3\)"):
+        D.fit_detail(_blobs(3), _blobs(3)[..., :2])
