@@ -465,12 +465,13 @@ def detail_model(sampler: Mapping[str, Any] | None) -> dict[str, torch.Tensor] |
     return {k[len("detail_"):]: v for k, v in sampler.items() if k.startswith("detail_")}
 
 
-def generate(model_dir: ModelDir | str, n: int, seed: int = 0, sampler: str = "prior",
+def generate(model_dir: ModelDir | str, n: int, seed: int = 0, sampler: str = "auto",
              temperature: float = 1.0, detail: bool = True, batch_size: int = 256,
              keep: int | None = None) -> torch.Tensor:
     """n generated galaxies, (n, 3, S, S) floats in [0, 1]; the same seed gives the same images.
 
-    'prior' decodes N(0, I) codes; 'gmm' decodes the mixture's codes and, when the sampler has a
+    'prior' decodes N(0, I) codes; 'auto' (default) is 'gmm' when the directory has a sampler;
+    'gmm' decodes the mixture's codes and, when the sampler has a
     residual detail model and ``detail`` is true, draws from p(x | z) around the decoded mean
     (:func:`ray_galaxy.detail.add_detail`, noise seeded by ``seed``). Without it: the means.
     ``keep`` returns only the first images of the n (the same bytes, less decoding).
@@ -746,7 +747,12 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         save("samples_means.png", figures.grid(means[:64]), "Samples: decoder means",
              "The same 64 latent codes decoded to their means, without the residual detail.")
     dims = figures.most_active_dims(lik["kl_per_dim"], k=2)
-    if len(dims) == 2:
+    if cfg.sampler == "gmm" and model.config.latent_dim >= 2:
+        trav, (d0, d1) = figures.sampler_traversal(model, load_sampler(md))
+        save("traversal.png", trav, "Latent traversal",
+             f"Latent dims {d0} (down) and {d1} (across), the two that vary most over the training codes, "
+             "swept over +-2.5 standard deviations around the sampler's mean code.")
+    elif len(dims) == 2:
         save("traversal.png", figures.traversal(model, dims), "Latent traversal",
              f"Latent dims {dims[0]} (down) and {dims[1]} (across), the two with most KL on the held-out "
              "set, swept over -3..3 with the others at 0.")

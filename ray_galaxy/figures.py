@@ -56,6 +56,25 @@ def traversal(model: ConvVAE, dims: tuple[int, int], steps: int = 8, span: float
     return grid(to_uint8(model.decode(z)).numpy(), ncols=steps)
 
 
+def sampler_traversal(model: ConvVAE, gmm: dict, steps: int = 8, nsd: float = 2.5
+                      ) -> tuple[np.ndarray, tuple[int, int]]:
+    """The traversal figure for a model with a fitted sampler: around the mixture's mean code,
+    the two dims that vary most over the training codes, each swept over +-``nsd`` of its
+    standard deviation. (With a small KL weight the codes fill a region far narrower than
+    N(0, I): the prior's -3..3 sweep would decode mostly empty or broken frames.)"""
+    from ray_galaxy.evaluate import gmm_variance
+
+    sd = np.sqrt(gmm_variance(gmm))
+    w = gmm["weights"].double()
+    mean = (w[:, None] * gmm["means"].double()).sum(0).float()
+    d0, d1 = (int(i) for i in np.argsort(-sd, kind="stable")[:2])
+    t = torch.linspace(-nsd, nsd, steps)
+    z = mean.repeat(steps * steps, 1)
+    z[:, d0] = (mean[d0] + float(sd[d0]) * t).repeat_interleave(steps)
+    z[:, d1] = (mean[d1] + float(sd[d1]) * t).repeat(steps)
+    return grid(to_uint8(model.decode(z)).numpy(), ncols=steps), (d0, d1)
+
+
 def most_active_dims(kl_per_dim: list[float] | np.ndarray, k: int = 2) -> tuple[int, ...]:
     """Indices of the ``k`` latent dims carrying the most KL (the ones the model uses)."""
     order = np.argsort(-np.asarray(kl_per_dim, dtype=np.float64), kind="stable")

@@ -256,9 +256,9 @@ def slerp(z0: np.ndarray, z1: np.ndarray, steps: int) -> np.ndarray:
 # --------------------------------------------------------------------------- decoder deployment
 
 
-def _rows(items: list[np.ndarray]) -> int:
+def _rows(items: list[tuple[np.ndarray, int | None, int]]) -> int:
     """Batch size in latent rows (a call may carry several)."""
-    return sum(len(z) for z in items)
+    return sum(len(item[0]) for item in items)
 
 
 @serve.deployment(name=DECODER)
@@ -283,45 +283,78 @@ class Decoder:
         self.latent_dim = md.model_config.latent_dim
         self.image_size = md.model_config.image_size
         self.chunk_rows = config.decode_chunk_rows or (1 if device == "cpu" else config.max_batch_size)
+        self.detail = self._load_detail(config.model)
         self._decode_batch.set_max_batch_size(config.max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.stats_counts = {"batches": 0, "rows": 0, "calls": 0, "max_rows": 0, "max_calls": 0}
         logger.info("Decoder ready: model %s version %s on %s (max_batch_size %d)",
                     config.model, self.version, device, config.max_batch_size)
 
-    def _decode_now(self, z: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _load_detail(uri: str) -> dict[str, Any] | None:
+        """The residual detail model of the directory's sampler (None without one)."""
+        from ray_galaxy.evaluate import SamplerError, detail_model, load_sampler
+
+        try:
+            return detail_model(load_sampler(uri))
+        except (SamplerError, OSError, ValueError, KeyError) as e:
+            logger.warning("no residual detail for %s: %s", uri, e)
+            return None
+
+    def _decode_now(self, items: list[tuple[np.ndarray, int | None, int]]) -> list[np.ndarray]:
+        """Decode every item's rows in one pass (chunks of chunk_rows), then add each item's
+        residual detail: drawn from its own seed, skipping the ``offset`` rows of the request
+        that other calls decode, so a request gives the same bytes as ``evaluate.generate``."""
         import torch
 
+        from ray_galaxy.detail import add_detail
         from ray_galaxy.model import to_uint8
 
+        z = np.concatenate([item[0] for item in items])
         step = self.chunk_rows
-        return np.concatenate([to_uint8(self.model.decode(torch.from_numpy(z[i:i + step]))).numpy()
-                               for i in range(0, len(z), step)])
+        means = torch.cat([self.model.decode(torch.from_numpy(z[i:i + step])) for i in range(0, len(z), step)])
+        out, start = [], 0
+        for rows, noise_seed, offset in items:
+            m = means[start:start + len(rows)]
+            start += len(rows)
+            if noise_seed is not None and self.detail is not None:
+                pad = torch.zeros((offset, *m.shape[1:]), dtype=m.dtype)
+                m = add_detail(torch.cat([pad, m.cpu()]), self.detail, seed=noise_seed)[offset:]
+            out.append(to_uint8(m).numpy())
+        return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_rows)
-    async def _decode_batch(self, zs: list[np.ndarray]) -> list[np.ndarray]:
-        sizes = [len(z) for z in zs]
-        images = await asyncio.to_thread(self._decode_now, np.concatenate(zs))
+    async def _decode_batch(self, items: list[tuple[np.ndarray, int | None, int]]) -> list[np.ndarray]:
+        parts = await asyncio.to_thread(self._decode_now, items)
+        rows = sum(len(p) for p in parts)
         s = self.stats_counts
         s["batches"] += 1
-        s["rows"] += len(images)
-        s["calls"] += len(zs)
-        s["max_rows"] = max(s["max_rows"], len(images))
-        s["max_calls"] = max(s["max_calls"], len(zs))
-        return list(np.split(images, np.cumsum(sizes)[:-1]))
+        s["rows"] += rows
+        s["calls"] += len(items)
+        s["max_rows"] = max(s["max_rows"], rows)
+        s["max_calls"] = max(s["max_calls"], len(items))
+        return parts
 
     def _mismatch(self, what: str) -> dict[str, Any]:
         """Answer for input shaped for another model (only while a swap to a model with another
         latent_dim or image_size rolls out): the caller rebuilds its input for this model."""
         return {"mismatch": what, "model_config": self.model.config.to_dict(), "version": self.version}
 
-    async def decode(self, z: np.ndarray) -> dict[str, Any]:
-        """(k, latent_dim) float32 -> {"images": (k, S, S, 3) uint8, "version"}."""
+    async def decode(self, z: np.ndarray | dict[str, Any]) -> dict[str, Any]:
+        """(k, latent_dim) float32 -> {"images": (k, S, S, 3) uint8, "version"}: the means.
+
+        ``{"z": ..., "detail_seed": S, "offset": o}`` draws from p(x | z) with the sampler's residual
+        detail instead (rows o.. of a request seeded S); without a detail model, the means.
+        """
+        noise_seed, offset = None, 0
+        if isinstance(z, dict):
+            noise_seed, offset, z = z.get("detail_seed"), int(z.get("offset", 0)), z["z"]
         z = np.ascontiguousarray(z, dtype=np.float32)
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
             return self._mismatch(f"expected (k, {self.latent_dim}) latents, got {z.shape}")
         step = self.config.max_batch_size
-        parts = await asyncio.gather(*(self._decode_batch(z[i:i + step]) for i in range(0, len(z), step)))
+        parts = await asyncio.gather(*(self._decode_batch((z[i:i + step], noise_seed, offset + i))
+                                       for i in range(0, len(z), step)))
         return {"images": np.concatenate(parts), "version": self.version}
 
     async def reconstruct(self, image: np.ndarray) -> dict[str, Any]:
@@ -613,6 +646,14 @@ class GalaxyAPI:
             return "gmm" if self.gmm is not None else "prior"
         return sampler
 
+    def detail_seed(self, cfg: ModelConfig, sampler: str, detail: bool, seed: int) -> int | None:
+        """The noise seed of a /sample request's residual detail, None for decoder means: only
+        draws of this replica's model from its GMM sampler get detail (the decoder adds it when
+        its sampler has a detail model)."""
+        if not detail or cfg != self.model_config or self.resolve_sampler(sampler) != "gmm":
+            return None
+        return seed
+
     def __serve_build_asgi_app__(self):
         return build_fastapi(self)
 
@@ -633,15 +674,16 @@ class GalaxyAPI:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    async def run(self, build: Callable[[ModelConfig], np.ndarray], method: str = "decode"
-                  ) -> tuple[np.ndarray, str]:
+    async def run(self, build: Callable[[ModelConfig], np.ndarray], method: str = "decode",
+                  detail_seed: Callable[[ModelConfig], int | None] | None = None) -> tuple[np.ndarray, str]:
         """Decoder input built by ``build(model_config)`` -> (uint8 images, model version(s)).
 
         ``decode`` input (latent rows) goes in chunks of at most max_batch_size rows. While a swap
         to a model with another latent_dim or image_size rolls out, an old ingress replica may meet
         only new decoders (or the other way round): the decoder then answers with its model
         config and the input is rebuilt for that model, so the request is still served. One that
-        cannot be (a latent vector of the old length) gets 503 and Retry-After.
+        cannot be (a latent vector of the old length) gets 503 and Retry-After. ``detail_seed(cfg)``,
+        when given and not None, asks the decoder for draws with residual detail from that seed.
         """
         cfg = self.model_config
         data = build(cfg)  # validation errors (422) come from here, against this replica's model
@@ -650,8 +692,11 @@ class GalaxyAPI:
         while True:
             if method == "decode":
                 step = self.config.max_batch_size
-                outs = await asyncio.gather(*(self._call("decode", data[i:i + step], deadline)
-                                              for i in range(0, len(data), step)))
+                noise = detail_seed(cfg) if detail_seed else None
+                outs = await asyncio.gather(*(
+                    self._call("decode", data[i:i + step] if noise is None else
+                               {"z": data[i:i + step], "detail_seed": noise, "offset": i}, deadline)
+                    for i in range(0, len(data), step)))
             else:
                 outs = [await self._call(method, data, deadline)]
             mismatched = [o for o in outs if "mismatch" in o]
@@ -718,6 +763,8 @@ def build_fastapi(svc: GalaxyAPI):
     SamplerName = Literal["auto", "prior", "gmm"]
     sampler_doc = ("prior: N(0, T^2 I); gmm: the model's two-stage sampler (see /info samplers); "
                    "auto (default): gmm when the model has one, else prior")
+    detail_doc = ("with the gmm sampler: draw from p(x|z), the decoded mean plus the sampler's residual "
+                  "detail (seeded by seed); false: the decoder's mean")
 
     class SampleRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -727,6 +774,7 @@ def build_fastapi(svc: GalaxyAPI):
         format: Literal["grid", "zip", "npy"] = Field(
             "grid", description="grid: one PNG mosaic; zip: one PNG per galaxy; npy: (n, S, S, 3) uint8")
         sampler: SamplerName = Field("auto", description=sampler_doc)
+        detail: bool = Field(True, description=detail_doc)
 
     class InterpolateRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -795,9 +843,11 @@ def build_fastapi(svc: GalaxyAPI):
         seed: Annotated[int, Query(ge=0, le=MAX_SEED)] = 0,
         temperature: Annotated[float, Query(ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)] = 1.0,
         sampler: Annotated[SamplerName, Query(description=sampler_doc)] = "auto",
+        detail: Annotated[bool, Query(description=detail_doc)] = True,
     ):
-        only(request, ("seed", "temperature", "sampler"))
-        images, version = await svc.run(lambda cfg: svc.latents(cfg, 1, seed, temperature, sampler))
+        only(request, ("seed", "temperature", "sampler", "detail"))
+        images, version = await svc.run(lambda cfg: svc.latents(cfg, 1, seed, temperature, sampler),
+                                        detail_seed=lambda cfg: svc.detail_seed(cfg, sampler, detail, seed))
         return _png_response(png_bytes(images[0]), version)
 
     @app.post("/sample", response_class=Response,
@@ -806,7 +856,8 @@ def build_fastapi(svc: GalaxyAPI):
               summary="n galaxies as a PNG grid, a zip of PNGs, or a .npy array")
     async def sample_many(req: Annotated[SampleRequest, Body()]):
         images, version = await svc.run(
-            lambda cfg: svc.latents(cfg, req.n, req.seed, req.temperature, req.sampler))
+            lambda cfg: svc.latents(cfg, req.n, req.seed, req.temperature, req.sampler),
+            detail_seed=lambda cfg: svc.detail_seed(cfg, req.sampler, req.detail, req.seed))
         headers = {"X-Model-Version": version}
         if req.format == "grid":
             return _png_response(png_bytes(grid(images)), version)

@@ -453,24 +453,28 @@ def export_model(checkpoint: Any, latest: Any, model_dir: str, cfg: TrainConfig,
 
 def fit_sampler_into(model_dir: str, cfg: TrainConfig) -> dict[str, Any] | None:
     """Fit the two-stage sampler (GMM + residual detail) of a fresh model directory and redraw
-    samples.png from it. A failure here is reported, never fatal: the trained model is kept and
+    samples.png and traversal.png from it. A failure here is reported, never fatal: the trained model is kept and
     ``jobs/fit_sampler.py`` can fit it later."""
     from ray_galaxy import figures
-    from ray_galaxy.checkpoint import join, write_bytes
-    from ray_galaxy.evaluate import fit_gmm_sampler, generate
+    from ray_galaxy.checkpoint import join, load_model_dir, write_bytes
+    from ray_galaxy.evaluate import fit_gmm_sampler, generate, load_sampler
     from ray_galaxy.model import to_uint8
 
     t0 = time.time()
     try:
         meta = fit_gmm_sampler(model_dir, cfg.data, seed=cfg.seed, crop=cfg.crop)
-        grid = figures.grid(to_uint8(generate(model_dir, 64, cfg.seed, "gmm")).numpy())
+        md = load_model_dir(model_dir)
+        grid = figures.grid(to_uint8(generate(md, 64, cfg.seed, "gmm")).numpy())
         write_bytes(join(model_dir, "samples.png"), figures.png_bytes(grid))
+        trav, _ = figures.sampler_traversal(md.model, load_sampler(md))
+        write_bytes(join(model_dir, "traversal.png"), figures.png_bytes(trav))
     except Exception as e:  # noqa: BLE001 - the model directory is already complete
         _log(f"warning: the sampler was not fitted ({type(e).__name__}: {e}); samples.png shows "
              f"prior samples. Fit it later with: python jobs/fit_sampler.py --model {model_dir}")
         return None
     _log(f"sampler: {meta['components']}-component GMM on {meta['train_images']} training codes"
-         f"{' + residual detail' if meta['detail'] else ''} in {time.time() - t0:.1f}s; samples.png redrawn")
+         f"{' + residual detail' if meta['detail'] else ''} in {time.time() - t0:.1f}s; samples.png and "
+         "traversal.png redrawn from it")
     return meta
 
 

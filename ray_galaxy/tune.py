@@ -60,9 +60,9 @@ SWEEP_FIELDS = ("data", "storage", "name", "epochs", "num_workers", "use_gpu", "
                 "preset")
 
 DEFAULT_SEARCH_SPACE: dict[str, Any] = {
-    "latent_dim": {"choice": [4, 8, 16, 32]},
+    "latent_dim": {"choice": [16, 32, 64, 128]},
     "lr": {"loguniform": [3e-4, 3e-3]},
-    "kl_weight": {"loguniform": [0.5, 8.0]},
+    "kl_weight": {"loguniform": [0.05, 2.0]},
 }
 
 REPO = Path(__file__).resolve().parent.parent
@@ -559,6 +559,10 @@ def export_best(cfg: TuneConfig, base: TrainConfig, best: dict[str, Any], space:
                       "reduction_factor": cfg.reduction_factor, "max_t": cfg.epochs},
     }}
     export_model(checkpoint, result.checkpoint, model_dir, trial_cfg, data_stats, extra_config=extra)
+    if trial_cfg.fit_sampler:
+        from ray_galaxy.train import fit_sampler_into
+
+        fit_sampler_into(model_dir, trial_cfg)
     return model_dir
 
 

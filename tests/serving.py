@@ -58,11 +58,20 @@ def default_latents(models, n: int, seed: int, temperature: float = 1.0):
     return sample_latents(models.a, n, seed, "auto", temperature)
 
 
-def expected_png(models, seed: int, temperature: float = 1.0) -> bytes:
-    """GET /sample?seed=...&temperature=... of model A (default sampler), decoded in this process."""
+def default_images(models, n: int, seed: int, temperature: float = 1.0, detail: bool = True) -> np.ndarray:
+    """POST /sample {n, seed, temperature} of model A (default sampler 'auto' = its GMM, with the
+    residual detail unless ``detail`` is false), generated in this process like jobs/sample.py."""
+    from ray_galaxy.evaluate import generate
+    from ray_galaxy.model import to_uint8
+
+    return to_uint8(generate(models.a, n, seed, "auto", temperature, detail)).numpy()
+
+
+def expected_png(models, seed: int, temperature: float = 1.0, detail: bool = True) -> bytes:
+    """GET /sample?seed=...&temperature=... of model A, generated in this process."""
     from ray_galaxy.figures import png_bytes
 
-    return png_bytes(expected_images(models.model_a, default_latents(models, 1, seed, temperature))[0])
+    return png_bytes(default_images(models, 1, seed, temperature, detail)[0])
 
 
 def pixels(png: bytes) -> np.ndarray:

@@ -138,6 +138,14 @@ def test_sampler_missing_fitted_reproducible_and_stale(tiny, tmp_path):
     torch.testing.assert_close(drawn, again)  # p(x|z) draws are reproducible by seed
     assert (drawn - means).abs().mean() > 1e-3 and drawn.min() >= 0 and drawn.max() <= 1
     torch.testing.assert_close(E.generate(uri, 6, seed=2, sampler="gmm", keep=2), drawn[:2])
+    torch.testing.assert_close(E.generate(uri, 6, seed=2), drawn)  # 'auto' picks the sampler
+    # traversal around the sampler's codes: the two dims the training codes vary most along
+    from ray_galaxy import figures
+
+    gmm = E.load_sampler(uri)
+    img, dims = figures.sampler_traversal(md.model, gmm, steps=4)
+    assert dims == tuple(int(i) for i in np.argsort(-E.gmm_variance(gmm))[:2])
+    assert img.shape[0] == img.shape[1] and img.dtype == np.uint8
     z1, z2 = E.sample_latents(uri, 50, seed=1, sampler="gmm"), E.sample_latents(md, 50, seed=1, sampler="gmm")
     torch.testing.assert_close(z1, z2)
     assert z1.shape == (50, 4) and torch.isfinite(z1).all()

@@ -26,7 +26,7 @@ import yaml
 
 from conftest import REPO, job_env
 from serving import (BODY_LIMIT, LATENT, MAX_BATCH, SIZE, SMALL, TOKEN, expected_images,
-                     expected_png, pixels, tile, default_latents)
+                     expected_png, pixels, tile, default_latents, default_images)
 
 # Ray Serve's own models use a pydantic idiom deprecated in pydantic 2 (not ours to fix).
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")
@@ -80,7 +80,7 @@ def test_get_sample_is_byte_identical_by_seed(server, models):
 def test_post_sample_grid_zip_npy(server, models):
     from ray_galaxy.figures import grid, png_bytes
 
-    want = expected_images(models.model_a, default_latents(models, 5, 3, 0.8))
+    want = default_images(models, 5, 3, 0.8)
     body = {"n": 5, "seed": 3, "temperature": 0.8}
     g = requests.post(server.url + "/sample", json=body, timeout=30)
     assert g.status_code == 200 and g.headers["content-type"] == "image/png"
@@ -99,7 +99,7 @@ def test_post_sample_grid_zip_npy(server, models):
     # still exactly what ConvVAE.sample(64, seed) gives in this process.
     big = requests.post(server.url + "/sample", json={"n": 64, "seed": 11, "format": "npy"}, timeout=60)
     arr = np.load(io.BytesIO(big.content))
-    np.testing.assert_array_equal(arr, expected_images(models.model_a, default_latents(models, 64, 11)))
+    np.testing.assert_array_equal(arr, default_images(models, 64, 11))  # detail drawn across chunks
 
 
 def test_interpolate_slerp_strip(server, models):
@@ -107,8 +107,8 @@ def test_interpolate_slerp_strip(server, models):
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     strip = pixels(r.content)
     assert strip.shape == (SIZE + 4, 5 * (SIZE + 2) + 2, 3)
-    assert np.array_equal(tile(strip, 0), pixels(expected_png(models, 1)))
-    assert np.array_equal(tile(strip, 4), pixels(expected_png(models, 2)))
+    assert np.array_equal(tile(strip, 0), pixels(expected_png(models, 1, detail=False)))  # codes decode to means
+    assert np.array_equal(tile(strip, 4), pixels(expected_png(models, 2, detail=False)))
     vec = requests.post(server.url + "/interpolate",
                         json={"from": [0.5, -1.0, 0.0, 2.0], "to": 4, "steps": 3, "temperature": 0.7}, timeout=30)
     assert vec.status_code == 200 and pixels(vec.content).shape[1] == 3 * (SIZE + 2) + 2
@@ -159,8 +159,10 @@ def test_latent_and_decode(server, models):
     np.testing.assert_array_equal(np.float32(body["z"]), default_latents(models, 1, 7, 0.5)[0].numpy())
     png = requests.post(server.url + "/decode", json={"z": body["z"]}, timeout=30)
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
-    assert png.content == expected_png(models, 7, 0.5) == \
-        requests.get(server.url + "/sample?seed=7&temperature=0.5", timeout=30).content
+    assert png.content == expected_png(models, 7, 0.5, detail=False) == \
+        requests.get(server.url + "/sample?seed=7&temperature=0.5&detail=false", timeout=30).content
+    drawn = requests.get(server.url + "/sample?seed=7&temperature=0.5", timeout=30).content
+    assert drawn == expected_png(models, 7, 0.5) != png.content  # /sample adds the residual detail
 
 
 def test_gmm_sampler_is_served(server, models):
@@ -174,13 +176,16 @@ def test_gmm_sampler_is_served(server, models):
     z1 = sample_latents(models.a, 1, seed=5, sampler="gmm", temperature=0.8)
     latent = requests.get(server.url + "/latent?seed=5&temperature=0.8&sampler=gmm", timeout=30).json()["z"]
     np.testing.assert_array_equal(np.float32(latent), z1[0].numpy())
-    one = requests.get(server.url + "/sample?seed=5&temperature=0.8&sampler=gmm", timeout=30)
+    one = requests.get(server.url + "/sample?seed=5&temperature=0.8&sampler=gmm&detail=false", timeout=30)
     assert one.content == png_bytes(expected_images(models.model_a, z1)[0])
-    many = requests.post(server.url + "/sample", json={"n": 3, "seed": 5, "temperature": 0.8, "sampler": "gmm"},
-                         timeout=30)
+    many = requests.post(server.url + "/sample", json={"n": 3, "seed": 5, "temperature": 0.8, "sampler": "gmm",
+                                                       "detail": False}, timeout=30)
     assert many.content == png_bytes(grid(expected_images(models.model_a, z)))
+    drawn = requests.post(server.url + "/sample", json={"n": 3, "seed": 5, "temperature": 0.8, "sampler": "gmm"},
+                          timeout=30)
+    assert drawn.content == png_bytes(grid(default_images(models, 3, 5, 0.8))) != many.content
     # No sampler given: 'auto' serves the GMM of a model that has one; 'prior' stays available.
-    assert requests.get(server.url + "/sample?seed=5&temperature=0.8", timeout=30).content == one.content
+    assert requests.get(server.url + "/sample?seed=5&temperature=0.8&detail=0", timeout=30).content == one.content
     prior = requests.get(server.url + "/sample?seed=5&temperature=0.8&sampler=prior", timeout=30)
     assert prior.content == png_bytes(expected_images(models.model_a, models.model_a.prior_latents(1, 5, 0.8))[0])
     assert prior.content != one.content

@@ -47,6 +47,12 @@ def test_train_job_writes_a_complete_model_directory(trained):
     assert metrics["data"]["skipped"] == 0
     for line in ("epoch 1/4", "img/s", "ETA"):
         assert line in r.stdout
+    # the two-stage sampler is fitted into the directory and drew samples.png
+    sampler = json.loads((model_dir / "sampler.json").read_text())
+    assert sampler["train_images"] == total and sampler["detail"]["k_min"] == 2
+    assert "residual detail" in r.stderr + r.stdout and "samples.png and traversal.png redrawn" in r.stderr + r.stdout
+    assert all(h["steps_skipped"] == 0 and h["lr_now"] > 0 for h in hist)
+    assert hist[-1]["lr_now"] < hist[0]["lr_now"]  # cosine schedule
 
 
 def test_model_loads_with_weights_only_and_decodes(trained):
@@ -73,6 +79,16 @@ def test_sample_job_writes_deterministic_images(trained, tmp_path):
     names = [p.name for p in outs[0]]
     assert names == ["grid.png"] + [f"sample_{i:05d}.png" for i in range(5)]
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*outs))
+    # default 'auto' is the fitted sampler with its detail; --no-detail gives the decoder means
+    r = run_job(["jobs/sample.py", "--model", str(model_dir), "--n", "5", "--out", str(tmp_path / "m"),
+                 "--seed", "3", "--no-detail"])
+    assert r.returncode == 0, r.stderr
+    means = sorted((tmp_path / "m").iterdir())
+    assert [p.read_bytes() for p in means] != [p.read_bytes() for p in outs[0][1:]]
+    r = run_job(["jobs/sample.py", "--model", str(model_dir), "--n", "5", "--out", str(tmp_path / "g"),
+                 "--seed", "3", "--sampler", "gmm"])
+    assert r.returncode == 0 and [p.read_bytes() for p in sorted((tmp_path / "g").iterdir())] == \
+        [p.read_bytes() for p in outs[0][1:]]
 
 
 def test_sample_job_reports_a_missing_model_clearly(tmp_path):
