@@ -3,7 +3,7 @@
 Writes ``<out>/report.md``, ``<out>/metrics.json`` and the PNG figures the report links.
 Everything runs in this process on the CPU (no Ray): images are read and decoded directly.
 
-Metrics (see ``docs/notes-evaluate.md`` for the definitions and caveats):
+Metrics (README.md, section "Evaluate", gives the definitions and caveats):
 
 * **likelihood**: the negative ELBO with KL weight 1 and the importance-weighted bound
   (IWAE, Burda, Grosse & Salakhutdinov 2016) with K samples from q(z|x), both in bits/dim
@@ -879,7 +879,7 @@ def report_markdown(m: dict[str, Any], files: list[tuple[str, str, str]]) -> str
     lines += ["", "## Figures", ""]
     for name, title, caption in files:
         lines += [f"### {title}", "", f"![{title}]({name})", "", caption, ""]
-    lines += ["Definitions and caveats: `docs/notes-evaluate.md`.", ""]
+    lines += ["Definitions and caveats: the ray-galaxy README, section \"Evaluate\".", ""]
     return "\n".join(lines)
 
 

@@ -374,7 +374,7 @@ class Decoder:
             return mu.float().cpu().numpy()
 
         mu = await asyncio.to_thread(encode)
-        return {"images": await self._decode_batch(mu), "version": self.version}
+        return {"images": await self._decode_batch((mu, None, 0)), "version": self.version}
 
     def stats(self) -> dict[str, Any]:
         """Batching counters of this replica (for tests and benchmarks)."""

@@ -22,7 +22,7 @@ def test_cosine_schedule_starts_at_lr_and_ends_at_the_floor():
 def test_constant_schedule_and_seed_preset_keep_the_original_training():
     assert lr_at(TrainConfig(epochs=5, lr_schedule="constant", lr=3e-4), 4) == 3e-4
     seed = resolve(TrainConfig, None, {"preset": "seed"}, PRESETS)
-    assert seed.lr_schedule == "constant" and seed.grad_clip == 0
+    assert seed.lr_schedule == "constant" and not seed.fit_sampler and seed.grad_clip == TrainConfig().grad_clip
 
 
 @pytest.mark.parametrize("bad", [dict(lr_schedule="step"), dict(grad_clip=0.5), dict(grad_clip=-1)])
