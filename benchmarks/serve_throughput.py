@@ -1,7 +1,8 @@
 """Galaxies/s through Ray Serve over HTTP against the decoder called in-process, side by side.
 
-The same work on both sides: N single-galaxy requests ``GET /sample?seed=i`` (i = 0..N-1),
-each one decoded and PNG-encoded. In-process, the latents of those N requests are decoded with
+The same work on both sides: N single-galaxy requests ``GET /sample?seed=i&sampler=prior``
+(i = 0..N-1; the prior, so a model directory with a fitted sampler does not add its residual
+detail on one side only), each one decoded and PNG-encoded. In-process, the latents of those N requests are decoded with
 the same torch thread count as the Serve decoder replica, in batches of the size that is
 fastest here (swept first), and PNG-encoded; it runs right before and after each HTTP run and
 the mean is the baseline. Over HTTP, ``--concurrency`` client threads send the N requests and
@@ -45,7 +46,7 @@ def in_process(model, n: int, batch: int) -> dict:
     return {"galaxies_per_s": n / t_all, "decode_only_galaxies_per_s": n / t_decode}
 
 
-def http_throughput(url: str, n: int, concurrency: int, path: str = "/sample?seed={}") -> float:
+def http_throughput(url: str, n: int, concurrency: int, path: str = "/sample?seed={}&sampler=prior") -> float:
     import requests
 
     local = threading.local()
@@ -76,7 +77,7 @@ def http_bulk_throughput(url: str, n: int, per_request: int, concurrency: int) -
     def post(i: int) -> int:
         s = getattr(local, "s", None) or requests.Session()
         local.s = s
-        r = s.post(url + "/sample", json={"n": per_request, "seed": i, "format": "zip"}, timeout=300)
+        r = s.post(url + "/sample", json={"n": per_request, "seed": i, "format": "zip", "sampler": "prior"}, timeout=300)
         assert r.status_code == 200, r.text
         count = len(zipfile.ZipFile(io.BytesIO(r.content)).namelist())
         assert count == per_request
@@ -95,11 +96,11 @@ def http_latency(url: str, n: int) -> dict:
 
     s = requests.Session()
     for i in range(5):
-        s.get(f"{url}/sample?seed={i}", timeout=60)
+        s.get(f"{url}/sample?seed={i}&sampler=prior", timeout=60)
     lat = []
     for i in range(n):
         t0 = time.perf_counter()
-        r = s.get(f"{url}/sample?seed={10_000 + i}", timeout=60)
+        r = s.get(f"{url}/sample?seed={10_000 + i}&sampler=prior", timeout=60)
         lat.append(time.perf_counter() - t0)
         assert r.status_code == 200
     q = statistics.quantiles(lat, n=100, method="inclusive")
