@@ -119,11 +119,13 @@ def variance(lum: np.ndarray, coef: np.ndarray) -> np.ndarray:
 
 
 def add_detail(means: torch.Tensor, detail: Mapping[str, torch.Tensor | np.ndarray], seed: int = 0,
-               temperature: float = 1.0) -> torch.Tensor:
+               temperature: float = 1.0, offset: int = 0) -> torch.Tensor:
     """Draw x ~ p(x | z) given decoded means (B, 3, S, S) in [0, 1]; same seed, same images.
 
     The noise is drawn on the CPU in float64 from ``seed`` (independent of batch composition
     and device); the result is clipped to [0, 1]. ``temperature`` scales the residual.
+    ``offset``: these are rows offset.. of a larger draw from the same seed (Serve decodes a
+    request in chunks), so the noise of the rows before is drawn and dropped.
     """
     mu = means.detach().double().cpu().permute(0, 2, 3, 1).numpy()  # (B, S, S, 3)
     b, s = mu.shape[0], mu.shape[1]
@@ -135,7 +137,7 @@ def add_detail(means: torch.Tensor, detail: Mapping[str, torch.Tensor | np.ndarr
         raise ValueError(f"detail model was fitted at another image size (spectrum of {len(spectrum)} "
                          f"rings, images of {s} px)")
     g = np.random.default_rng(int(seed))
-    eps = g.standard_normal((b, s, s, 3))
+    eps = g.standard_normal((offset + b, s, s, 3))[offset:]
     v = np.fft.irfft2(np.fft.rfft2(eps, axes=(1, 2), norm="ortho") * np.sqrt(spectrum[ring])[None, :, :, None],
                       s=(s, s), axes=(1, 2), norm="ortho")
     u = np.einsum("ij,nhwj->nhwi", mix, v)

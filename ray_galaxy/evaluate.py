@@ -675,26 +675,30 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     _log(f"reconstruction: PSNR {rec['psnr']:.2f} dB, SSIM {rec['ssim']:.3f}")
 
     # Generated galaxies: draws from p(x | z) when the sampler has a detail model, else the means.
-    detail_used = cfg.sampler == "gmm" and cfg.detail and detail_model(load_sampler(md)) is not None
-    gen = to_uint8(generate(md, cfg.n, cfg.seed, cfg.sampler, cfg.temperature, detail_used)).numpy()
+    from ray_galaxy.detail import add_detail
+
+    detail = detail_model(load_sampler(md)) if cfg.sampler == "gmm" and cfg.detail else None
+    detail_used = detail is not None
+    means_f = generate(md, cfg.n, cfg.seed, cfg.sampler, cfg.temperature, detail=False)
+    gen = to_uint8(add_detail(means_f, detail, seed=cfg.seed) if detail_used else means_f).numpy()
+    m_real = morphology.measure_all(real)
+    k, p_real = morphology.radial_power_spectrum(morphology.luminance(real))
     means_only = None
     if detail_used:  # the same codes' decoder means, so the report shows what the detail adds
-        means = to_uint8(generate(md, cfg.n, cfg.seed, cfg.sampler, cfg.temperature, False)).numpy()
-        m_means = morphology.wasserstein_table(morphology.measure_all(real), morphology.measure_all(means),
-                                               cfg.seed)
-        k_, p_real_ = morphology.radial_power_spectrum(morphology.luminance(real))
+        means = to_uint8(means_f).numpy()
+        m_means = morphology.wasserstein_table(m_real, morphology.measure_all(means), cfg.seed)
         _, p_means = morphology.radial_power_spectrum(morphology.luminance(means))
         means_only = {
             "morphology_mean_distance": float(np.nanmean([v["distance"] for v in m_means.values()])),
-            "morphology_distance": {k: v["distance"] for k, v in m_means.items()},
-            "power_deficit_dex": morphology.power_deficit_dex(k_, p_means, p_real_, size),
+            "morphology_distance": {name: v["distance"] for name, v in m_means.items()},
+            "power_deficit_dex": morphology.power_deficit_dex(k, p_means, p_real, size),
             "memorisation_ratio": (memorisation(means, real, train)["ratio"] if train is not None else None),
         }
         _log(f"decoder means alone: morphology {means_only['morphology_mean_distance']:.3f}, structure-band "
              f"power {means_only['power_deficit_dex']:+.3f} dex")
 
     # Morphology.
-    m_real, m_gen = morphology.measure_all(real), morphology.measure_all(gen)
+    m_gen = morphology.measure_all(gen)
     table = morphology.wasserstein_table(m_real, m_gen, cfg.seed)
     dist = {k: v["distance"] for k, v in table.items()}
     floor = {k: v["floor"] for k, v in table.items()}
@@ -712,7 +716,6 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     _log(f"morphology: mean normalised distance {morph['mean_distance']:.3f} (floor {morph['mean_floor']:.3f})")
 
     # Sharpness.
-    k, p_real = morphology.radial_power_spectrum(morphology.luminance(real))
     _, p_gen = morphology.radial_power_spectrum(morphology.luminance(gen))
     _, p_rec = morphology.radial_power_spectrum(morphology.luminance(recon))  # the decoder's own blur
     halves = np.random.default_rng(cfg.seed).permutation(len(real))

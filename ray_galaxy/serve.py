@@ -318,8 +318,7 @@ class Decoder:
             m = means[start:start + len(rows)]
             start += len(rows)
             if noise_seed is not None and self.detail is not None:
-                pad = torch.zeros((offset, *m.shape[1:]), dtype=m.dtype)
-                m = add_detail(torch.cat([pad, m.cpu()]), self.detail, seed=noise_seed)[offset:]
+                m = add_detail(m, self.detail, seed=noise_seed, offset=offset)
             out.append(to_uint8(m).numpy())
         return out
 

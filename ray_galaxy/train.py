@@ -162,8 +162,9 @@ class GradGuard:
             self.consecutive += 1
             if self.consecutive >= self.max_skips:
                 raise FloatingPointError(
-                    f"{self.consecutive} training steps in a row had a non-finite loss or gradient; "
-                    "lower --lr or --kl-weight (the run resumes from its last checkpoint)")
+                    f"{self.consecutive} training steps in a row had a non-finite loss or gradient: "
+                    "the model has diverged. Lower --lr or --kl-weight, or keep --grad-clip on "
+                    "(Ray Train retries from the last checkpoint up to --max-failures times)")
             return False
         self.consecutive = 0
         self.clipped += norm > limit
@@ -453,8 +454,8 @@ def export_model(checkpoint: Any, latest: Any, model_dir: str, cfg: TrainConfig,
 
 def fit_sampler_into(model_dir: str, cfg: TrainConfig) -> dict[str, Any] | None:
     """Fit the two-stage sampler (GMM + residual detail) of a fresh model directory and redraw
-    samples.png and traversal.png from it. A failure here is reported, never fatal: the trained model is kept and
-    ``jobs/fit_sampler.py`` can fit it later."""
+    samples.png and traversal.png from it. A failure here is reported, never fatal: the trained
+    model is kept and ``jobs/fit_sampler.py`` can fit it later."""
     from ray_galaxy import figures
     from ray_galaxy.checkpoint import join, load_model_dir, write_bytes
     from ray_galaxy.evaluate import fit_gmm_sampler, generate, load_sampler
@@ -466,8 +467,9 @@ def fit_sampler_into(model_dir: str, cfg: TrainConfig) -> dict[str, Any] | None:
         md = load_model_dir(model_dir)
         grid = figures.grid(to_uint8(generate(md, 64, cfg.seed, "gmm")).numpy())
         write_bytes(join(model_dir, "samples.png"), figures.png_bytes(grid))
-        trav, _ = figures.sampler_traversal(md.model, load_sampler(md))
-        write_bytes(join(model_dir, "traversal.png"), figures.png_bytes(trav))
+        if md.model.config.latent_dim >= 2:
+            trav, _ = figures.sampler_traversal(md.model, load_sampler(md))
+            write_bytes(join(model_dir, "traversal.png"), figures.png_bytes(trav))
     except Exception as e:  # noqa: BLE001 - the model directory is already complete
         _log(f"warning: the sampler was not fitted ({type(e).__name__}: {e}); samples.png shows "
              f"prior samples. Fit it later with: python jobs/fit_sampler.py --model {model_dir}")

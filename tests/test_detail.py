@@ -68,6 +68,7 @@ def test_draws_are_seeded_clipped_and_independent_of_batch_size():
     torch.testing.assert_close(a, b)
     assert not torch.equal(a, D.add_detail(means, m, seed=6))
     torch.testing.assert_close(D.add_detail(means[:3], m, seed=5), a[:3])
+    torch.testing.assert_close(D.add_detail(means[3:], m, seed=5, offset=3), a[3:])  # a chunk of a request
     assert a.min() >= 0 and a.max() <= 1 and a.shape == means.shape and a.dtype == torch.float32
 
 

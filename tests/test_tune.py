@@ -229,6 +229,9 @@ def test_best_trial_is_published_as_a_model_directory(sweep):
     assert config["tune"]["config"]["search_space"]["lr"] == {"grid": [3e-3, 1e-3, 1e-5, 3e-6]}
     assert config["tune"]["best_val_bpd"] == pytest.approx(float(best["best_val_bpd"]))
     assert md.metrics["best"]["val_bpd"] == pytest.approx(float(best["best_val_bpd"]))
+    # the published model carries its fitted sampler, like a training job's
+    sampler = json.loads((run_dir / "model" / "sampler.json").read_text())
+    assert sampler["latent_dim"] == md.model.config.latent_dim and sampler["detail"] is not None
     images = md.model.sample(4, seed=1)
     assert images.shape == (4, 3, 32, 32) and torch.isfinite(images).all()
 
