@@ -65,3 +65,97 @@ def test_guard_skips_non_finite_steps_and_gives_up_after_too_many():
     with pytest.raises(FloatingPointError, match="non-finite"):
         g(_grads(float("nan")))
     assert g.skipped == 4
+
+
+# --------------------------------------------------------------------------- adversarial term
+
+from ray_galaxy.model import PatchDiscriminator  # noqa: E402
+from ray_galaxy.train import adversarial_term, critic_step  # noqa: E402
+
+
+@pytest.mark.parametrize("weight", [0.1, 1.0])
+def test_adversarial_gradient_is_the_asked_fraction_of_the_vae_gradient(weight):
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 32, 32)
+    out_a = torch.randn(4, 3, 32, 32, requires_grad=True)
+    fake = (torch.tanh(out_a) + 1) / 2
+    # A likelihood term of any scale: the adaptive weight must cancel the scale.
+    vae_loss = 1e4 * (fake - x).pow(2).sum((1, 2, 3)).mean()
+    critic = PatchDiscriminator().eval()  # eval: spectral norm's power iteration stays put
+    adv_loss, lam = adversarial_term(critic, [out_a], vae_loss, weight)
+    g_vae = torch.autograd.grad(vae_loss, out_a, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adv_loss, out_a, retain_graph=True)[0]
+    g_critic = torch.autograd.grad(-critic(fake).mean(), out_a)[0]  # what the decoder should follow
+    assert lam > 0
+    assert g_adv.norm().item() == pytest.approx(weight * g_vae.norm().item(), rel=1e-4)
+    cos = torch.nn.functional.cosine_similarity(g_adv.flatten(), g_critic.flatten(), dim=0)
+    assert cos.item() == pytest.approx(1.0, abs=1e-5)
+    assert g_adv.norm().item() == pytest.approx(lam * g_critic.norm().item(), rel=1e-4)
+
+
+def test_adversarial_term_survives_a_critic_with_a_vanishing_gradient():
+    out_a = torch.randn(2, 3, 32, 32, requires_grad=True)
+    fake = (torch.tanh(out_a) + 1) / 2
+    vae_loss = fake.sum()
+    critic = PatchDiscriminator()
+    for p in critic.parameters():  # a critic that says the same thing of every image
+        torch.nn.init.zeros_(p)
+    adv_loss, lam = adversarial_term(critic, [out_a], vae_loss, 0.5)
+    assert lam == 0.0
+    (vae_loss + adv_loss).backward()
+    assert torch.isfinite(out_a.grad).all()
+
+
+def test_every_decoded_output_gets_the_same_adversarial_gradient_norm():
+    torch.manual_seed(1)
+    x = torch.rand(4, 3, 32, 32)
+    recon_a = torch.randn(4, 3, 32, 32, requires_grad=True)
+    mix_a = torch.randn(4, 3, 32, 32, requires_grad=True)  # decodes of codes with no target image
+    vae_loss = 50 * ((torch.tanh(recon_a) + 1) / 2 - x).pow(2).sum()
+    adv_loss, _ = adversarial_term(PatchDiscriminator().eval(), [recon_a, mix_a], vae_loss, 0.3)
+    g_vae = torch.autograd.grad(vae_loss, recon_a, retain_graph=True)[0]
+    g_recon, g_mix = torch.autograd.grad(adv_loss, [recon_a, mix_a])
+    assert g_recon.norm().item() == pytest.approx(0.3 * g_vae.norm().item(), rel=1e-4)
+    assert g_mix.norm().item() == pytest.approx(0.3 * g_vae.norm().item(), rel=1e-4)
+
+
+def test_interpolated_codes_lie_between_neighbours_in_the_batch():
+    from ray_galaxy.train import interpolated_codes
+
+    mu = torch.randn(8, 5)
+    z = interpolated_codes(mu, torch.Generator().manual_seed(0))
+    other = mu.roll(1, dims=0)
+    a = (z - other) / (mu - other)  # the same mixing weight in every dimension of a row
+    assert torch.allclose(a, a[:, :1].expand_as(a), atol=1e-4)
+    assert ((a[:, 0] >= 0) & (a[:, 0] <= 1)).all() and a[:, 0].std() > 0.05
+
+
+def test_critic_learns_to_tell_sharp_images_from_blurred_ones():
+    torch.manual_seed(0)
+    real = (torch.rand(16, 3, 32, 32) > 0.9).float()  # sharp point sources
+    fake = torch.nn.functional.avg_pool2d(real, 5, stride=1, padding=2)  # the same, blurred
+    critic = PatchDiscriminator()
+    opt = torch.optim.Adam(critic.parameters(), lr=2e-3, betas=(0.5, 0.9))
+    first = critic_step(critic, opt, real, fake)
+    for _ in range(30):
+        last = critic_step(critic, opt, real, fake)
+    assert last < first
+    with torch.no_grad():
+        assert critic(real).mean() > critic(fake).mean()
+
+
+def test_adversarial_weight_is_off_then_ramps_up():
+    from ray_galaxy.train import ADV_RAMP_EPOCHS, adv_weight_at
+
+    cfg = TrainConfig(adv_weight=0.6, adv_start_epoch=4)
+    w = [adv_weight_at(cfg, e) for e in range(4 + ADV_RAMP_EPOCHS + 3)]
+    assert w[:4] == [0.0] * 4
+    assert 0 < w[4] < w[5] < 0.6 and w[-1] == pytest.approx(0.6)
+    assert adv_weight_at(TrainConfig(), 50) == 0.0  # off by default
+
+
+def test_adversarial_settings_are_checked():
+    with pytest.raises(ConfigError, match="adv_weight"):
+        TrainConfig(adv_weight=-0.1)
+    with pytest.raises(ConfigError, match="adv_start_epoch"):
+        TrainConfig(adv_start_epoch=-1)
