@@ -112,18 +112,12 @@ def unwrap(model: torch.nn.Module) -> ConvVAE:
 
 
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], extra: dict[str, dict] | None = None) -> None:
-    """Write a training checkpoint into a local directory (state.json last).
-
-    ``extra``: further state dicts saved as ``<name>.pt`` (the adversarial critic and its
-    optimizer), read back with :func:`load_checkpoint_extra`.
-    """
+                    state: dict[str, Any]) -> None:
+    """Write a training checkpoint into a local directory (state.json last)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     torch.save(unwrap(model).state_dict(), d / MODEL_FILE)
     torch.save(optimizer.state_dict(), d / OPTIMIZER_FILE)
-    for name, sd in (extra or {}).items():
-        torch.save(sd, d / f"{name}.pt")
     tmp = d / (STATE_FILE + ".tmp")
     tmp.write_text(json.dumps(state, indent=1))
     tmp.rename(d / STATE_FILE)
@@ -137,12 +131,6 @@ def load_checkpoint(directory: str | Path) -> tuple[dict, dict, dict[str, Any]]:
     model_sd = _load_tensors((d / MODEL_FILE).read_bytes(), str(d / MODEL_FILE))
     opt_sd = _load_tensors((d / OPTIMIZER_FILE).read_bytes(), str(d / OPTIMIZER_FILE))
     return model_sd, opt_sd, json.loads((d / STATE_FILE).read_text())
-
-
-def load_checkpoint_extra(directory: str | Path, name: str) -> dict | None:
-    """A state dict saved by :func:`save_checkpoint`'s ``extra``; None if the checkpoint has none."""
-    p = Path(directory) / f"{name}.pt"
-    return _load_tensors(p.read_bytes(), str(p)) if p.is_file() else None
 
 
 # --------------------------------------------------------------------------- model directory

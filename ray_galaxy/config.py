@@ -95,16 +95,6 @@ class TrainConfig:
     kl_weight: float = _h("Weight (beta) of the KL term.", default=0.1)
     kl_warmup_epochs: int = _h("Epochs over which the KL weight ramps linearly from 0.", default=5)
     likelihood: str = _h("Reconstruction likelihood: 'gaussian' (learned sigma) or 'bce'.", default="gaussian")
-    adv_weight: float = _h("Weight of an adversarial (PatchGAN, hinge) term on the reconstructions, "
-                           "relative to the reconstruction term's gradient at the decoder's last layer "
-                           "(VQGAN's adaptive weight); sharpens texture the mean cannot carry. 0 = off.",
-                           default=0.0)
-    adv_start_epoch: int = _h("Epoch (0-based) from which the adversarial term is on; the critic trains "
-                              "from the same epoch.", default=10)
-    adv_interpolations: bool = _h("With adv_weight: also show the critic decodes of random mixes of "
-                                  "the batch's codes (ACAI, Berthelot et al. 2019), so codes between "
-                                  "training galaxies, where the two-stage sampler draws, decode to "
-                                  "realistic galaxies.", default=False)
     fit_sampler: bool = _h("After training, fit the two-stage sampler (a Gaussian mixture on the training "
                            "codes plus the residual detail model) into the model directory; samples.png "
                            "then shows its draws instead of N(0, I) decodes.", default=True)
@@ -145,9 +135,6 @@ class TrainConfig:
         if self.grad_clip < 0 or (0 < self.grad_clip < 1):
             raise ConfigError(f"grad_clip must be 0 (off) or >= 1 (a multiple of the median norm), "
                               f"got {self.grad_clip}")
-        if self.adv_weight < 0 or self.adv_start_epoch < 0:
-            raise ConfigError(f"adv_weight and adv_start_epoch must be >= 0, got {self.adv_weight} "
-                              f"and {self.adv_start_epoch}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         self.model_config()  # validates the model fields too

@@ -793,11 +793,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         charts = [plots.line_chart(series("train_loss", "val_loss"), "loss", "epoch"),
                   plots.line_chart(series("val_bpd"), "validation bits/dim", "epoch"),
                   plots.line_chart(series("val_psnr"), "validation PSNR (dB)", "epoch")]
-        if any("critic_loss" in h for h in hist):  # trained with the adversarial term
-            charts.append(plots.line_chart(series("critic_loss"), "critic hinge loss (2: chance)", "epoch"))
-        save("training_curves.png", plots.panels(charts, ncols=len(charts), size=(380, 270)), "Training curves",
-             "Per-epoch history from metrics.json (loss uses the configured KL weight and warm-up; it "
-             "leaves out the adversarial term).")
+        save("training_curves.png", plots.panels(charts, ncols=3, size=(380, 270)), "Training curves",
+             "Per-epoch history from metrics.json (loss uses the configured KL weight and warm-up).")
 
     metrics = {
         "format": 1, "model": cfg.model, "data": cfg.data, "held_out": real_info,

@@ -217,34 +217,6 @@ class ConvVAE(nn.Module):
         return self.decode(mu)
 
 
-class PatchDiscriminator(nn.Module):
-    """PatchGAN critic (Isola et al. 2017, pix2pix) used only while training with ``adv_weight``.
-
-    Three stride-2 4x4 convolutions and a 3x3 head give one real/fake logit per overlapping
-    patch (about 22 px of receptive field at 64 px input), so it judges local texture and
-    sharpness (arms, knots, edges), not the layout the latent code already fixes. Spectral
-    normalisation (Miyato et al. 2018) of the hidden layers keeps a small-data GAN stable.
-    It never goes into the model directory: sampling needs only the decoder.
-    """
-
-    def __init__(self, channels: tuple[int, ...] = (32, 64, 128)) -> None:
-        super().__init__()
-        sn = nn.utils.parametrizations.spectral_norm
-        layers: list[nn.Module] = []
-        c_in = 3
-        for c in channels:  # (B, c_in, s, s) -> (B, c, s/2, s/2)
-            layers += [sn(nn.Conv2d(c_in, c, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
-            c_in = c
-        # The head is left unnormalised: with every layer 1-Lipschitz the logits of a blurred and
-        # a sharp galaxy differ by far less than the hinge margin and the critic sits at chance.
-        layers.append(nn.Conv2d(c_in, 1, 3, padding=1))  # (B, 1, S/8, S/8) patch logits
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) in [0, 1] -> (B, 1, S/8, S/8) logits (high: looks real)."""
-        return self.net(x * 2 - 1)
-
-
 def build_model(config: ModelConfig) -> ConvVAE:
     """Construct a :class:`ConvVAE` from its config."""
     return ConvVAE(config)

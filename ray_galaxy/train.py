@@ -126,17 +126,6 @@ def kl_weight_at(cfg: TrainConfig, epoch: int) -> float:
     return cfg.kl_weight * min(1.0, (epoch + 1) / (cfg.kl_warmup_epochs + 1))
 
 
-ADV_RAMP_EPOCHS = 5
-
-
-def adv_weight_at(cfg: TrainConfig, epoch: int) -> float:
-    """Adversarial weight of an epoch: 0 before adv_start_epoch, then a linear ramp to adv_weight
-    over ADV_RAMP_EPOCHS, so the decoder does not follow a critic that has not learnt yet."""
-    if cfg.adv_weight <= 0 or epoch < cfg.adv_start_epoch:
-        return 0.0
-    return cfg.adv_weight * min(1.0, (epoch - cfg.adv_start_epoch + 1) / (ADV_RAMP_EPOCHS + 1))
-
-
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
     """Learning rate of an epoch: constant, or a cosine from lr down to 5% of it at the last epoch
     (Loshchilov & Hutter 2017, without restarts). Per epoch, so a resumed run continues the curve."""
@@ -181,66 +170,6 @@ class GradGuard:
         self.clipped += norm > limit
         self.norms.append(norm)
         return True
-
-
-def adversarial_term(critic: Any, outs: "list[torch.Tensor]", vae_loss: "torch.Tensor",
-                     weight: float) -> tuple["torch.Tensor", float]:
-    """(surrogate loss, lambda): the adversarial term for decoder outputs ``outs`` (pre-tanh,
-    each (B, 3, S, S)); ``outs[0]`` is the reconstruction, any others decode other codes.
-
-    The generator loss is -mean critic logit (hinge GAN, Lim & Ye 2017) of each output's image,
-    weighted VQGAN's adaptive way (Esser et al. 2021, eq. 7): ``lambda = weight * |grad L_vae|
-    / |grad L_gan|``, the gradients taken at the decoder's output (pre-tanh), so ``weight``
-    means the same whatever the likelihood's scale (the sigma-VAE's 1/sigma^2 grows as it
-    trains). Every output gets the same gradient norm, ``weight * |grad L_vae|`` at ``outs[0]``.
-
-    The returned surrogate ``sum(out * g)`` has exactly ``lambda * grad L_gan`` as its
-    gradient at each output, with ``g`` computed here and detached: the backward pass never
-    goes through the critic again with lambda in it (lambda reaches 1e5..1e6 against a fresh
-    critic, which overflowed float32 inside the critic's backward and made every gradient
-    NaN), it is cheaper, and no parameter gradient is produced here (DDP's reducer sees one
-    backward). A critic whose gradient vanishes or is not finite contributes nothing.
-    """
-    import torch
-
-    n_vae = float(torch.autograd.grad(vae_loss, outs[0], retain_graph=True)[0].norm())
-    surrogate, lam0 = outs[0].sum() * 0.0, 0.0
-    for i, out in enumerate(outs):
-        g_loss = -critic((torch.tanh(out.float()) + 1) / 2).mean()
-        g_adv = torch.autograd.grad(g_loss, out, retain_graph=True)[0]
-        n_adv = float(g_adv.norm())
-        if not (n_adv > 0 and math.isfinite(n_adv) and math.isfinite(n_vae)):
-            continue
-        g = (g_adv / n_adv) * (weight * n_vae)  # normalise first: lambda itself may not fit float32
-        surrogate = surrogate + (out * g.detach()).sum()
-        if i == 0:
-            lam0 = weight * n_vae / n_adv
-    return surrogate, lam0
-
-
-def interpolated_codes(mu: "torch.Tensor", generator: Any = None) -> "torch.Tensor":
-    """Codes between the batch's posterior means: ``a mu_i + (1 - a) mu_j``, j the next image
-    in the batch, a ~ U(0, 1) per image (ACAI, Berthelot et al. 2019, mixes with a in [0, 0.5]:
-    the same set up to which end is named first). (B, D) -> (B, D)."""
-    import torch
-
-    a = torch.rand(mu.shape[0], 1, generator=generator).to(mu.device, mu.dtype)
-    return a * mu + (1 - a) * mu.roll(1, dims=0)
-
-
-def critic_step(critic: Any, optimizer: Any, real: "torch.Tensor", fake: "torch.Tensor") -> float:
-    """One hinge-loss step of the critic on real images and detached generated ones; its loss."""
-    import torch
-    import torch.nn.functional as F
-
-    # One forward over both: DDP expects one forward per backward.
-    logits = critic(torch.cat([real, fake]))
-    d_real, d_fake = logits[: len(real)], logits[len(real):]
-    loss = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
 
 
 def _to_images(batch: dict, device: Any) -> "torch.Tensor":
@@ -316,7 +245,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
     from ray.train.torch import get_device, prepare_model
 
-    from ray_galaxy.checkpoint import load_checkpoint, load_checkpoint_extra, save_checkpoint
+    from ray_galaxy.checkpoint import load_checkpoint, save_checkpoint
     from ray_galaxy.config import TrainConfig
     from ray_galaxy.data import augment_d4
     from ray_galaxy.model import ConvVAE
@@ -359,21 +288,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _log(f"resuming from checkpoint after epoch {state['epoch'] + 1}")
     model = prepare_model(model)
     net = model.module if hasattr(model, "module") else model
-    critic = critic_opt = critic_net = None
-    if cfg.adv_weight > 0:
-        from ray_galaxy.model import PatchDiscriminator
-
-        critic_net = PatchDiscriminator()
-        # Adam with beta1 0.5, as usual for GAN critics (Radford et al. 2016).
-        critic_opt = torch.optim.Adam(critic_net.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
-        if ckpt:
-            with ckpt.as_directory() as d:
-                c_sd, c_opt_sd = load_checkpoint_extra(d, "critic"), load_checkpoint_extra(d, "critic_optimizer")
-            if c_sd is not None:
-                critic_net.load_state_dict(c_sd)
-                critic_opt.load_state_dict(c_opt_sd)
-        critic = prepare_model(critic_net)
-        critic_net = critic.module if hasattr(critic, "module") else critic
 
     # Where each rank runs, recorded with the metrics (placement is part of what a run did).
     node_ids = [ray.get_runtime_context().get_node_id()]
@@ -396,9 +310,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             group["lr"] = lr
         clipped0, skipped0 = guard.clipped, guard.skipped
         model.train()
-        adv_on = critic is not None and epoch >= cfg.adv_start_epoch
-        adv_w = adv_weight_at(cfg, epoch)
-        sums = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # n, loss, recon, kl, critic loss, adv weight, steps
+        sums = [0.0, 0.0, 0.0, 0.0]  # n, loss, recon, kl
         for batch in train_shard.iter_torch_batches(
                 batch_size=per_worker_batch, drop_last=False, local_shuffle_buffer_size=4 * per_worker_batch,
                 local_shuffle_seed=cfg.seed + epoch * 101 + rank):
@@ -407,15 +319,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 out_a, mu, logvar = model(x)
             recon = net.recon_nll(out_a, x)
             kl = net.kl(mu, logvar)
-            loss = vae_loss = (recon + beta * kl).mean()
-            if adv_on:
-                outs = [out_a]
-                if cfg.adv_interpolations:  # decoded codes between this batch's galaxies
-                    with autocast():
-                        outs.append(net.decode_logits(interpolated_codes(mu.detach(), gen)))
-                adv_loss, lam = adversarial_term(critic_net, outs, vae_loss, adv_w)
-                loss = vae_loss + adv_loss
-                fake = torch.cat([(torch.tanh(o.detach().float()) + 1) / 2 for o in outs])  # (kB, 3, S, S)
+            loss = (recon + beta * kl).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if not guard(list(model.parameters())):
@@ -423,12 +327,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 continue
             optimizer.step()
             b = x.shape[0]
-            if adv_on:
-                sums[4] += critic_step(critic, critic_opt, x, fake) * b
-                sums[5] += lam * b
-                sums[6] += b
             sums[0] += b
-            sums[1] += vae_loss.item() * b
+            sums[1] += loss.item() * b
             sums[2] += recon.sum().item()
             sums[3] += kl.sum().item()
         train_seconds = time.time() - t0
@@ -452,8 +352,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "images_per_s": sums[0] / max(train_seconds, 1e-9),
             "epoch_seconds": epoch_seconds,
             "decoder_sigma": float(net.log_sigma.clamp(min=-6).exp()),
-            **({"critic_loss": sums[4] / max(sums[6], 1.0), "adv_lambda": sums[5] / max(sums[6], 1.0)}
-               if critic is not None else {}),
             **val,
         }
         metrics_state = {**metrics, "worker_node_ids": node_ids}
@@ -469,9 +367,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, model, optimizer, {
                     "epoch": epoch, "history": history, "metrics": metrics_state,
-                    "model_config": cfg.model_config().to_dict(), "config": cfg.to_dict()},
-                    extra=None if critic is None else {"critic": critic_net.state_dict(),
-                                                       "critic_optimizer": critic_opt.state_dict()})
+                    "model_config": cfg.model_config().to_dict(), "config": cfg.to_dict()})
                 ray.train.report(reported, checkpoint=Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
         else:
@@ -517,15 +413,6 @@ def make_trainer(cfg: TrainConfig, train_ds: Any, val_ds: Any, extra_loop_config
         run_config=run_config,
         datasets={"train": train_ds.randomize_block_order(), "val": val_ds},
     )
-
-
-def export_checkpoint(result: Any, cfg: TrainConfig, metric: str = VAL_METRIC, mode: str = "min") -> Any:
-    """The checkpoint a run exports: the best by validation loss, or with the adversarial term on
-    the latest (the likelihood no longer measures what that term trains for: sharper decodes
-    score a worse Gaussian likelihood)."""
-    if cfg.adv_weight > 0:
-        return result.checkpoint
-    return result.get_best_checkpoint(metric=metric, mode=mode) or result.checkpoint
 
 
 def export_model(checkpoint: Any, latest: Any, model_dir: str, cfg: TrainConfig,
@@ -613,7 +500,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - give one clear line, keep the cause chained
         raise RuntimeError(f"training run {cfg.name!r} failed: {type(e).__name__}: {e}") from e
-    best = export_checkpoint(result, cfg)
+    best = result.get_best_checkpoint(metric=VAL_METRIC, mode="min") or result.checkpoint
     if best is None:
         raise RuntimeError(f"training run {cfg.name!r} produced no checkpoint")
     run_dir = join(storage_path(cfg.storage), cfg.name)

@@ -540,15 +540,15 @@ def export_best(cfg: TuneConfig, base: TrainConfig, best: dict[str, Any], space:
                 run_dir: str) -> str:
     """Export the best trial's best checkpoint as ``<run_dir>/model``; returns its URI."""
     from ray_galaxy.checkpoint import join
-    from ray_galaxy.train import export_checkpoint, export_model
+    from ray_galaxy.train import export_model
 
     trial_id = best["trial_id"]
     train_run = join(trials_storage(cfg), trial_id)
     result = _train_result(train_run)
-    trial_cfg = trial_train_config(base, results_params, name=trial_id)
-    checkpoint = export_checkpoint(result, trial_cfg, TUNE_METRIC, TUNE_MODE)
+    checkpoint = result.get_best_checkpoint(metric=TUNE_METRIC, mode=TUNE_MODE) or result.checkpoint
     if checkpoint is None:
         raise RuntimeError(f"best trial {trial_id} left no checkpoint in {train_run}")
+    trial_cfg = trial_train_config(base, results_params, name=trial_id)
     model_dir = join(run_dir, "model")
     extra = {"tune": {
         "sweep": cfg.name, "trial_id": trial_id, "train_run": train_run,

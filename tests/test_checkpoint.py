@@ -53,26 +53,3 @@ def test_weights_that_do_not_match_the_config_are_named(tmp_path):
     open(os.path.join(d, "config.json"), "w").write(json.dumps(cfg))
     with pytest.raises(ModelDirError, match="do not match config.json"):
         load_model_dir(d)
-
-
-def test_checkpoint_carries_the_critic_for_resuming(tmp_path):
-    from ray_galaxy.checkpoint import load_checkpoint, load_checkpoint_extra, save_checkpoint
-    from ray_galaxy.model import PatchDiscriminator
-
-    m, critic = ConvVAE(CFG), PatchDiscriminator()
-    opt = torch.optim.Adam(m.parameters())
-    c_opt = torch.optim.Adam(critic.parameters())
-    critic(torch.rand(2, 3, 32, 32)).mean().backward()
-    c_opt.step()  # optimizer state to carry
-    save_checkpoint(tmp_path / "c", m, opt, {"epoch": 3},
-                    extra={"critic": critic.state_dict(), "critic_optimizer": c_opt.state_dict()})
-    _, _, state = load_checkpoint(tmp_path / "c")
-    assert state["epoch"] == 3
-    restored = PatchDiscriminator()
-    restored.load_state_dict(load_checkpoint_extra(tmp_path / "c", "critic"))
-    x = torch.rand(2, 3, 32, 32)
-    critic.eval(), restored.eval()
-    assert torch.equal(critic(x), restored(x))
-    assert load_checkpoint_extra(tmp_path / "c", "critic_optimizer")["state"]
-    save_checkpoint(tmp_path / "plain", m, opt, {"epoch": 0})  # without the adversarial term
-    assert load_checkpoint_extra(tmp_path / "plain", "critic") is None
