@@ -31,6 +31,7 @@ from torch import nn
 from ray_galaxy.config import ModelConfig
 
 LOG_2PI = math.log(2 * math.pi)
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 # Lower bound on the learned decoder log-sigma: keeps the Gaussian NLL finite if a
 # reconstruction becomes near perfect on tiny data (sigma-VAE uses the same kind of clip).
 MIN_LOG_SIGMA = -6.0
@@ -97,7 +98,11 @@ class ConvVAE(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) in [0, 1] -> mu, logvar, each (B, latent_dim)."""
         h = self.encoder(x * 2 - 1)
-        return self.fc_mu(h), self.fc_logvar(h)
+        # Clamped as in diffusers' DiagonalGaussianDistribution: an encoder that blows up on one
+        # image must not give exp(logvar) = inf (an infinite KL, NaN gradients for the whole
+        # batch), as one GZ2 validation image did at KL weight 0.2. Inside the range, as for
+        # every trained model here, nothing changes.
+        return self.fc_mu(h), self.fc_logvar(h).clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     @staticmethod
     def reparameterize(mu: torch.Tensor, logvar: torch.Tensor,

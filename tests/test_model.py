@@ -162,3 +162,18 @@ def test_decode_follows_weight_changes():
         m.fc_dec.bias.add_(1.0)
     assert not torch.allclose(m.decode(z), other.decode(z))
     assert "_f64_cache" not in m.state_dict()
+
+
+def test_an_encoder_that_blows_up_gives_a_finite_kl_and_gradients():
+    from ray_galaxy.model import LOGVAR_MAX, LOGVAR_MIN
+
+    m = ConvVAE(ModelConfig(image_size=32, channels=(8, 16), latent_dim=3))
+    with torch.no_grad():
+        m.fc_logvar.bias.copy_(torch.tensor([200.0, -200.0, 0.0]))  # exp(200) overflows float32
+    x = torch.rand(2, 3, 32, 32)
+    mu, logvar = m.encode(x)
+    assert logvar[:, 0].eq(LOGVAR_MAX).all() and logvar[:, 1].eq(LOGVAR_MIN).all()
+    out = m.loss(x)
+    assert torch.isfinite(out["kl"]) and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
