@@ -1,6 +1,6 @@
 """Fit the two-stage GMM latent sampler of a model directory (writes sampler.pt, sampler.json).
 
-    python jobs/fit_sampler.py --model runs/galaxy-vae/model [--train-data URI] [--components 10]
+    python jobs/fit_sampler.py --model runs/galaxy-vae/model [--train-data URI] [--components 40]
 
 Then: python jobs/evaluate.py --model runs/galaxy-vae/model --sampler gmm ...
 """
@@ -17,7 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="model directory written by jobs/train.py")
     p.add_argument("--train-data", default=None,
                    help="training images (default: train.data from the model's config.json, its training split)")
-    p.add_argument("--components", type=int, default=10, help="mixture components (default 10)")
+    p.add_argument("--components", type=int, default=40, help="mixture components (default 40)")
+    p.add_argument("--orientations", type=int, default=8,
+                   help="fit to the codes of each training image in this many of its 8 D4 orientations "
+                        "(rotations and mirror images, as training augments); default 8")
     p.add_argument("--covariance", choices=("full", "diag"), default="full", help="covariance (default full)")
     p.add_argument("--crop", type=float, default=None, help="crop fraction (default: the model's own)")
     p.add_argument("--max-images", type=int, default=5000, help="at most this many training images (default 5000)")
@@ -27,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.components < 1 or args.max_images < 1:
         p.error("--components and --max-images must be >= 1")
+    if not 1 <= args.orientations <= 8:
+        p.error("--orientations must be in 1..8")
 
     from ray_galaxy.checkpoint import ModelDirError
     from ray_galaxy.data import DataError
@@ -34,12 +39,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         meta = fit_gmm_sampler(args.model, args.train_data, args.components, args.covariance, args.seed,
-                               args.crop, args.max_images, detail=not args.no_detail)
+                               args.crop, args.max_images, detail=not args.no_detail,
+                               orientations=args.orientations)
     except (ModelDirError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"fitted a {meta['components']}-component {meta['covariance']} GMM to {meta['train_images']} "
-          f"training images ({meta['iterations']} EM iterations, mean log-likelihood "
+    print(f"fitted a {meta['components']}-component {meta['covariance']} GMM to {meta['codes']} codes of "
+          f"{meta['train_images']} training images in {meta['orientations']} orientations "
+          f"({meta['iterations']} EM iterations, mean log-likelihood "
           f"{meta['mean_log_likelihood']:.3f}){' and the residual detail model' if meta['detail'] else ''}; "
           f"wrote sampler.pt and sampler.json in {args.model}")
     return 0

@@ -46,6 +46,11 @@ from ray_galaxy.model import LOG_2PI, ConvVAE, to_uint8
 SAMPLER_FILE = "sampler.pt"
 SAMPLER_META = "sampler.json"
 SAMPLERS = ("auto", "prior", "gmm")
+# The two-stage sampler's mixture: 40 full-covariance components fitted to the codes of the
+# training images in all 8 orientations (see fit_gmm_sampler).
+GMM_COMPONENTS = 40
+SAMPLER_ORIENTATIONS = 8
+SAMPLER_EM_TOL = 1e-5
 COVARIANCES = ("full", "diag")
 
 # Every metric metrics.json carries (dotted paths); tests check each is present.
@@ -92,7 +97,7 @@ class EvaluateConfig:
     fit_sampler: bool = _h("Fit the GMM sampler first if the model directory has none.", default=False)
     detail: bool = _h("With the gmm sampler: draw generated images from p(x|z) with the sampler's "
                       "residual detail model (when it has one); false: decoder means only.", default=True)
-    gmm_components: int = _h("Mixture components of a sampler fitted here.", default=10)
+    gmm_components: int = _h("Mixture components of a sampler fitted here.", default=GMM_COMPONENTS)
     gmm_covariance: str = _h("Covariance of a sampler fitted here: 'full' or 'diag'.", default="full")
     iwae_k: int = _h("Importance samples per image for the IWAE bound.", default=32)
     temperature: float = _h("Scale of the sampler's noise (1 = as fitted).", default=1.0)
@@ -293,11 +298,13 @@ def reconstruction_scores(real: np.ndarray, recon: np.ndarray) -> dict[str, floa
 
 def _gmm_log_prob(x: np.ndarray, weights: np.ndarray, means: np.ndarray, covs: np.ndarray) -> np.ndarray:
     """(N, K) log(w_k N(x_n; mu_k, Sigma_k)) via Cholesky factors."""
+    from scipy.linalg import solve_triangular
+
     n, d = x.shape
     out = np.empty((n, len(weights)))
     for k in range(len(weights)):
         chol = np.linalg.cholesky(covs[k])
-        sol = np.linalg.solve(chol, (x - means[k]).T)  # L^-1 (x - mu)
+        sol = solve_triangular(chol, (x - means[k]).T, lower=True, check_finite=False)  # L^-1 (x - mu)
         logdet = 2 * np.log(np.diag(chol)).sum()
         out[:, k] = np.log(weights[k]) - 0.5 * (d * LOG_2PI + logdet + (sol ** 2).sum(0))
     return out
@@ -362,11 +369,19 @@ def _model_sha(uri: str) -> str:
     return hashlib.sha256(read_bytes(join(uri, MODEL_FILE))).hexdigest()
 
 
-def fit_gmm_sampler(model_dir_uri: str, train_data_uri: str | None = None, components: int = 10,
+def fit_gmm_sampler(model_dir_uri: str, train_data_uri: str | None = None, components: int = GMM_COMPONENTS,
                     covariance: str = "full", seed: int = 0, crop: float | None = None,
                     max_images: int = 5000, images: np.ndarray | None = None,
-                    batch_size: int = 64, detail: bool = True) -> dict[str, Any]:
+                    batch_size: int = 64, detail: bool = True,
+                    orientations: int = SAMPLER_ORIENTATIONS) -> dict[str, Any]:
     """Fit the two-stage GMM sampler to a model's training set; write sampler.pt + sampler.json.
+
+    The mixture is fitted to the codes of each training image in its first ``orientations``
+    elements of D4 (all 8 by default): training saw every galaxy in all eight (a random D4
+    element per image and epoch), so all eight are codes the decoder knows, and eight times
+    as many codes estimate 40 full covariances far better than one orientation does (on GZ2,
+    1257 images: mean morphology distance 0.228 -> 0.193 on evaluation seed 0, asymmetry
+    0.51 -> 0.38; README, "Two-stage sampler" and "Seed vs default preset on Galaxy Zoo 2").
 
     With ``detail`` it also fits the residual detail model (:mod:`ray_galaxy.detail`) to the
     training images and their reconstructions, stored as ``detail_*`` tensors in sampler.pt.
@@ -384,8 +399,15 @@ def fit_gmm_sampler(model_dir_uri: str, train_data_uri: str | None = None, compo
         split = "train" if same_source(source, tcfg.get("data", "")) else None
         images, _ = load_images(source, md.model.config.image_size, crop, limit=max_images, split=split,
                                 val_fraction=float(tcfg.get("val_fraction", 0.1)), seed=seed)
-    mu = encode_means(md.model, images, batch_size)
-    gmm = fit_gmm(mu, components, covariance, seed)
+    if not 1 <= orientations <= len(D4):
+        raise ValueError(f"orientations must be in 1..{len(D4)}, got {orientations}")
+    mu = encode_means(md.model, images, batch_size)  # (N, D), orientation 0: also the detail fit's
+    codes = np.concatenate([mu] + [encode_means(md.model, orient(images, o), batch_size)
+                                   for o in range(1, orientations)])  # (orientations * N, D)
+    # tol 1e-5: on GZ2 (10,056 codes, 40 components) EM stops after ~100-125 iterations (about a
+    # minute on 2 cores), within 0.1 % of the log-likelihood at 1e-6 (180 iterations); fit_gmm's
+    # default 1e-7 had not converged after 500 iterations (3.5 min).
+    gmm = fit_gmm(codes, components, covariance, seed, tol=SAMPLER_EM_TOL)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(gmm[k])) for k in ("weights", "means", "covariances")}
     detail_meta = None
     if detail:
@@ -399,6 +421,7 @@ def fit_gmm_sampler(model_dir_uri: str, train_data_uri: str | None = None, compo
                        "variance_coef": [float(c) for c in d["variance_coef"]]}
     meta = {"format": 2, "kind": "gmm", "components": int(len(gmm["weights"])), "covariance": covariance,
             "seed": seed, "train_data": source, "train_images": int(len(images)),
+            "orientations": orientations, "codes": int(len(codes)),
             "mean_log_likelihood": gmm["log_likelihood"], "iterations": gmm["iterations"],
             "converged": gmm["converged"], "model_sha256": _model_sha(model_dir_uri),
             "latent_dim": md.model.config.latent_dim, "detail": detail_meta}

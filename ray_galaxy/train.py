@@ -474,7 +474,8 @@ def fit_sampler_into(model_dir: str, cfg: TrainConfig) -> dict[str, Any] | None:
         _log(f"warning: the sampler was not fitted ({type(e).__name__}: {e}); samples.png shows "
              f"prior samples. Fit it later with: python jobs/fit_sampler.py --model {model_dir}")
         return None
-    _log(f"sampler: {meta['components']}-component GMM on {meta['train_images']} training codes"
+    _log(f"sampler: {meta['components']}-component GMM on the codes of {meta['train_images']} training "
+         f"images in {meta['orientations']} orientations"
          f"{' + residual detail' if meta['detail'] else ''} in {time.time() - t0:.1f}s; samples.png and "
          "traversal.png redrawn from it")
     return meta

@@ -118,6 +118,28 @@ def test_slerp_endpoints_and_norm():
     torch.testing.assert_close(p.norm(dim=1), torch.full((5,), 3.0))
 
 
+def test_sampler_mixture_is_fitted_to_the_codes_of_all_eight_orientations(tiny, tmp_path):
+    import shutil
+
+    uri = str(tmp_path / "model")
+    shutil.copytree(tiny["model"], uri)
+    md = load_model_dir(uri)
+    rng = np.random.default_rng(5)
+    # lopsided galaxies, so the eight orientations have different codes
+    imgs = np.stack([np.roll(galaxy(SIZE, rng, sigma=3.0), (4, 7), axis=(0, 1)) for _ in range(12)])
+    meta = E.fit_gmm_sampler(uri, images=imgs, components=2, detail=False)
+    assert meta["orientations"] == 8 and meta["codes"] == 8 * 12 and meta["train_images"] == 12
+    gmm = E.load_sampler(uri)
+    mixture_mean = (gmm["weights"][:, None] * gmm["means"]).sum(0).numpy()  # = the mean code EM saw
+    all8 = np.concatenate([E.encode_means(md.model, E.orient(imgs, o)) for o in range(8)])
+    np.testing.assert_allclose(mixture_mean, all8.mean(0), atol=1e-6)
+    assert np.abs(mixture_mean - E.encode_means(md.model, imgs).mean(0)).max() > 1e-3
+    one = E.fit_gmm_sampler(uri, images=imgs, components=2, detail=False, orientations=1)
+    assert one["codes"] == 12
+    with pytest.raises(ValueError, match="orientations"):
+        E.fit_gmm_sampler(uri, images=imgs, orientations=9)
+
+
 def test_sampler_missing_fitted_reproducible_and_stale(tiny, tmp_path):
     import shutil
 
