@@ -462,6 +462,9 @@ def fit_sampler_into(model_dir: str, cfg: TrainConfig) -> dict[str, Any] | None:
     from ray_galaxy.model import to_uint8
 
     t0 = time.time()
+    # About a minute on GZ2 (10,000 codes, 40 full covariances): say so before the silence.
+    _log("fitting the two-stage sampler (codes of the training images in 8 orientations, a Gaussian "
+         "mixture, the residual detail model)...")
     try:
         meta = fit_gmm_sampler(model_dir, cfg.data, seed=cfg.seed, crop=cfg.crop)
         md = load_model_dir(model_dir)

@@ -203,9 +203,16 @@ def test_fit_sampler_job(tiny, tmp_path, capsys):
 
     uri = str(tmp_path / "model")
     shutil.copytree(tiny["model"], uri)
-    assert _load_job("fit_sampler").main(["--model", uri, "--components", "2", "--covariance", "diag"]) == 0
-    assert "2-component diag GMM" in capsys.readouterr().out
-    assert json.loads((tmp_path / "model" / E.SAMPLER_META).read_text())["covariance"] == "diag"
+    assert _load_job("fit_sampler").main(["--model", uri, "--components", "2", "--covariance", "diag",
+                                          "--orientations", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "fitting a 2-component GMM" in captured.err  # said before the minute of silence
+    assert "2-component diag GMM" in captured.out and "in 2 orientations" in captured.out
+    meta = json.loads((tmp_path / "model" / E.SAMPLER_META).read_text())
+    assert meta["covariance"] == "diag" and meta["orientations"] == 2 and meta["codes"] == 2 * meta["train_images"]
+    with pytest.raises(SystemExit):
+        _load_job("fit_sampler").main(["--model", uri, "--orientations", "9"])
+    assert "--orientations must be in 1..8" in capsys.readouterr().err
 
 
 def test_evaluate_job_end_to_end(tiny, tmp_path):
