@@ -53,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fitted a {meta['components']}-component {meta['covariance']} GMM to {meta['codes']} codes of "
           f"{meta['train_images']} training images in {meta['orientations']} orientations "
           f"({meta['iterations']} EM iterations, mean log-likelihood "
-          f"{meta['mean_log_likelihood']:.3f}){' and the residual detail model' if meta['detail'] else ''}; "
-          f"wrote sampler.pt and sampler.json in {args.model}")
+          f"{meta['mean_log_likelihood']:.3f})"
+          + (f" and the residual detail model (gain {meta['detail']['gain']:.2f}: structure-band power "
+             f"{meta['detail']['power_deficit_dex_at_gain_1']:+.3f} -> {meta['detail']['power_deficit_dex']:+.3f} "
+             "dex against the training images)" if meta['detail'] else "")
+          + f"; wrote sampler.pt and sampler.json in {args.model}")
     return 0
 
 

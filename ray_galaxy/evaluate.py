@@ -51,6 +51,7 @@ SAMPLERS = ("auto", "prior", "gmm")
 GMM_COMPONENTS = 40
 SAMPLER_ORIENTATIONS = 8
 SAMPLER_EM_TOL = 1e-5
+CALIBRATION_SAMPLES = 1000  # mixture codes decoded to calibrate the detail model's gain
 COVARIANCES = ("full", "diag")
 
 # Every metric metrics.json carries (dotted paths); tests check each is present.
@@ -411,14 +412,21 @@ def fit_gmm_sampler(model_dir_uri: str, train_data_uri: str | None = None, compo
     tensors = {k: torch.from_numpy(np.ascontiguousarray(gmm[k])) for k in ("weights", "means", "covariances")}
     detail_meta = None
     if detail:
-        from ray_galaxy.detail import fit_detail, k_min
+        from ray_galaxy.detail import calibrate_gain, fit_detail, k_min
 
         z = torch.from_numpy(mu).float()
         means = torch.cat([md.model.decode(z[i:i + 256]) for i in range(0, len(z), 256)])
         d = fit_detail(images, means.permute(0, 2, 3, 1).numpy())
+        # Calibrate on what is sampled: decodes of the mixture's own codes (seeded, like the fit).
+        zs = gmm_latents(tensors, CALIBRATION_SAMPLES, seed)
+        sampled = torch.cat([md.model.decode(zs[i:i + 256]) for i in range(0, len(zs), 256)])
+        cal = calibrate_gain(sampled.permute(0, 2, 3, 1).numpy(), d, images, seed=seed)
+        d["spectrum"] = d["spectrum"] * cal["gain"] ** 2  # the gain on the residual, folded in
         tensors.update({f"detail_{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()})
         detail_meta = {"k_min": k_min(md.model.config.image_size),
-                       "variance_coef": [float(c) for c in d["variance_coef"]]}
+                       "variance_coef": [float(c) for c in d["variance_coef"]],
+                       "gain": cal["gain"], "power_deficit_dex_at_gain_1": cal["deficit_dex_at_1"],
+                       "power_deficit_dex": cal["deficit_dex"]}
     meta = {"format": 2, "kind": "gmm", "components": int(len(gmm["weights"])), "covariance": covariance,
             "seed": seed, "train_data": source, "train_images": int(len(images)),
             "orientations": orientations, "codes": int(len(codes)),
@@ -878,12 +886,16 @@ def report_markdown(m: dict[str, Any], files: list[tuple[str, str, str]]) -> str
         "grey values is not a normalised likelihood.", "",
     ]
     mo_ = m.get("means_only")
+    gain = ((m.get("sampler_meta") or {}).get("detail") or {}).get("gain")
     if mo_:
         lines += [
             "## Residual detail", "",
             "Generated images are draws from p(x | z): the decoder's mean plus the sampler's residual "
             "detail model (texture the mean cannot predict: amplitude following the galaxy's light, "
-            "spatially correlated, from 1/16 of the image size down). The same codes' means alone:", "",
+            "spatially correlated, from 1/16 of the image size down)"
+            + (f", its amplitude scaled by {_fmt(gain, 2)} when the sampler was fitted so that samples have the "
+               "training images' structure-band power" if gain is not None else "")
+            + ". The same codes' means alone:", "",
             "| metric | with detail | means only |", "|---|---|---|",
             f"| morphology distance (mean W/sd) | {_fmt(mo['mean_distance'])} | {_fmt(mo_['morphology_mean_distance'])} |",
             f"| structure-band power vs real | {_fmt(sh['power_deficit_dex'], 3)} dex | "

@@ -479,7 +479,8 @@ def fit_sampler_into(model_dir: str, cfg: TrainConfig) -> dict[str, Any] | None:
         return None
     _log(f"sampler: {meta['components']}-component GMM on the codes of {meta['train_images']} training "
          f"images in {meta['orientations']} orientations"
-         f"{' + residual detail' if meta['detail'] else ''} in {time.time() - t0:.1f}s; samples.png and "
+         f"{' + residual detail (gain %.2f)' % meta['detail']['gain'] if meta['detail'] else ''} in "
+         f"{time.time() - t0:.1f}s; samples.png and "
          "traversal.png redrawn from it")
     return meta
 

@@ -78,3 +78,23 @@ def test_size_mismatch_and_bad_shapes_are_clear_errors():
         D.add_detail(means, _model(s=32))
     with pytest.raises(ValueError, match=r"\(N, S, S, 3\)"):
         D.fit_detail(_blobs(3), _blobs(3)[..., :2])
+
+
+def test_calibrated_gain_recovers_the_amplitude_of_the_real_residual():
+    m = _model()
+    means = _blobs(300)
+    mt = torch.from_numpy(means).permute(0, 3, 1, 2).float()
+    real = D.add_detail(mt, m, seed=1, temperature=1.5).permute(0, 2, 3, 1).double().numpy()
+    cal = D.calibrate_gain(means, m, real, seed=2)  # another noise draw than the real images'
+    assert cal["gain"] == pytest.approx(1.5, rel=0.05)
+    assert cal["deficit_dex_at_1"] < -0.1 and abs(cal["deficit_dex"]) < 0.01
+
+
+def test_calibrated_gain_is_clamped_where_the_residual_model_is_wrong():
+    m = _model()
+    means = _blobs(100)
+    assert D.calibrate_gain(means, m, means)["gain"] == D.GAIN_BOUNDS[0]  # real images have no residual
+    mt = torch.from_numpy(means).permute(0, 3, 1, 2).float()
+    loud = D.add_detail(mt, m, seed=1, temperature=5.0).permute(0, 2, 3, 1).double().numpy()
+    assert D.calibrate_gain(means, m, loud)["gain"] == D.GAIN_BOUNDS[1]
+

@@ -14,6 +14,7 @@ from PIL import Image
 
 from conftest import REPO, job_env
 from synthetic import galaxy
+from ray_galaxy import detail as D
 from ray_galaxy import evaluate as E
 from ray_galaxy.checkpoint import load_model_dir, save_model_dir
 from ray_galaxy.config import ModelConfig
@@ -155,6 +156,9 @@ def test_sampler_missing_fitted_reproducible_and_stale(tiny, tmp_path):
     raw = torch.load(str(tmp_path / "model" / E.SAMPLER_FILE), weights_only=True)
     assert set(raw) == {"weights", "means", "covariances", "detail_variance_coef", "detail_mix", "detail_spectrum"}
     assert meta["detail"]["k_min"] == 2  # 32 px: S/16
+    d = meta["detail"]  # the gain brings the samples' structure-band power to the training images'
+    assert D.GAIN_BOUNDS[0] <= d["gain"] <= D.GAIN_BOUNDS[1]
+    assert abs(d["power_deficit_dex"]) <= abs(d["power_deficit_dex_at_gain_1"]) + 1e-9
     means = E.generate(uri, 6, seed=2, sampler="gmm", detail=False)
     drawn, again = E.generate(uri, 6, seed=2, sampler="gmm"), E.generate(md, 6, seed=2, sampler="gmm")
     torch.testing.assert_close(drawn, again)  # p(x|z) draws are reproducible by seed
@@ -208,6 +212,7 @@ def test_fit_sampler_job(tiny, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "fitting a 2-component GMM" in captured.err  # said before the minute of silence
     assert "2-component diag GMM" in captured.out and "in 2 orientations" in captured.out
+    assert re.search(r"residual detail model \(gain \d\.\d\d: structure-band power", captured.out)
     meta = json.loads((tmp_path / "model" / E.SAMPLER_META).read_text())
     assert meta["covariance"] == "diag" and meta["orientations"] == 2 and meta["codes"] == 2 * meta["train_images"]
     with pytest.raises(SystemExit):
@@ -239,6 +244,7 @@ def test_evaluate_job_end_to_end(tiny, tmp_path):
     for key in ("PSNR", "SSIM", "IWAE", "memorisation ratio", "M20", "Gini", "Residual detail"):
         assert key in report
     assert m["detail"] is True and m["sampler_meta"]["detail"]["k_min"] == 2
+    assert f"scaled by {m['sampler_meta']['detail']['gain']:.2f}" in report
     assert np.isfinite(m["means_only"]["power_deficit_dex"])
     # the detail adds structure-band power the means lack
     assert m["sharpness"]["power_deficit_dex"] > m["means_only"]["power_deficit_dex"]
