@@ -29,7 +29,7 @@ One scalar is then set on what is actually sampled (:func:`calibrate_gain`): the
 residual that gives decodes of the mixture's codes plus detail the training images'
 structure-band power. Those decodes are smoother than the reconstructions the fit saw, and the
 clip at 0 on a black sky eats part of every draw, so gain 1 leaves samples short of power
-(on GZ2: -0.12 dex; the gain found is about 1.2).
+(on GZ2: -0.19 dex; the gain found is 1.37).
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def calibrate_gain(means: np.ndarray, detail: Mapping[str, torch.Tensor | np.nda
     reconstructions, but what is sampled are decodes of mixture codes, which are smoother than
     reconstructions (on GZ2 -0.78 against -0.62 dex below the real power in the structure band),
     and the clip at 0 on a black sky removes part of every draw; with gain 1 the samples of the
-    GZ2 model lacked 0.12 dex. The power of clip(mu + g r) rises monotonically with g, so this is
+    GZ2 model lacked 0.19 dex. The power of clip(mu + g r) rises monotonically with g, so this is
     a bisection on log g, with one noise draw reused throughout. The gain is clamped to
     ``bounds``: far outside them the residual model, not its amplitude, is wrong.
     Returns ``gain`` and the structure-band power deficit (dex) at gain 1 and at the gain.
