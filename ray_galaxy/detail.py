@@ -178,6 +178,9 @@ def calibrate_gain(means: np.ndarray, detail: Mapping[str, torch.Tensor | np.nda
     from ray_galaxy import morphology
 
     mu = np.asarray(means, np.float64)
+    if mu.ndim != 4 or mu.shape[-1] != 3 or np.shape(real)[1:] != mu.shape[1:]:
+        raise ValueError(f"means and real images must be (N, S, S, 3) of one size, got {mu.shape} "
+                         f"and {np.shape(real)}")
     s = mu.shape[1]
     k, p_real = morphology.radial_power_spectrum(morphology.luminance(real))
     r = _residual(mu, detail, seed)

@@ -414,13 +414,10 @@ def fit_gmm_sampler(model_dir_uri: str, train_data_uri: str | None = None, compo
     if detail:
         from ray_galaxy.detail import calibrate_gain, fit_detail, k_min
 
-        z = torch.from_numpy(mu).float()
-        means = torch.cat([md.model.decode(z[i:i + 256]) for i in range(0, len(z), 256)])
-        d = fit_detail(images, means.permute(0, 2, 3, 1).numpy())
+        d = fit_detail(images, decode_means(md.model, torch.from_numpy(mu).float()))
         # Calibrate on what is sampled: decodes of the mixture's own codes (seeded, like the fit).
-        zs = gmm_latents(tensors, CALIBRATION_SAMPLES, seed)
-        sampled = torch.cat([md.model.decode(zs[i:i + 256]) for i in range(0, len(zs), 256)])
-        cal = calibrate_gain(sampled.permute(0, 2, 3, 1).numpy(), d, images, seed=seed)
+        sampled = decode_means(md.model, gmm_latents(tensors, CALIBRATION_SAMPLES, seed))
+        cal = calibrate_gain(sampled, d, images, seed=seed)
         d["spectrum"] = d["spectrum"] * cal["gain"] ** 2  # the gain on the residual, folded in
         tensors.update({f"detail_{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()})
         detail_meta = {"k_min": k_min(md.model.config.image_size),
@@ -536,6 +533,12 @@ def gmm_variance(gmm: Mapping[str, torch.Tensor]) -> np.ndarray:
     var = np.einsum("kii->ki", gmm["covariances"].double().numpy())
     mean = w @ means
     return w @ (var + means ** 2) - mean ** 2
+
+
+def decode_means(model: ConvVAE, z: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Latents -> the decoder's means, (N, S, S, 3) floats in [0, 1]."""
+    return np.concatenate([model.decode(z[i:i + batch_size]).permute(0, 2, 3, 1).numpy()
+                           for i in range(0, len(z), batch_size)])
 
 
 def decode_images(model: ConvVAE, z: torch.Tensor, batch_size: int = 256) -> np.ndarray:

@@ -97,4 +97,5 @@ def test_calibrated_gain_is_clamped_where_the_residual_model_is_wrong():
     mt = torch.from_numpy(means).permute(0, 3, 1, 2).float()
     loud = D.add_detail(mt, m, seed=1, temperature=5.0).permute(0, 2, 3, 1).double().numpy()
     assert D.calibrate_gain(means, m, loud)["gain"] == D.GAIN_BOUNDS[1]
-
+    with pytest.raises(ValueError, match="one size"):
+        D.calibrate_gain(means, m, _blobs(4, s=16))
