@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ray_galaxy.evaluate import GMM_COMPONENTS, SAMPLER_ORIENTATIONS
+    from ray_galaxy.evaluate import GMM_COMPONENTS, KERNEL_BANDWIDTH, SAMPLER_ORIENTATIONS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory written by jobs/train.py")
@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--orientations", type=int, default=SAMPLER_ORIENTATIONS,
                    help="fit to the codes of each training image in this many of its 8 D4 orientations "
                         f"(rotations and mirror images, as training augments); default {SAMPLER_ORIENTATIONS}")
+    p.add_argument("--bandwidth", type=float, default=KERNEL_BANDWIDTH,
+                   help="draw from Gaussian kernels on the training codes, each shaped like its mixture "
+                        f"component and scaled by this (default {KERNEL_BANDWIDTH}); 0 draws from the "
+                        "mixture's components")
     p.add_argument("--covariance", choices=("full", "diag"), default="full", help="covariance (default full)")
     p.add_argument("--crop", type=float, default=None, help="crop fraction (default: the model's own)")
     p.add_argument("--max-images", type=int, default=5000, help="at most this many training images (default 5000)")
@@ -35,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--components and --max-images must be >= 1")
     if not 1 <= args.orientations <= 8:
         p.error("--orientations must be in 1..8")
+    if not args.bandwidth >= 0:
+        p.error(f"--bandwidth must be >= 0, got {args.bandwidth}")
 
     from ray_galaxy.checkpoint import ModelDirError
     from ray_galaxy.data import DataError
@@ -46,14 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meta = fit_gmm_sampler(args.model, args.train_data, args.components, args.covariance, args.seed,
                                args.crop, args.max_images, detail=not args.no_detail,
-                               orientations=args.orientations)
+                               orientations=args.orientations, bandwidth=args.bandwidth)
     except (ModelDirError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"fitted a {meta['components']}-component {meta['covariance']} GMM to {meta['codes']} codes of "
           f"{meta['train_images']} training images in {meta['orientations']} orientations "
           f"({meta['iterations']} EM iterations, mean log-likelihood "
-          f"{meta['mean_log_likelihood']:.3f})"
+          f"{meta['mean_log_likelihood']:.3f}); draws from "
+          + (f"kernels on the {meta['codes']} codes (bandwidth {meta['bandwidth']:g})" if meta["kernels"] == "codes"
+             else "its components")
           + (f" and the residual detail model (gain {meta['detail']['gain']:.2f}: structure-band power "
              f"{meta['detail']['power_deficit_dex_at_gain_1']:+.3f} -> {meta['detail']['power_deficit_dex']:+.3f} "
              "dex against the training images)" if meta['detail'] else "")

@@ -157,8 +157,9 @@ class TrainConfig:
 
 # Presets set defaults that YAML and flags may still override.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The project's default: calibrated Gaussian decoder (sigma-VAE), a 6-d latent, KL weight 4
-    # and a short KL warm-up (see README, "Model defaults and why").
+    # The project's default: the dataclass defaults above (Gaussian decoder with a learned sigma,
+    # latent 64, KL weight 0.1 with a short warm-up, cosine schedule, fitted two-stage sampler;
+    # README, "Model defaults and why").
     "default": {},
     # The astronomer's original design: plain stride-2 encoder, upsample+conv decoder,
     # latent dim 4, cross-entropy reconstruction, no warm-up.

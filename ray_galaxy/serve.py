@@ -730,7 +730,7 @@ class GalaxyAPI:
             "name": model_name(self.config.model),
             "dims_by_activity": self.dims_by_activity,
             "samplers": self.samplers,
-            "sampler": ({k: self.gmm["meta"].get(k) for k in ("kind", "components", "covariance")}
+            "sampler": ({k: self.gmm["meta"].get(k) for k in ("kind", "components", "covariance", "kernels", "bandwidth")}
                         if self.gmm is not None else None),
             "serving": {
                 "max_batch_size": self.config.max_batch_size,

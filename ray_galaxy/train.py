@@ -477,8 +477,10 @@ def fit_sampler_into(model_dir: str, cfg: TrainConfig) -> dict[str, Any] | None:
         _log(f"warning: the sampler was not fitted ({type(e).__name__}: {e}); samples.png shows "
              f"prior samples. Fit it later with: python jobs/fit_sampler.py --model {model_dir}")
         return None
+    kernels = (f", drawing from kernels on the codes (bandwidth {meta['bandwidth']:g})"
+               if meta.get("kernels") == "codes" else "")
     _log(f"sampler: {meta['components']}-component GMM on the codes of {meta['train_images']} training "
-         f"images in {meta['orientations']} orientations"
+         f"images in {meta['orientations']} orientations{kernels}"
          f"{' + residual detail (gain %.2f)' % meta['detail']['gain'] if meta['detail'] else ''} in "
          f"{time.time() - t0:.1f}s; samples.png and "
          "traversal.png redrawn from it")

@@ -141,6 +141,57 @@ def test_sampler_mixture_is_fitted_to_the_codes_of_all_eight_orientations(tiny, 
         E.fit_gmm_sampler(uri, images=imgs, orientations=9)
 
 
+def test_kernel_draws_sit_on_the_codes_with_their_components_shape():
+    """Kernels on the codes: a code plus N(0, (b T)^2 Sigma_k) noise, k the code's component."""
+    cov = np.stack([np.diag([4.0, 0.25]), np.array([[1.0, 0.9], [0.9, 1.0]])])
+    codes = np.array([[10.0, 0.0], [-10.0, 5.0], [0.0, -20.0]])
+    sampler = {"weights": torch.tensor([0.5, 0.5], dtype=torch.float64),
+               "means": torch.zeros(2, 2, dtype=torch.float64), "covariances": torch.from_numpy(cov),
+               "kernel_codes": torch.from_numpy(codes).float(), "kernel_component": torch.tensor([0, 1, 1]),
+               "kernel_bandwidth": torch.tensor(0.5, dtype=torch.float64)}
+    for temperature in (1.0, 2.0):
+        z = E.gmm_latents(sampler, 30000, seed=4, temperature=temperature).double().numpy()
+        pick = np.argmin(((z[:, None] - codes[None]) ** 2).sum(-1), 1)  # kernels far apart: unambiguous
+        assert np.abs(np.bincount(pick, minlength=3) / len(z) - 1 / 3).max() < 0.02  # codes equally likely
+        for i, k in enumerate([0, 1, 1]):
+            dev = z[pick == i] - codes[i]
+            np.testing.assert_allclose(dev.mean(0), 0, atol=0.05 * temperature)
+            np.testing.assert_allclose(np.cov(dev.T), (0.5 * temperature) ** 2 * cov[k], atol=0.04 * temperature ** 2)
+    torch.testing.assert_close(E.gmm_latents(sampler, 7, seed=1), E.gmm_latents(sampler, 7, seed=1))
+    assert not torch.equal(E.gmm_latents(sampler, 7, seed=1), E.gmm_latents(sampler, 7, seed=2))
+    plain = {k: v for k, v in sampler.items() if not k.startswith("kernel_")}
+    assert np.abs(E.gmm_latents(plain, 2000, seed=4).numpy()).max() < 10  # the components: around 0
+
+
+def test_sampler_kernels_follow_the_fitted_components(tiny, tmp_path):
+    import shutil
+
+    uri = str(tmp_path / "model")
+    shutil.copytree(tiny["model"], uri)
+    md = load_model_dir(uri)
+    rng = np.random.default_rng(2)
+    imgs = np.stack([galaxy(SIZE, rng) for _ in range(16)])
+    meta = E.fit_gmm_sampler(uri, images=imgs, components=2, detail=False, bandwidth=0.2)
+    s = E.load_sampler(uri)
+    codes = np.concatenate([E.encode_means(md.model, E.orient(imgs, o)) for o in range(8)])
+    np.testing.assert_allclose(s["kernel_codes"].numpy(), codes, atol=1e-6)
+    logp = E._gmm_log_prob(codes, *(s[k].double().numpy() for k in ("weights", "means", "covariances")))
+    np.testing.assert_array_equal(s["kernel_component"].numpy(), logp.argmax(1))
+    assert meta["kernels"] == "codes" and meta["bandwidth"] == 0.2
+    # a tiny bandwidth draws the training codes themselves
+    E.fit_gmm_sampler(uri, images=imgs, components=2, detail=False, bandwidth=1e-9)
+    z = E.sample_latents(uri, 40, seed=0, sampler="gmm").double().numpy()
+    assert np.sqrt(((z[:, None] - codes[None]) ** 2).sum(-1)).min(1).max() < 1e-5
+    # bandwidth 0: the mixture's components, as before kernels existed
+    plain = E.fit_gmm_sampler(uri, images=imgs, components=2, detail=False, bandwidth=0)
+    assert plain["kernels"] == "components" and not any(k.startswith("kernel_") for k in E.load_sampler(uri))
+    z0 = E.sample_latents(uri, 40, seed=0, sampler="gmm").double().numpy()
+    assert np.sqrt(((z0[:, None] - codes[None]) ** 2).sum(-1)).min(1).min() > 1e-4
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="bandwidth"):
+            E.fit_gmm_sampler(uri, images=imgs, components=2, detail=False, bandwidth=bad)
+
+
 def test_sampler_missing_fitted_reproducible_and_stale(tiny, tmp_path):
     import shutil
 
@@ -154,7 +205,10 @@ def test_sampler_missing_fitted_reproducible_and_stale(tiny, tmp_path):
     assert meta["components"] == 3 and meta["train_data"] == str(tiny["train"])
     assert meta["train_images"] < 48  # the training split only, not the images held out by hash
     raw = torch.load(str(tmp_path / "model" / E.SAMPLER_FILE), weights_only=True)
-    assert set(raw) == {"weights", "means", "covariances", "detail_variance_coef", "detail_mix", "detail_spectrum"}
+    assert set(raw) == {"weights", "means", "covariances", "detail_variance_coef", "detail_mix", "detail_spectrum",
+                        "kernel_codes", "kernel_component", "kernel_bandwidth"}
+    assert meta["kernels"] == "codes" and meta["bandwidth"] == E.KERNEL_BANDWIDTH
+    assert raw["kernel_codes"].shape == (meta["codes"], 4) and float(raw["kernel_bandwidth"]) == E.KERNEL_BANDWIDTH
     assert meta["detail"]["k_min"] == 2  # 32 px: S/16
     d = meta["detail"]  # the gain brings the samples' structure-band power to the training images'
     assert D.GAIN_BOUNDS[0] <= d["gain"] <= D.GAIN_BOUNDS[1]

@@ -171,6 +171,7 @@ def test_gmm_sampler_is_served(server, models):
 
     info = requests.get(server.url + "/info", timeout=30).json()
     assert info["samplers"] == ["prior", "gmm"] and info["sampler"]["components"] == 2
+    assert info["sampler"]["kernels"] == "codes" and info["sampler"]["bandwidth"] > 0  # draws around the codes
     z = sample_latents(models.a, 3, seed=5, sampler="gmm", temperature=0.8)
     assert not np.allclose(z.numpy(), models.model_a.prior_latents(3, 5, 0.8).numpy())
     z1 = sample_latents(models.a, 1, seed=5, sampler="gmm", temperature=0.8)
