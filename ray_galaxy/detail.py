@@ -26,10 +26,11 @@ model's samples instead of its means: same galaxies, with texture of the right a
 scale, colour and place. It does not invent coherent structure (arms are still the decoder's).
 
 One scalar is then set on what is actually sampled (:func:`calibrate_gain`): the gain on the
-residual that gives decodes of the mixture's codes plus detail the training images'
+residual that gives decodes of the sampler's codes plus detail the training images'
 structure-band power. Those decodes are smoother than the reconstructions the fit saw, and the
 clip at 0 on a black sky eats part of every draw, so gain 1 leaves samples short of power
-(on GZ2: -0.19 dex; the gain found is 1.37).
+(on GZ2, kernels on the codes: -0.12..-0.14 dex, gain 1.26-1.27; the broad mixture
+components: -0.19 dex, gain 1.37).
 """
 
 from __future__ import annotations
@@ -167,12 +168,13 @@ def calibrate_gain(means: np.ndarray, detail: Mapping[str, torch.Tensor | np.nda
 
     ``means``: decoded means of the sampler's own codes, (N, S, S, 3) floats in [0, 1];
     ``real``: the training images, (M, S, S, 3). Why a gain at all: the fit is made on
-    reconstructions, but what is sampled are decodes of mixture codes, which are smoother than
-    reconstructions (on GZ2 -0.78 against -0.62 dex below the real power in the structure band),
-    and the clip at 0 on a black sky removes part of every draw; with gain 1 the samples of the
-    GZ2 model lacked 0.19 dex. The power of clip(mu + g r) rises monotonically with g, so this is
-    a bisection on log g, with one noise draw reused throughout. The gain is clamped to
-    ``bounds``: far outside them the residual model, not its amplitude, is wrong.
+    reconstructions, but what is sampled are decodes of the sampler's codes, which can be
+    smoother (on GZ2 the mixture components' were -0.78 against -0.62 dex below the real power
+    in the structure band), and the clip at 0 on a black sky removes part of every draw; with
+    gain 1 the samples of the GZ2 model lacked 0.19 dex (0.12-0.14 with kernels on the codes).
+    The power of clip(mu + g r) rises monotonically with g, so this is a bisection on log g,
+    with one noise draw reused throughout. The gain is clamped to ``bounds``: far outside them
+    the residual model, not its amplitude, is wrong.
     Returns ``gain`` and the structure-band power deficit (dex) at gain 1 and at the gain.
     """
     from ray_galaxy import morphology

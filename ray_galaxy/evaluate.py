@@ -902,6 +902,16 @@ def get_metric(metrics: dict[str, Any], dotted: str) -> Any:
     return v
 
 
+def _sampler_kind(m: dict[str, Any]) -> str:
+    """' (kernels on 10056 training codes, bandwidth 0.45)' for the report, '' for the prior."""
+    meta = m.get("sampler_meta") or {}
+    if m.get("sampler") != "gmm" or not meta:
+        return ""
+    if meta.get("kernels") == "codes":
+        return f" (kernels on {meta['codes']} training codes, bandwidth {meta['bandwidth']:g})"
+    return f" ({meta.get('components')} mixture components)"
+
+
 def report_markdown(m: dict[str, Any], files: list[tuple[str, str, str]]) -> str:
     """The human-readable report: headline table, morphology table, caveats, figures."""
     lik, rec, mo, sh, mem = m["likelihood"], m["reconstruction"], m["morphology"], m["sharpness"], m["memorisation"]
@@ -912,7 +922,7 @@ def report_markdown(m: dict[str, Any], files: list[tuple[str, str, str]]) -> str
         f"(split: {m['held_out']['split']}; {m['held_out']['skipped']} unreadable skipped)",
         f"- training images: " + (f"{m['train']['images']} from `{m['train_data']}` (split: {m['train']['split']})"
                                   if m["train"] else "not available"),
-        f"- generated: {m['n_generated']} images, sampler `{m['sampler']}`, seed {m['seed']}, "
+        f"- generated: {m['n_generated']} images, sampler `{m['sampler']}`{_sampler_kind(m)}, seed {m['seed']}, "
         f"temperature {m['temperature']}", "",
         "## Summary", "",
         "| metric | value | note |", "|---|---|---|",

@@ -252,6 +252,9 @@ def test_job_errors_clearly(tiny, tmp_path, capsys):
         job.main(args + ["--sampler", "flow"])
     assert "sampler must be one of" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        job.main(args + ["--gmm-bandwidth", "-0.5"])
+    assert "gmm_bandwidth must be >= 0, got -0.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         job.main(["--data", str(tiny["val"]), "--out", str(tmp_path)])
     assert "--model is required" in capsys.readouterr().err
 
@@ -269,6 +272,14 @@ def test_fit_sampler_job(tiny, tmp_path, capsys):
     assert re.search(r"residual detail model \(gain \d\.\d\d: structure-band power", captured.out)
     meta = json.loads((tmp_path / "model" / E.SAMPLER_META).read_text())
     assert meta["covariance"] == "diag" and meta["orientations"] == 2 and meta["codes"] == 2 * meta["train_images"]
+    assert meta["kernels"] == "codes" and meta["bandwidth"] == E.KERNEL_BANDWIDTH
+    assert f"draws from kernels on the {meta['codes']} codes (bandwidth {E.KERNEL_BANDWIDTH:g})" in captured.out
+    assert _load_job("fit_sampler").main(["--model", uri, "--components", "2", "--bandwidth", "0", "--no-detail"]) == 0
+    assert "draws from its components" in capsys.readouterr().out
+    assert json.loads((tmp_path / "model" / E.SAMPLER_META).read_text())["kernels"] == "components"
+    with pytest.raises(SystemExit):
+        _load_job("fit_sampler").main(["--model", uri, "--bandwidth", "-1"])
+    assert "--bandwidth must be >= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _load_job("fit_sampler").main(["--model", uri, "--orientations", "9"])
     assert "--orientations must be in 1..8" in capsys.readouterr().err
@@ -278,7 +289,7 @@ def test_evaluate_job_end_to_end(tiny, tmp_path):
     out = tmp_path / "eval"
     cmd = [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--model", tiny["model"], "--data", str(tiny["val"]),
            "--out", str(out), "--n", "40", "--iwae-k", "4", "--sampler", "gmm", "--fit-sampler",
-           "--gmm-components", "3"]
+           "--gmm-components", "3", "--gmm-bandwidth", "0.3"]
     r = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     report = (out / "report.md").read_text()
@@ -294,6 +305,8 @@ def test_evaluate_job_end_to_end(tiny, tmp_path):
     assert m["likelihood"]["iwae_bpd"] <= m["likelihood"]["elbo_bpd"]
     assert m["held_out"]["images"] == 24 and m["held_out"]["split"] == "all"
     assert m["train"]["split"] == "train" and m["sampler_meta"]["components"] == 3
+    assert m["sampler_meta"]["kernels"] == "codes" and m["sampler_meta"]["bandwidth"] == 0.3
+    assert f"kernels on {m['sampler_meta']['codes']} training codes, bandwidth 0.3" in report
     assert (Path(tiny["model"]) / E.SAMPLER_FILE).is_file()
     for key in ("PSNR", "SSIM", "IWAE", "memorisation ratio", "M20", "Gini", "Residual detail"):
         assert key in report

@@ -51,6 +51,7 @@ def test_train_job_writes_a_complete_model_directory(trained):
     sampler = json.loads((model_dir / "sampler.json").read_text())
     assert sampler["train_images"] == total and sampler["detail"]["k_min"] == 2
     assert "residual detail" in r.stderr + r.stdout and "samples.png and traversal.png redrawn" in r.stderr + r.stdout
+    assert sampler["kernels"] == "codes" and "drawing from kernels on the codes (bandwidth 0.45)" in r.stderr + r.stdout
     assert all(h["steps_skipped"] == 0 and h["lr_now"] > 0 for h in hist)
     assert hist[-1]["lr_now"] < hist[0]["lr_now"]  # cosine schedule
 
