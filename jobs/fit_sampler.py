@@ -6,6 +6,7 @@ Then: python jobs/evaluate.py --model runs/galaxy-vae/model --sampler gmm ...
 """
 
 import argparse
+import math
 import os
 import sys
 
@@ -39,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--components and --max-images must be >= 1")
     if not 1 <= args.orientations <= 8:
         p.error("--orientations must be in 1..8")
-    if not args.bandwidth >= 0:
-        p.error(f"--bandwidth must be >= 0, got {args.bandwidth}")
+    if not (args.bandwidth >= 0 and math.isfinite(args.bandwidth)):
+        p.error(f"--bandwidth must be a finite number >= 0, got {args.bandwidth}")
 
     from ray_galaxy.checkpoint import ModelDirError
     from ray_galaxy.data import DataError

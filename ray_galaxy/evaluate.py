@@ -143,7 +143,7 @@ class EvaluateConfig:
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if not (self.gmm_bandwidth >= 0 and math.isfinite(self.gmm_bandwidth)):
-            raise ConfigError(f"gmm_bandwidth must be >= 0, got {self.gmm_bandwidth}")
+            raise ConfigError(f"gmm_bandwidth must be a finite number >= 0, got {self.gmm_bandwidth}")
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -560,9 +560,9 @@ def gmm_latents(gmm: Mapping[str, torch.Tensor], n: int, seed: int = 0, temperat
     g = torch.Generator().manual_seed(int(seed))
     chol = torch.linalg.cholesky(gmm["covariances"].double())
     if "kernel_codes" in gmm:
-        codes = gmm["kernel_codes"]
+        codes = gmm["kernel_codes"]  # (8 N, D): index first, so a request converts only its rows
         pick = torch.randint(len(codes), (n,), generator=g)
-        comp, centre = gmm["kernel_component"][pick], codes.double()[pick]
+        comp, centre = gmm["kernel_component"][pick], codes[pick].double()
         scale = temperature * float(gmm["kernel_bandwidth"])
     else:
         comp = torch.multinomial(gmm["weights"].double(), n, replacement=True, generator=g)

@@ -253,7 +253,7 @@ def test_job_errors_clearly(tiny, tmp_path, capsys):
     assert "sampler must be one of" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         job.main(args + ["--gmm-bandwidth", "-0.5"])
-    assert "gmm_bandwidth must be >= 0, got -0.5" in capsys.readouterr().err
+    assert "gmm_bandwidth must be a finite number >= 0, got -0.5" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         job.main(["--data", str(tiny["val"]), "--out", str(tmp_path)])
     assert "--model is required" in capsys.readouterr().err
@@ -277,9 +277,10 @@ def test_fit_sampler_job(tiny, tmp_path, capsys):
     assert _load_job("fit_sampler").main(["--model", uri, "--components", "2", "--bandwidth", "0", "--no-detail"]) == 0
     assert "draws from its components" in capsys.readouterr().out
     assert json.loads((tmp_path / "model" / E.SAMPLER_META).read_text())["kernels"] == "components"
-    with pytest.raises(SystemExit):
-        _load_job("fit_sampler").main(["--model", uri, "--bandwidth", "-1"])
-    assert "--bandwidth must be >= 0" in capsys.readouterr().err
+    for bad in ("-1", "inf"):
+        with pytest.raises(SystemExit):
+            _load_job("fit_sampler").main(["--model", uri, "--bandwidth", bad])
+        assert f"--bandwidth must be a finite number >= 0, got {float(bad)}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _load_job("fit_sampler").main(["--model", uri, "--orientations", "9"])
     assert "--orientations must be in 1..8" in capsys.readouterr().err
