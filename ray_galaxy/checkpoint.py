@@ -16,6 +16,7 @@ A **training checkpoint** (written by each epoch) holds model.pt, optimizer.pt a
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -29,6 +30,7 @@ import torch
 
 from ray_galaxy.config import ModelConfig
 from ray_galaxy.model import ConvVAE
+from ray_galaxy.storage import exists, is_remote, join, read_bytes, resolve, write_bytes
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.pt"
@@ -42,60 +44,17 @@ class ModelDirError(RuntimeError):
     """A model directory is missing, unfinished or does not match its config."""
 
 
-# --------------------------------------------------------------------------- URI helpers
-
-
-def _fs(uri: str) -> tuple[Any, str]:
-    import pyarrow.fs as pafs
-
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-    return pafs.FileSystem.from_uri(uri)
-
-
-def join(uri: str, *parts: str) -> str:
-    """Join path parts onto a local path or URI."""
-    return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
-
-
-def is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
-
-
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole file to a local path or URI (parents created)."""
-    fs, path = _fs(uri)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
-
-
-def read_bytes(uri: str) -> bytes:
-    """Read a whole file from a local path or URI."""
-    fs, path = _fs(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def exists(uri: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, path = _fs(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
 # --------------------------------------------------------------------------- tensors
 
 
-def _tensor_bytes(obj: Any) -> bytes:
+def tensor_bytes(obj: Any) -> bytes:
+    """A torch.save of tensors (and plain containers of them) as bytes."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
 
 
-def _load_tensors(data: bytes, what: str) -> Any:
+def load_tensors(data: bytes, what: str) -> Any:
     """Load a torch file allowing tensors only: a pickle with code in it is refused."""
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -128,8 +87,8 @@ def load_checkpoint(directory: str | Path) -> tuple[dict, dict, dict[str, Any]]:
     d = Path(directory)
     if not (d / STATE_FILE).is_file():
         raise ModelDirError(f"checkpoint {d} is incomplete (no {STATE_FILE})")
-    model_sd = _load_tensors((d / MODEL_FILE).read_bytes(), str(d / MODEL_FILE))
-    opt_sd = _load_tensors((d / OPTIMIZER_FILE).read_bytes(), str(d / OPTIMIZER_FILE))
+    model_sd = load_tensors((d / MODEL_FILE).read_bytes(), str(d / MODEL_FILE))
+    opt_sd = load_tensors((d / OPTIMIZER_FILE).read_bytes(), str(d / OPTIMIZER_FILE))
     return model_sd, opt_sd, json.loads((d / STATE_FILE).read_text())
 
 
@@ -141,13 +100,21 @@ class ModelDir:
     """A loaded model directory."""
 
     uri: str
-    model: ConvVAE
+    model_config: ModelConfig
+    model: ConvVAE | None  # None when loaded with weights=False (config, metrics and hash only)
     config: dict[str, Any]
     metrics: dict[str, Any]
+    sha256: str  # of model.pt's bytes: the sampler records it, Serve derives its version from it
 
     @property
-    def model_config(self) -> ModelConfig:
-        return self.model.config
+    def version(self) -> str:
+        """Short model version shown by Serve and recorded with generated galaxies."""
+        return self.sha256[:16]
+
+    @property
+    def train_config(self) -> dict[str, Any]:
+        """The training settings recorded in config.json (empty for a directory without them)."""
+        return self.config.get("train") or {}
 
 
 def save_model_dir(uri: str, state_dict: dict[str, torch.Tensor], model_config: ModelConfig,
@@ -159,19 +126,19 @@ def save_model_dir(uri: str, state_dict: dict[str, torch.Tensor], model_config: 
     old or the new model, never a mix. Remotely config.json is written last as the marker.
     """
     config = {"format": FORMAT_VERSION, "model": model_config.to_dict(), **(extra_config or {})}
-    payload = {MODEL_FILE: _tensor_bytes(state_dict),
+    payload = {MODEL_FILE: tensor_bytes(state_dict),
                METRICS_FILE: json.dumps(metrics or {}, indent=1, default=str).encode(),
                **(files or {})}
     config_bytes = json.dumps(config, indent=1, default=str).encode()
     if is_remote(uri):
         if exists(join(uri, CONFIG_FILE)):
-            fs, path = _fs(join(uri, CONFIG_FILE))
+            fs, path = resolve(join(uri, CONFIG_FILE))
             fs.delete_file(path)  # unmark first: a crash mid-write leaves "unfinished"
         for name, data in payload.items():
             write_bytes(join(uri, name), data)
         write_bytes(join(uri, CONFIG_FILE), config_bytes)
         return uri
-    target = Path(_fs(uri)[1])
+    target = Path(resolve(uri)[1])
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     for name, data in payload.items():
@@ -187,8 +154,12 @@ def save_model_dir(uri: str, state_dict: dict[str, torch.Tensor], model_config: 
     return str(target)
 
 
-def load_model_dir(uri: str, device: str | torch.device = "cpu") -> ModelDir:
-    """Load a model directory (local or URI) into an eval-mode :class:`ConvVAE`."""
+def load_model_dir(uri: str, device: str | torch.device = "cpu", weights: bool = True) -> ModelDir:
+    """Load a model directory (local or URI) into an eval-mode :class:`ConvVAE`.
+
+    model.pt is read and hashed once here; ``weights=False`` skips building the network (an
+    HTTP ingress needs the config and the version, not the weights).
+    """
     try:
         config = json.loads(read_bytes(join(uri, CONFIG_FILE)))
     except FileNotFoundError:
@@ -201,16 +172,20 @@ def load_model_dir(uri: str, device: str | torch.device = "cpu") -> ModelDir:
         raise ModelDirError(f"{uri}: unsupported model directory format {config.get('format')!r}")
     model_cfg = ModelConfig.from_dict(config["model"])
     try:
-        state = _load_tensors(read_bytes(join(uri, MODEL_FILE)), join(uri, MODEL_FILE))
+        model_bytes = read_bytes(join(uri, MODEL_FILE))
     except FileNotFoundError:
         raise ModelDirError(f"{uri}: {MODEL_FILE} is missing") from None
-    model = ConvVAE(model_cfg)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ModelDirError(f"{uri}: weights do not match config.json: {e}") from None
+    model = None
+    if weights:
+        model = ConvVAE(model_cfg)
+        try:
+            model.load_state_dict(load_tensors(model_bytes, join(uri, MODEL_FILE)))
+        except RuntimeError as e:
+            raise ModelDirError(f"{uri}: weights do not match config.json: {e}") from None
+        model = model.to(device).eval()
     try:
         metrics = json.loads(read_bytes(join(uri, METRICS_FILE)))
     except (FileNotFoundError, OSError):
         metrics = {}
-    return ModelDir(uri=uri, model=model.to(device).eval(), config=config, metrics=metrics)
+    return ModelDir(uri=uri, model_config=model_cfg, model=model, config=config, metrics=metrics,
+                    sha256=hashlib.sha256(model_bytes).hexdigest())

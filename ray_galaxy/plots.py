@@ -10,6 +10,29 @@ import math
 from typing import Callable, Sequence
 
 import numpy as np
+import io
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DPI = 100
+
+
+
+def figure(nrows: int = 1, ncols: int = 1, panel: tuple[float, float] = (4.0, 3.0)) -> tuple[Figure, list]:
+    """A figure of ``nrows`` x ``ncols`` panels of ``panel`` inches each; (figure, flat list of axes)."""
+    fig = Figure(figsize=(panel[0] * ncols, panel[1] * nrows), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, [ax for row in axes for ax in row]
+
+
+def png(fig: Figure) -> bytes:
+    """The figure as PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189)]
 BAND = (225, 225, 235)  # shaded x-range (e.g. the structure band of a power spectrum)

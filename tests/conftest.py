@@ -109,14 +109,14 @@ def models(tmp_path_factory):
     from synthetic import galaxy
 
     from ray_galaxy.checkpoint import load_model_dir
-    from ray_galaxy.evaluate import fit_gmm_sampler
+    from ray_galaxy.generation.fit import fit_sampler
 
     root = tmp_path_factory.mktemp("serve-models")
     # B also has another latent size: the swap must not mix an old and a new replica's codes.
     a, b = train_tiny(str(root / "a"), 0), train_tiny(str(root / "b"), 1, latent_dim=6)
     # A also carries a two-stage GMM sampler (served as sampler=gmm); B has none.
     rng = np.random.default_rng(3)
-    fit_gmm_sampler(a, images=np.stack([galaxy(SIZE, rng) for _ in range(48)]), components=2)
+    fit_sampler(a, images=np.stack([galaxy(SIZE, rng) for _ in range(48)]), components=2)
     return SimpleNamespace(a=a, b=b, model_a=load_model_dir(a).model)
 
 

@@ -39,9 +39,9 @@ from typing import Mapping
 
 import numpy as np
 import torch
+from scipy.optimize import nnls
 
-SKY_BORDER = 8  # sky = median of the outer S/8 of the frame
-
+from ray_galaxy.images import luminance, power_deficit_dex, radial_power_spectrum, ring_index, sky_level
 
 def k_min(size: int) -> int:
     """Lowest |k| (cycles per image) the detail noise has: S/16, the structure band's lower edge.
@@ -52,25 +52,9 @@ def k_min(size: int) -> int:
     return max(1, size // 16)
 
 
-def _sky(images: np.ndarray) -> np.ndarray:
-    """Per image and band sky level: median of the outer frame. (N, S, S, 3) -> (N, 1, 1, 3)."""
-    s = images.shape[1]
-    w = max(2, s // SKY_BORDER)
-    m = np.ones((s, s), bool)
-    m[w:-w, w:-w] = False
-    return np.median(images[:, m, :], axis=1)[:, None, None, :]
-
-
 def brightness(mean: np.ndarray) -> np.ndarray:
     """Luminance above the sky of mean images (N, S, S, 3) in [0, 1]: (N, S, S), >= 0."""
-    return np.clip(mean - _sky(mean), 0, None).mean(-1)
-
-
-def _ring_index(s: int) -> np.ndarray:
-    """Integer |k| (cycles per image) of each rfft2 bin of an (s, s) image: (s, s//2 + 1)."""
-    fy = np.fft.fftfreq(s) * s
-    fx = np.fft.rfftfreq(s) * s
-    return np.rint(np.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)).astype(np.int64)
+    return np.clip(mean - sky_level(mean), 0, None).mean(-1)
 
 
 def fit_detail(images: np.ndarray, means: np.ndarray, max_images: int = 2000) -> dict[str, np.ndarray]:
@@ -80,8 +64,6 @@ def fit_detail(images: np.ndarray, means: np.ndarray, max_images: int = 2000) ->
     same shape, floats in [0, 1]. Returns float64 arrays ``variance_coef`` (3,), ``mix`` (3, 3)
     and ``spectrum`` (S//2 * sqrt(2) + 2,) indexed by integer |k|.
     """
-    from scipy.optimize import nnls
-
     x = np.asarray(images[:max_images], np.float64)
     if x.max() > 1.5:
         x = x / 255.0
@@ -107,7 +89,7 @@ def fit_detail(images: np.ndarray, means: np.ndarray, max_images: int = 2000) ->
     mix = np.linalg.cholesky(cov + 1e-9 * np.eye(3))
     v = np.einsum("ij,nhwj->nhwi", np.linalg.inv(mix), u)  # bands decorrelated
     s = x.shape[1]
-    ring = _ring_index(s)
+    ring = ring_index(s, half=True)
     power = np.abs(np.fft.rfft2(v, axes=(1, 2), norm="ortho")) ** 2  # (N, S, S//2+1, 3)
     # rfft2 stores each non-self-conjugate bin once; weight them twice so the mean is the variance.
     w = np.full(ring.shape, 2.0)
@@ -132,7 +114,7 @@ def _residual(mu: np.ndarray, detail: Mapping[str, torch.Tensor | np.ndarray], s
     coef = np.asarray(detail["variance_coef"], np.float64)
     mix = np.asarray(detail["mix"], np.float64)
     spectrum = np.asarray(detail["spectrum"], np.float64)
-    ring = _ring_index(s)
+    ring = ring_index(s, half=True)
     if ring.max() >= len(spectrum):
         raise ValueError(f"detail model was fitted at another image size (spectrum of {len(spectrum)} "
                          f"rings, images of {s} px)")
@@ -177,19 +159,17 @@ def calibrate_gain(means: np.ndarray, detail: Mapping[str, torch.Tensor | np.nda
     the residual model, not its amplitude, is wrong.
     Returns ``gain`` and the structure-band power deficit (dex) at gain 1 and at the gain.
     """
-    from ray_galaxy import morphology
-
     mu = np.asarray(means, np.float64)
     if mu.ndim != 4 or mu.shape[-1] != 3 or np.shape(real)[1:] != mu.shape[1:]:
         raise ValueError(f"means and real images must be (N, S, S, 3) of one size, got {mu.shape} "
                          f"and {np.shape(real)}")
     s = mu.shape[1]
-    k, p_real = morphology.radial_power_spectrum(morphology.luminance(real))
+    k, p_real = radial_power_spectrum(luminance(real))
     r = _residual(mu, detail, seed)
 
     def deficit(g: float) -> float:
-        _, p = morphology.radial_power_spectrum(np.clip(mu + g * r, 0, 1).mean(-1))
-        return morphology.power_deficit_dex(k, p, p_real, s)
+        _, p = radial_power_spectrum(np.clip(mu + g * r, 0, 1).mean(-1))
+        return power_deficit_dex(k, p, p_real, s)
 
     lo, hi = np.log(bounds[0]), np.log(bounds[1])
     d_lo, d_hi = deficit(bounds[0]), deficit(bounds[1])

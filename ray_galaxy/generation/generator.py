@@ -1,0 +1,154 @@
+"""One object that makes galaxies: a model directory loaded once.
+
+:class:`Generator` holds the decoder, the two-stage sampler, its residual detail model and the
+model version. Every way out of the project (training's figures, ``jobs/sample.py``, the
+evaluation, Serve's decoder replicas and HTTP ingress, the latent explorer) draws codes and
+decodes them through it, so the same (sampler, seed) gives the same bytes by construction.
+
+A galaxy is ``decode(latents(n, seed))``: codes from the prior N(0, I) or the fitted sampler,
+decoded to the decoder's mean and, for the sampler's draws, with residual detail drawn from
+p(x | z) (:mod:`ray_galaxy.generation.detail`) by the same seed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from ray_galaxy.checkpoint import ModelDir, ModelDirError, load_model_dir
+from ray_galaxy.config import ModelConfig
+from ray_galaxy.generation.detail import add_detail
+from ray_galaxy.generation.latents import most_active_dims, prior_latents
+from ray_galaxy.generation.sampler import SAMPLER_FILE, MixtureSampler, SamplerError, read_sampler
+from ray_galaxy.model import ConvVAE, to_uint8
+
+SAMPLERS = ("auto", "prior", "gmm")
+
+
+def decode(model: ConvVAE, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Codes (N, D) -> the decoder's means (N, 3, S, S) in [0, 1], in chunks of ``batch_size``."""
+    return torch.cat([model.decode(z[i:i + batch_size]) for i in range(0, len(z), batch_size)])
+
+
+class Generator:
+    """A model directory loaded once: model, sampler, residual detail and version."""
+
+    def __init__(self, model_dir: ModelDir, sampler: MixtureSampler | None, sampler_problem: str | None):
+        self.model_dir = model_dir
+        self.sampler = sampler
+        self.sampler_problem = sampler_problem
+
+    @classmethod
+    def load(cls, uri: str, device: str | torch.device = "cpu", weights: bool = True) -> "Generator":
+        """Read the model directory (and its sampler) once. ``weights=False`` loads no network:
+        codes and metadata only (the HTTP ingress). A stale or unreadable sampler is left out
+        and its reason kept in ``sampler_problem``: the prior still works."""
+        md = load_model_dir(uri, device=device, weights=weights)
+        try:
+            sampler = read_sampler(uri, md.sha256)
+            problem = None if sampler is not None else f"the model directory has no {SAMPLER_FILE}"
+        except (ModelDirError, OSError, ValueError, KeyError) as e:
+            sampler, problem = None, str(e)
+        return cls(md, sampler, problem)
+
+    # ------------------------------------------------------------------ what it is
+    @property
+    def uri(self) -> str:
+        return self.model_dir.uri
+
+    @property
+    def version(self) -> str:
+        return self.model_dir.version
+
+    @property
+    def model(self) -> ConvVAE:
+        if self.model_dir.model is None:
+            raise RuntimeError(f"{self.uri} was loaded without weights (weights=False)")
+        return self.model_dir.model
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model_dir.model_config
+
+    @property
+    def samplers(self) -> list[str]:
+        """The samplers this model can draw from."""
+        return ["prior"] + (["gmm"] if self.sampler is not None else [])
+
+    @property
+    def detail(self) -> dict[str, torch.Tensor] | None:
+        return self.sampler.detail if self.sampler is not None else None
+
+    def dims_by_activity(self) -> list[int]:
+        """Latent dimensions, most used first: by the sampler's per-dimension variance when there
+        is one, else by the validation KL per dimension (an inactive dimension carries ~0 KL and
+        changes nothing when moved), else in index order."""
+        d = self.model_config.latent_dim
+        score = None
+        if self.sampler is not None:
+            score = [float(v) for v in self.sampler.variance()]
+        else:
+            kl = (self.model_dir.metrics.get("best") or {}).get("val_kl_per_dim")
+            if isinstance(kl, list) and len(kl) == d \
+                    and all(isinstance(v, (int, float)) and math.isfinite(v) for v in kl):
+                score = [float(v) for v in kl]
+        if score is None or len(score) != d:
+            return list(range(d))
+        return list(most_active_dims(score, d))
+
+    # ------------------------------------------------------------------ codes
+    def resolve(self, sampler: str) -> str:
+        """'auto' is the fitted sampler when the model has one (with a small KL weight the prior's
+        samples land in holes of the latent space), else the prior."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if sampler == "auto":
+            return "gmm" if self.sampler is not None else "prior"
+        return sampler
+
+    def latents(self, n: int, seed: int = 0, sampler: str = "auto", temperature: float = 1.0) -> torch.Tensor:
+        """(n, latent_dim) codes for ``seed``; the same (sampler, seed) gives the same codes."""
+        if self.resolve(sampler) == "prior":
+            return prior_latents(self.model_config.latent_dim, n, seed, temperature)
+        if self.sampler is None:
+            raise SamplerError(f"{self.uri}: no usable sampler ({self.sampler_problem}); fit one with "
+                               f"`python jobs/fit_sampler.py --model {self.uri}` or use the prior")
+        return self.sampler.latents(n, seed, temperature)
+
+    def detail_seed(self, sampler: str, detail: bool, seed: int) -> int | None:
+        """The noise seed of residual detail for a request, None for the decoder's means: only the
+        fitted sampler's draws get detail, and only when the sampler has a detail model."""
+        if not detail or self.detail is None or self.resolve(sampler) != "gmm":
+            return None
+        return seed
+
+    # ------------------------------------------------------------------ images
+    def decode(self, z: torch.Tensor, detail_seed: int | None = None, offset: int = 0,
+               batch_size: int = 256) -> torch.Tensor:
+        """Codes (k, D) -> (k, 3, S, S) floats in [0, 1]: the decoder's means, plus residual detail
+        drawn from ``detail_seed`` when given (rows ``offset``.. of that seed's draw: a request
+        decoded in chunks gets the same bytes as one decoded whole)."""
+        means = decode(self.model, torch.as_tensor(z, dtype=torch.float32), batch_size)
+        if detail_seed is None or self.detail is None:
+            return means
+        return add_detail(means, self.detail, seed=detail_seed, offset=offset)
+
+    def generate(self, n: int, seed: int = 0, sampler: str = "auto", temperature: float = 1.0,
+                 detail: bool = True, keep: int | None = None, batch_size: int = 256) -> torch.Tensor:
+        """n galaxies from ``seed``, (n, 3, S, S) floats in [0, 1]; ``keep`` decodes only the first
+        ``keep`` of them (the same bytes, less work)."""
+        z = self.latents(n, seed, sampler, temperature)[:keep]
+        return self.decode(z, self.detail_seed(sampler, detail, seed), batch_size=batch_size)
+
+    def images(self, n: int, seed: int = 0, sampler: str = "auto", temperature: float = 1.0,
+               detail: bool = True, keep: int | None = None) -> np.ndarray:
+        """Like :meth:`generate`, as (n, S, S, 3) uint8: what a PNG of them holds."""
+        return to_uint8(self.generate(n, seed, sampler, temperature, detail, keep)).numpy()
+
+    def decode_uint8(self, z: np.ndarray | torch.Tensor, detail_seed: int | None = None,
+                     offset: int = 0, batch_size: int = 256) -> np.ndarray:
+        """Like :meth:`decode`, as (k, S, S, 3) uint8."""
+        return to_uint8(self.decode(torch.as_tensor(z), detail_seed, offset, batch_size)).numpy()

@@ -1,0 +1,194 @@
+"""The two-stage sampler: a density fitted to the training codes replaces the N(0, I) prior.
+
+Two-stage sampling (Dai & Wipf 2019, "Diagnosing and Enhancing VAE Models"; Ghosh et al. 2020,
+"From Variational to Deterministic Autoencoders", ex-post density estimation): with a small KL
+weight the aggregate posterior q(z) is far from N(0, I), and prior samples land where the
+decoder has seen nothing. A Gaussian mixture (scikit-learn's ``GaussianMixture``, fitted by EM)
+is fitted to the posterior means of the training images in all 8 D4 orientations (training
+augments with D4, so all eight are codes the decoder knows).
+
+By default the draws come from a second mixture built on the first: one Gaussian kernel per
+training code, shaped like the covariance of the component that code belongs to and shrunk by a
+bandwidth (a smoothed bootstrap, Silverman 1986, section 6.4.2, with locally shaped kernels as
+in Manifold Parzen windows, Vincent & Bengio 2003). The broad components put mass between
+galaxies whose decodes are blends; kernels stay near codes the decoder was trained on, while
+the bandwidth keeps samples as far from the training images as new galaxies are
+(docs/model.md, "Two-stage sampler").
+
+On disk, next to the model: ``sampler.pt`` (tensors only) and ``sampler.json`` (written last).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.mixture import GaussianMixture
+
+from ray_galaxy.checkpoint import ModelDirError, load_tensors, tensor_bytes
+from ray_galaxy.images import D4, orient
+from ray_galaxy.model import ConvVAE
+from ray_galaxy.storage import join, read_bytes, write_bytes
+
+SAMPLER_FILE = "sampler.pt"
+SAMPLER_META = "sampler.json"
+GMM_COMPONENTS = 40
+SAMPLER_ORIENTATIONS = 8
+# scikit-learn's tolerance on the gain of the mean log-likelihood per code (its default): on
+# GZ2's 10,056 codes of 64 dimensions EM stops after about 100 iterations.
+SAMPLER_EM_TOL = 1e-3
+COVARIANCE_REG = 1e-6  # added to every covariance diagonal so it stays positive definite
+COVARIANCES = ("full", "diag")
+# Kernel bandwidth, chosen on training data only (GZ2, three training runs; docs/model.md):
+# 0.25 / 0.35 / 0.45 put samples 0.89-0.92 / 0.92-0.95 / 0.95-0.97 times as far from the
+# training images as the job's own held-out galaxies (the memorisation ratio; the broad
+# components: 1.02-1.03). 0.45 is the smallest with samples about 0.95 as novel as new galaxies.
+KERNEL_BANDWIDTH = 0.45
+
+
+class SamplerError(ModelDirError):
+    """The requested sampler is missing from the model directory or does not match it."""
+
+
+def fit_mixture(x: np.ndarray, components: int = 10, covariance: str = "full", seed: int = 0,
+                tol: float = SAMPLER_EM_TOL, max_iter: int = 500) -> dict[str, Any]:
+    """Fit a Gaussian mixture to the rows of ``x`` (scikit-learn, k-means++ initialisation).
+
+    Returns weights (K,), means (K, D), covariances (K, D, D) (diagonal matrices for 'diag'),
+    the component of each row (most responsible), the mean log-likelihood per row, the EM
+    iterations run and whether EM converged.
+    """
+    if covariance not in COVARIANCES:
+        raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+    x = np.asarray(x, np.float64)
+    k = max(1, min(components, len(x)))
+    gm = GaussianMixture(k, covariance_type=covariance, tol=tol, reg_covar=COVARIANCE_REG,
+                         max_iter=max_iter, init_params="k-means++", random_state=seed)
+    gm.fit(x)
+    covs = gm.covariances_
+    if covariance == "diag":
+        covs = np.stack([np.diag(c) for c in covs])
+    return {"weights": gm.weights_, "means": gm.means_, "covariances": covs,
+            "component": gm.predict(x), "log_likelihood": float(gm.score(x)),
+            "iterations": int(gm.n_iter_), "converged": bool(gm.converged_)}
+
+
+@dataclass
+class MixtureSampler:
+    """A fitted two-stage sampler: mixture tensors, optional kernels and residual detail, meta."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        # Factorised once per load: every draw needs them (40 x 64 x 64 on GZ2).
+        self._chol = torch.linalg.cholesky(self.tensors["covariances"].double())
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.tensors["means"].shape[1])
+
+    @property
+    def detail(self) -> dict[str, torch.Tensor] | None:
+        """The residual detail model (:mod:`ray_galaxy.generation.detail`), None without one."""
+        d = {k[len("detail_"):]: v for k, v in self.tensors.items() if k.startswith("detail_")}
+        return d or None
+
+    def latents(self, n: int, seed: int = 0, temperature: float = 1.0) -> torch.Tensor:
+        """(n, D) codes by seed: a uniformly chosen training code plus noise shaped by its
+        component's covariance times the bandwidth (with kernels), else a component by weight
+        plus noise shaped by its covariance. ``temperature`` scales the noise."""
+        t = self.tensors
+        g = torch.Generator().manual_seed(int(seed))
+        if "kernel_codes" in t:
+            codes = t["kernel_codes"]  # index first, so a request converts only its own rows
+            pick = torch.randint(len(codes), (n,), generator=g)
+            comp, centre = t["kernel_component"][pick], codes[pick].double()
+            scale = temperature * float(t["kernel_bandwidth"])
+        else:
+            comp = torch.multinomial(t["weights"].double(), n, replacement=True, generator=g)
+            centre, scale = t["means"].double()[comp], temperature
+        eps = torch.randn(n, self.latent_dim, generator=g, dtype=torch.float64)
+        return (centre + scale * (self._chol[comp] @ eps[..., None])[..., 0]).float()
+
+    def variance(self) -> np.ndarray:
+        """Per-dimension variance of the mixture (law of total variance): how much each latent
+        dimension varies across the training codes."""
+        w = self.tensors["weights"].double().numpy()
+        means = self.tensors["means"].double().numpy()
+        var = np.einsum("kii->ki", self.tensors["covariances"].double().numpy())
+        return w @ (var + means ** 2) - (w @ means) ** 2
+
+    def mean_code(self) -> torch.Tensor:
+        """The mixture's mean code, (D,)."""
+        w = self.tensors["weights"].double()
+        return (w[:, None] * self.tensors["means"].double()).sum(0).float()
+
+    def summary(self) -> dict[str, Any]:
+        """What a person wants to know about it (Serve's /info, reports)."""
+        return {k: self.meta.get(k) for k in ("kind", "components", "covariance", "kernels", "bandwidth")}
+
+
+@torch.no_grad()
+def encode_means(model: ConvVAE, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Posterior means mu(x) of (N, S, S, 3) uint8 images: (N, latent_dim) float64."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2).float() / 255
+        out.append(model.encode(x)[0].double().cpu().numpy())
+    return np.concatenate(out)
+
+
+def fit_codes(model: ConvVAE, images: np.ndarray, components: int = GMM_COMPONENTS,
+              covariance: str = "full", seed: int = 0, orientations: int = SAMPLER_ORIENTATIONS,
+              bandwidth: float = KERNEL_BANDWIDTH, batch_size: int = 64
+              ) -> tuple[dict[str, torch.Tensor], dict[str, Any], np.ndarray]:
+    """Fit the mixture (and kernels) to the codes of ``images`` in their first ``orientations``
+    D4 elements. Returns the tensors, their description and the orientation-0 codes (N, D)."""
+    if not 1 <= orientations <= len(D4):
+        raise ValueError(f"orientations must be in 1..{len(D4)}, got {orientations}")
+    if not (bandwidth >= 0 and math.isfinite(bandwidth)):
+        raise ValueError(f"bandwidth must be a finite number >= 0, got {bandwidth}")
+    mu = encode_means(model, images, batch_size)
+    codes = np.concatenate([mu] + [encode_means(model, orient(images, o), batch_size)
+                                   for o in range(1, orientations)])  # (orientations * N, D)
+    gmm = fit_mixture(codes, components, covariance, seed)
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(gmm[k])) for k in ("weights", "means", "covariances")}
+    if bandwidth > 0:
+        tensors.update({"kernel_codes": torch.from_numpy(np.ascontiguousarray(codes, np.float32)),
+                        "kernel_component": torch.from_numpy(gmm["component"].astype(np.int64)),
+                        "kernel_bandwidth": torch.tensor(float(bandwidth), dtype=torch.float64)})
+    meta = {"format": 2, "kind": "gmm", "components": int(len(gmm["weights"])), "covariance": covariance,
+            "kernels": "codes" if bandwidth > 0 else "components", "bandwidth": float(bandwidth),
+            "seed": seed, "train_images": int(len(images)), "orientations": orientations,
+            "codes": int(len(codes)), "mean_log_likelihood": gmm["log_likelihood"],
+            "iterations": gmm["iterations"], "converged": gmm["converged"],
+            "latent_dim": int(codes.shape[1])}
+    return tensors, meta, mu
+
+
+def save_sampler(model_dir: str, sampler: MixtureSampler) -> None:
+    """Write sampler.pt, then sampler.json (the marker that it is complete)."""
+    write_bytes(join(model_dir, SAMPLER_FILE), tensor_bytes(sampler.tensors))
+    write_bytes(join(model_dir, SAMPLER_META), json.dumps(sampler.meta, indent=1).encode())
+
+
+def read_sampler(model_dir: str, model_sha256: str) -> MixtureSampler | None:
+    """The sampler of a model directory, None if it has none.
+
+    Raises :class:`SamplerError` when it was fitted to another model.pt (the model was retrained).
+    """
+    try:
+        meta = json.loads(read_bytes(join(model_dir, SAMPLER_META)))
+    except (FileNotFoundError, OSError):
+        return None
+    if meta.get("model_sha256") != model_sha256:
+        raise SamplerError(f"{model_dir}: {SAMPLER_FILE} was fitted to a different model.pt; refit it "
+                           "(jobs/fit_sampler.py or jobs/evaluate.py --fit-sampler)")
+    tensors = load_tensors(read_bytes(join(model_dir, SAMPLER_FILE)), join(model_dir, SAMPLER_FILE))
+    return MixtureSampler(tensors, meta)

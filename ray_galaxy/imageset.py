@@ -1,0 +1,101 @@
+"""Image collections read into memory in one process (no Ray): evaluation and sampler fits.
+
+Training streams through Ray Data (:mod:`ray_galaxy.data`); jobs that need a few thousand
+images as one array (the evaluation, fitting the sampler) read them here, with the same
+decoding, crop and train/val split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from ray_galaxy.data import (BUILTIN_DATASETS, BadImage, DataError, center_crop_resize, decode_image, is_val,
+                             list_images, resolve_data_uri, split_paths)
+from ray_galaxy.prepare import read_manifest
+from ray_galaxy.storage import exists, location_key, resolve
+
+
+def same_source(a: str, b: str) -> bool:
+    """Whether two data URIs name the same place (built-in names resolved first)."""
+    try:
+        return location_key(resolve_data_uri(a)) == location_key(resolve_data_uri(b))
+    except Exception:  # noqa: BLE001 - unreadable means "not provably the same"
+        return a == b
+
+
+def recorded_train_data(train_config: dict[str, Any]) -> str | None:
+    """The training source a model's config.json records, when it can still be read; else None."""
+    data = train_config.get("data")
+    if not data:
+        return None
+    if data in BUILTIN_DATASETS:
+        return data
+    try:
+        return data if exists(data) else None
+    except Exception:  # noqa: BLE001 - an unreachable URI means "not available"
+        return None
+
+
+def _shard_images(uri: str, manifest: dict[str, Any], size: int, crop: float, limit: int | None,
+                  split: str | None, val_fraction: float, rng: np.random.Generator,
+                  info: dict[str, Any]) -> list[np.ndarray]:
+    fs, root = resolve(uri)
+    s = int(manifest["image_size"])
+    raw, paths = [], []
+    for shard in manifest["shards"]:
+        t = pq.read_table(f"{root.rstrip('/')}/{shard}", columns=["image", "path"], filesystem=fs)
+        raw += t.column("image").to_pylist()
+        paths += t.column("path").to_pylist()
+    keep = [i for i, p in enumerate(paths) if split is None or is_val(p, val_fraction) == (split == "val")]
+    if limit is not None and len(keep) > limit:
+        keep = sorted(rng.choice(keep, limit, replace=False).tolist())
+    images = [np.frombuffer(raw[i], np.uint8).reshape(s, s, 3) for i in keep]
+    if s != size or crop != 1.0:
+        images = [np.asarray(center_crop_resize(Image.fromarray(im), size, crop)) for im in images]
+    info["files"] = len(paths)
+    return images
+
+
+def _file_images(uri: str, size: int, crop: float, limit: int | None, split: str | None,
+                 val_fraction: float, rng: np.random.Generator, info: dict[str, Any]) -> list[np.ndarray]:
+    fs, root = resolve(uri)
+    paths = list_images(uri)
+    info["files"] = len(paths)
+    if split is not None:
+        paths = split_paths(paths, val_fraction, root=root)[split == "val"]
+    if limit is not None and len(paths) > limit:
+        paths = [paths[i] for i in sorted(rng.choice(len(paths), limit, replace=False))]
+    images = []
+    for p in paths:
+        try:
+            with fs.open_input_stream(p) as f:
+                images.append(decode_image(f.read(), size, crop))
+        except BadImage:
+            info["skipped"] += 1
+    return images
+
+
+def load_images(uri: str, size: int, crop: float, limit: int | None = None, split: str | None = None,
+                val_fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+    """(N, size, size, 3) uint8 images from a folder/URI of pictures, a prepared dataset or 'hubble-xdf'.
+
+    ``split`` ('train' or 'val') keeps one side of the training job's hash split
+    (:func:`ray_galaxy.data.split_paths`, :func:`ray_galaxy.data.is_val`); ``limit`` keeps a
+    seeded random subset. Unreadable files are skipped and counted.
+    """
+    uri = resolve_data_uri(uri)
+    rng = np.random.default_rng(seed)
+    info: dict[str, Any] = {"source": uri, "split": split or "all", "skipped": 0}
+    manifest = read_manifest(uri)
+    if manifest is not None and "shards" in manifest:  # jobs/prepare_data.py output: Parquet shards
+        images = _shard_images(uri, manifest, size, crop, limit, split, val_fraction, rng, info)
+    else:
+        images = _file_images(uri, size, crop, limit, split, val_fraction, rng, info)
+    if not images:
+        raise DataError(f"no readable images in {uri!r} (split {info['split']})")
+    info["images"] = len(images)
+    return np.stack(images), info
