@@ -19,6 +19,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import ray  # noqa: E402
+
+from ray_galaxy.data import Resize, list_images, read_images, read_manifest, read_shards  # noqa: E402
+from ray_galaxy.prepare import PrepareConfig, prepare  # noqa: E402
+from ray_galaxy.runtime import ensure_ray  # noqa: E402
+from ray_galaxy.storage import filesystem_of  # noqa: E402
+
 
 def consume(ds, batch_size: int) -> float:
     """Images/s of iterating ``ds`` as torch batches to the end."""
@@ -28,26 +35,9 @@ def consume(ds, batch_size: int) -> float:
     return n / (time.time() - t0)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", default="../shared/datasets/gz2/train")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--crop", type=float, default=0.5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--compressions", default="zstd,none", help="shard compressions to compare (default zstd,none)")
-    args = p.parse_args()
-
-    import ray
-
-    from ray_galaxy.data import list_images, read_images, read_shards, resolve_uri
-    from ray_galaxy.prepare import PrepareConfig, prepare, read_manifest
-    from ray_galaxy.train import ensure_ray
-
-    ensure_ray()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    compressions = args.compressions.split(",")
+def prepare_all(args: argparse.Namespace, compressions: list[str]
+                ) -> tuple[dict[str, list[str]], dict[str, float], dict[str, float]]:
+    """Shards of ``args.input`` once per compression: (files, seconds to prepare, megabytes)."""
     shard_files, prepare_s, shard_mb = {}, {}, {}
     for comp in compressions:
         out = tempfile.mkdtemp(prefix=f"rg-shards-{comp}-")
@@ -57,19 +47,36 @@ def main() -> None:
         prepare_s[comp] = round(time.time() - t0, 1)
         shard_files[comp] = [os.path.join(out, s) for s in read_manifest(out)["shards"]]
         shard_mb[comp] = round(sum(os.path.getsize(f) for f in shard_files[comp]) / 1e6, 1)
+    return shard_files, prepare_s, shard_mb
+
+
+def main() -> None:
+    """Prepare the shards, time both read paths alternately, print the result as JSON."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", default="../shared/datasets/gz2/train")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--crop", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--compressions", default="zstd,none", help="shard compressions to compare (default zstd,none)")
+    args = p.parse_args()
+
+    ensure_ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    compressions = args.compressions.split(",")
+    shard_files, prepare_s, shard_mb = prepare_all(args, compressions)
     paths = list_images(args.input)
-    fs, _ = resolve_uri(args.input)
+    fs = filesystem_of(args.input)
     jpeg_mb = round(sum(os.path.getsize(p) for p in paths) / 1e6, 1)
 
     def raw():
         return read_images(paths, fs, args.image_size, args.crop).select_columns(["image"])
 
-    from ray_galaxy.data import _Resize
-
     def shards(comp):
         # The read path training uses (data._load_prepared), minus its hash split.
         return read_shards(shard_files[comp], None, args.image_size, ("image",)).map_batches(
-            _Resize(args.image_size, 1.0, args.image_size), batch_size=64, batch_format="numpy")
+            Resize(args.image_size, 1.0, args.image_size), batch_size=64, batch_format="numpy")
 
     rates = {"raw_jpeg": [], **{f"shards_{c}": [] for c in compressions}}
     for _ in range(args.repeats):

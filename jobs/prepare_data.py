@@ -10,18 +10,19 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ray_galaxy.config import parse_config  # noqa: E402
+from ray_galaxy.data import DataError  # noqa: E402
+from ray_galaxy.prepare import PrepareConfig, prepare  # noqa: E402
+from ray_galaxy.runtime import ensure_ray  # noqa: E402
+from ray_galaxy.storage import StorageError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ray_galaxy.data import DataError
-    from ray_galaxy.prepare import PrepareConfig, prepare
-    from ray_galaxy.train import ensure_ray
-
+    """Parse the flags, connect to Ray and prepare; 2 with one error line when the data cannot be used."""
     cfg, _ = parse_config(PrepareConfig, argv, __doc__)
     try:
         ensure_ray()
         manifest = prepare(cfg)
-    except DataError as e:
+    except (DataError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"prepared data: {cfg.output} ({manifest['written']} images)")

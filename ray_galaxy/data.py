@@ -1,8 +1,12 @@
-"""Galaxy image data: listing, guarded decoding, crop/resize, split, augmentation, Ray Data.
+"""Galaxy image data for training: listing, guarded decoding, crop/resize, split, Ray Data.
 
 Images are read as bytes by Ray Data and decoded by Pillow inside a guard, so one unreadable
 file is skipped and counted instead of failing the whole dataset (``ray.data.read_images``
 would fail). Decoded images are uint8 arrays of shape (S, S, 3).
+
+A source is a folder or URI of pictures, the built-in set's name (:mod:`ray_galaxy.builtin`)
+or the output of ``jobs/prepare_data.py`` (:mod:`ray_galaxy.prepare` writes it; the shard
+format, :data:`MANIFEST` and :func:`read_manifest`, is read here).
 """
 
 from __future__ import annotations
@@ -10,23 +14,32 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import shutil
-import tempfile
+import logging
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+from PIL import Image, ImageOps
+
+from ray_galaxy.builtin import resolve_data_uri
+from ray_galaxy.storage import StorageError, join, resolve
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-BUILTIN_DATASETS = ("hubble-xdf",)
 # Decoded images smaller than this on either side carry no usable galaxy.
 MIN_SOURCE_SIZE = 8
 # Refuse to decode images above this many pixels (decompression bombs): 64 megapixels.
 MAX_PIXELS = 64_000_000
+# Prepared shards (jobs/prepare_data.py): <output>/manifest.json, written last, names the shards.
+MANIFEST = "manifest.json"
+SHARDS_FORMAT = "ray-galaxy-shards/1"
+# Blocks per split: many small ones (see _blocks).
+MIN_BLOCKS, MAX_BLOCKS = 8, 256
 
 
 class DataError(RuntimeError):
@@ -44,10 +57,8 @@ class BadImage(ValueError):
 # --------------------------------------------------------------------------- decoding
 
 
-def center_crop_resize(img: "Image.Image", size: int, crop: float = 1.0) -> "Image.Image":
+def center_crop_resize(img: Image.Image, size: int, crop: float = 1.0) -> Image.Image:
     """Keep the central ``crop`` fraction of the largest centred square, resize to size x size."""
-    from PIL import Image
-
     w, h = img.size
     side = min(w, h) * crop
     left, top = (w - side) / 2, (h - side) / 2
@@ -57,28 +68,12 @@ def center_crop_resize(img: "Image.Image", size: int, crop: float = 1.0) -> "Ima
 
 def decode_image(data: bytes, size: int, crop: float = 1.0) -> np.ndarray:
     """Bytes of any Pillow-readable image -> (size, size, 3) uint8 RGB; raises :class:`BadImage`."""
-    from PIL import Image, ImageOps
-
     if not data:
         raise BadImage("unreadable", "empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise BadImage("too_large", f"{w}x{h} exceeds {MAX_PIXELS} pixels")
-            if min(w, h) < MIN_SOURCE_SIZE:
-                raise BadImage("too_small", f"{w}x{h}")
-            # JPEG draft mode decodes at a reduced scale directly: much cheaper than a full
-            # decode followed by a downscale.
-            if img.format == "JPEG":
-                need = int(np.ceil(size / crop))
-                img.draft("RGB", (need, need))
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
-            out = center_crop_resize(img, size, crop)
+            out = _decode_guarded(data, size, crop)
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -91,10 +86,26 @@ def decode_image(data: bytes, size: int, crop: float = 1.0) -> np.ndarray:
     return arr
 
 
-def _to_rgb(img: "Image.Image") -> "Image.Image":
-    """Any mode -> RGB; 16-bit and float images are rescaled to 8 bits, alpha is flattened on black."""
-    from PIL import Image
+def _decode_guarded(data: bytes, size: int, crop: float) -> Image.Image:
+    """The decode itself; the size checks read only the header, before any pixel is decoded."""
+    img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise BadImage("too_large", f"{w}x{h} exceeds {MAX_PIXELS} pixels")
+    if min(w, h) < MIN_SOURCE_SIZE:
+        raise BadImage("too_small", f"{w}x{h}")
+    # JPEG draft mode decodes at a reduced scale directly: much cheaper than a full
+    # decode followed by a downscale.
+    if img.format == "JPEG":
+        need = int(np.ceil(size / crop))
+        img.draft("RGB", (need, need))
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    return center_crop_resize(_to_rgb(img), size, crop)
 
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode -> RGB; 16-bit and float images are rescaled to 8 bits, alpha is flattened on black."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
         lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
@@ -110,35 +121,27 @@ def _to_rgb(img: "Image.Image") -> "Image.Image":
 # --------------------------------------------------------------------------- listing and split
 
 
-def resolve_uri(uri: str) -> tuple[Any, str]:
-    """(pyarrow FileSystem, path within it) for a local path or a URI such as s3://bucket/key."""
-    import pyarrow.fs as pafs
-
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+def _entries(uri: str) -> list[pafs.FileInfo]:
+    """The file (or every entry below the folder) at ``uri``; DataError when it cannot be read."""
     try:
-        return pafs.FileSystem.from_uri(uri)
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"cannot open {uri}: {e}") from None
-
-
-def list_images(uri: str) -> list[str]:
-    """All image files under ``uri`` (recursive), sorted; paths are in the filesystem's terms."""
-    import pyarrow.fs as pafs
-
-    fs, root = resolve_uri(uri)
-    try:
+        fs, root = resolve(uri)
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.NotFound:
             raise DataError(f"data source {uri!r} does not exist")
         if info.type == pafs.FileType.File:
-            entries = [info]
-        else:
-            entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+            return [info]
+        return fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except DataError:
         raise
-    except Exception as e:  # noqa: BLE001
+    except StorageError as e:
+        raise DataError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - pyarrow raises OSError and others for an unreachable store
         raise DataError(f"cannot list {uri!r}: {e}") from None
+
+
+def list_images(uri: str) -> list[str]:
+    """All image files under ``uri`` (recursive), sorted; paths are in the filesystem's terms."""
+    entries = _entries(uri)
     paths = sorted(
         e.path for e in entries
         if e.type == pafs.FileType.File and e.path.lower().endswith(IMAGE_EXTENSIONS)
@@ -175,93 +178,82 @@ def is_val(rel_path: str, val_fraction: float) -> bool:
     return h < val_fraction
 
 
-# --------------------------------------------------------------------------- augmentation
+# --------------------------------------------------------------------------- prepared shards
 
 
-def augment_d4(x: "torch.Tensor", generator: "torch.Generator | None" = None) -> "torch.Tensor":
-    """Apply an independent random element of the dihedral group D4 to each image.
-
-    x: (B, C, S, S). Galaxies have no preferred orientation, so the 4 rotations by 90 degrees,
-    each with or without a mirror flip, are equally valid views.
-    """
-    import torch
-
-    b = x.shape[0]
-    g = torch.randint(0, 8, (b,), generator=generator).to(x.device)
-    out = torch.empty_like(x)
-    for e in range(8):
-        idx = (g == e).nonzero(as_tuple=True)[0]
-        if idx.numel() == 0:
-            continue
-        y = torch.rot90(x[idx], e % 4, dims=(2, 3))
-        out[idx] = torch.flip(y, dims=(3,)) if e >= 4 else y
-    return out
-
-
-# --------------------------------------------------------------------------- built-in dataset
-
-
-def cache_dir() -> Path:
-    """Folder for built datasets: $RAY_GALAXY_CACHE or ~/.cache/ray-galaxy."""
-    return Path(os.environ.get("RAY_GALAXY_CACHE", Path.home() / ".cache" / "ray-galaxy"))
-
-
-def build_hubble_xdf(root: Path | None = None, k_sigma: float = 3.0, min_area: int = 60,
-                     pad: float = 1.6, out_size: int = 64) -> Path:
-    """Cut galaxies out of the Hubble eXtreme Deep Field image shipped with scikit-image.
-
-    Sources are pixels more than ``k_sigma`` robust standard deviations above the median
-    background of the smoothed luminance, grouped into connected components; components of at
-    least ``min_area`` pixels not touching the border are cut out as squares ``pad`` times
-    their larger extent and resized to ``out_size``. Built once; later calls reuse the folder.
-    """
-    from PIL import Image
-    from skimage import data as skdata, filters, measure
-
-    root = Path(root) if root else cache_dir() / "hubble-xdf-v1"
-    if (root / "manifest.json").is_file():
-        return root
-    img = skdata.hubble_deep_field()  # (872, 1000, 3) uint8, ships inside scikit-image
-    lum = img.astype(np.float32).mean(-1)
-    bg = float(np.median(lum))
-    noise = float(np.median(np.abs(lum - bg)) * 1.4826)
-    smooth = filters.gaussian(lum, sigma=1.5, preserve_range=True)
-    labels = measure.label(smooth > bg + k_sigma * noise)
-    h, w = lum.shape
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".hubble-xdf-", dir=root.parent))
-    kept = []
-    for p in measure.regionprops(labels):
-        if p.area < min_area:
-            continue
-        r0, c0, r1, c1 = p.bbox
-        side = max(int(max(r1 - r0, c1 - c0) * pad), 16)
-        cy, cx = (r0 + r1) // 2, (c0 + c1) // 2
-        top, left = cy - side // 2, cx - side // 2
-        if top < 0 or left < 0 or top + side > h or left + side > w:
-            continue
-        cut = Image.fromarray(img[top:top + side, left:left + side])
-        cut = cut.resize((out_size, out_size), Image.Resampling.LANCZOS)
-        name = f"xdf_{len(kept):04d}.png"
-        cut.save(tmp / name)
-        kept.append({"file": name, "row": int(cy), "col": int(cx), "side": side, "area": int(p.area)})
-    (tmp / "manifest.json").write_text(json.dumps({
-        "source": "skimage.data.hubble_deep_field()", "k_sigma": k_sigma, "min_area": min_area,
-        "count": len(kept), "cutouts": kept}, indent=1))
+def read_manifest(uri: str) -> dict[str, Any] | None:
+    """The manifest of a prepared output at ``uri``, or None if ``uri`` is not one."""
     try:
-        tmp.rename(root)  # atomic: concurrent builders never see a half-built folder
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (root / "manifest.json").is_file():
-            raise
-    return root
+        fs, root = resolve(uri)
+    except StorageError as e:
+        raise DataError(str(e)) from None
+    path = join(root, MANIFEST)
+    try:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        with fs.open_input_stream(path) as f:
+            manifest = json.loads(f.read())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{uri}: {MANIFEST} is not valid JSON ({e})") from None
+    except OSError as e:  # an unreachable or refusing store
+        raise DataError(f"cannot read {uri!r}: {e}") from None
+    # Other tools (and the built-in dataset cache) write manifest.json files too.
+    if not isinstance(manifest, dict) or manifest.get("format") != SHARDS_FORMAT:
+        return None
+    return manifest
 
 
-def resolve_data_uri(data: str) -> str:
-    """Map a built-in dataset name to its (built on demand) folder; other URIs pass through."""
-    if data == "hubble-xdf":
-        return str(build_hubble_xdf())
-    return data
+def shard_images(values: Any, stored_size: int) -> np.ndarray:
+    """A shard's ``image`` column (raw bytes per row) -> (N, S, S, 3) uint8."""
+    return np.frombuffer(b"".join(values), dtype=np.uint8).reshape(-1, stored_size, stored_size, 3)
+
+
+def resize_images(images: np.ndarray, size: int, crop: float = 1.0) -> np.ndarray:
+    """(N, S, S, 3) uint8 -> (N, size, size, 3): central ``crop`` kept, resized; unchanged if already so."""
+    if images.shape[1] == size and crop == 1.0:
+        return images
+    return np.stack([np.asarray(center_crop_resize(Image.fromarray(im), size, crop)) for im in images]
+                    ) if len(images) else np.zeros((0, size, size, 3), np.uint8)
+
+
+class _ParseShards:
+    """Ray Data batch UDF: whole Parquet shard files (their bytes) -> rows of uint8 images.
+
+    Reading the files as bytes and parsing them here is ~4x faster than ``read_parquet`` for
+    these shards (a few large binary values per row; benchmarks/README.md, "Ingest")."""
+
+    def __init__(self, stored_size: int, columns: tuple[str, ...] = ("image", "path")) -> None:
+        self.stored, self.columns = stored_size, columns
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {c: [] for c in self.columns}
+        for blob in batch["bytes"]:
+            table = pq.read_table(pa.BufferReader(blob), columns=list(self.columns))
+            for c in self.columns:
+                values = table.column(c).to_numpy(zero_copy_only=False)
+                out[c].append(shard_images(values, self.stored) if c == "image" else values)
+        return {c: np.concatenate(v) for c, v in out.items()}
+
+
+class Resize:
+    """Ray Data batch UDF: shard images (raw bytes or uint8 arrays) -> uint8 images,
+    cropped/resized to the training size."""
+
+    def __init__(self, size: int, crop: float, stored_size: int) -> None:
+        self.size, self.crop, self.stored = size, crop, stored_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        imgs = batch["image"]
+        if imgs.dtype == object:
+            imgs = shard_images(imgs, self.stored)
+        return {"image": resize_images(imgs, self.size, self.crop)}
+
+
+def read_shards(files: list[str], filesystem: Any, stored_size: int,
+                columns: tuple[str, ...] = ("image", "path")) -> ray.data.Dataset:
+    """A dataset of the rows of prepared shard files: ``image`` as (S, S, 3) uint8, ``path``."""
+    return ray.data.read_binary_files(files, filesystem=filesystem).map_batches(
+        _ParseShards(stored_size, columns), batch_size=1, batch_format="numpy")
 
 
 # --------------------------------------------------------------------------- Ray Data
@@ -281,7 +273,17 @@ class DataStats:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """The stats as a plain dict (for metrics.json)."""
         return dict(self.__dict__)
+
+    def count_bad(self, rows: list[dict[str, Any]]) -> None:
+        """Add skipped files (rows with ``path`` and ``error``) to the counts and examples."""
+        for row in rows:
+            reason = row["error"].split(":", 1)[0]
+            self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + 1
+            if len(self.skipped_examples) < 20:
+                self.skipped_examples.append(f"{row['path']}: {row['error']}")
+        self.skipped += len(rows)
 
 
 class _Decode:
@@ -304,63 +306,60 @@ class _Decode:
                 "error": np.asarray(errors, dtype=object)}
 
 
-def read_images(paths: list[str], filesystem: Any, size: int, crop: float) -> "ray.data.Dataset":
+def read_images(paths: list[str], filesystem: Any, size: int, crop: float) -> ray.data.Dataset:
     """Lazy Ray dataset of decoded images with columns image, path, error ('' when good)."""
-    import ray
-
     ds = ray.data.read_binary_files(paths, filesystem=filesystem, include_paths=True,
                                     ignore_missing_paths=False)
     return ds.map_batches(_Decode(size, crop), batch_size=64, batch_format="numpy")
 
 
-def _good_only(ds: "ray.data.Dataset") -> "ray.data.Dataset":
-    return ds.filter(lambda row: row["error"] == "").select_columns(["image"])
+def _blocks(n_images: int) -> int:
+    """Blocks to split ``n_images`` into.
+
+    Many small blocks: Train's equal split may drop up to (workers - 1) rows an epoch to keep
+    DDP ranks in step; with blocks visited in random order that is a different handful each
+    epoch rather than the same images forever.
+    """
+    return max(MIN_BLOCKS, min(MAX_BLOCKS, n_images // 64))
+
+
+def _quiet_ray_data() -> None:
+    """Our own progress lines say what happens; Ray Data's per-operator logging would bury them."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def load_datasets(data: str, image_size: int, crop: float, val_fraction: float
-                  ) -> tuple["ray.data.Dataset", "ray.data.Dataset", DataStats]:
+                  ) -> tuple[ray.data.Dataset, ray.data.Dataset, DataStats]:
     """Read, decode and split a galaxy image source into materialized train/val Ray datasets.
 
     Decoding happens once; epochs then iterate the decoded uint8 arrays from the object
     store, so training never waits on JPEG decoding. Bad files are dropped and counted.
     """
-    import logging
-
-    import ray
-
-    # Our own progress lines say what happens; Ray Data's per-operator logging would bury them.
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    _quiet_ray_data()
     t0 = time.time()
     uri = resolve_data_uri(data)
-    from ray_galaxy.prepare import read_manifest
-
     manifest = read_manifest(uri)
     if manifest is not None:
         return _load_prepared(uri, manifest, image_size, crop, val_fraction, t0)
+    return _load_files(data, uri, image_size, crop, val_fraction, t0)
+
+
+def _load_files(data: str, uri: str, image_size: int, crop: float, val_fraction: float,
+                t0: float) -> tuple[ray.data.Dataset, ray.data.Dataset, DataStats]:
+    """Train/val datasets from a folder or URI of pictures, decoded once with the guard."""
     paths = list_images(uri)
-    fs, root = resolve_uri(uri)
-    train_paths, val_paths = split_paths(paths, val_fraction, root=root)
+    fs, root = resolve(uri)
     stats = DataStats(source=data, files=len(paths))
     out = []
-    for split_paths_ in (train_paths, val_paths):
-        ds = read_images(split_paths_, fs, image_size, crop).materialize()
-        bad = ds.filter(lambda row: row["error"] != "").select_columns(["path", "error"]).take_all()
-        for row in bad:
-            reason = row["error"].split(":", 1)[0]
-            stats.skipped_by_reason[reason] = stats.skipped_by_reason.get(reason, 0) + 1
-            if len(stats.skipped_examples) < 20:
-                stats.skipped_examples.append(f"{row['path']}: {row['error']}")
-        stats.skipped += len(bad)
-        good = _good_only(ds)
-        # Many small blocks: Train's equal split may drop up to (workers - 1) rows an epoch to
-        # keep DDP ranks in step; with blocks visited in random order that is a different
-        # handful each epoch rather than the same images forever.
-        out.append(good.repartition(max(8, min(256, len(split_paths_) // 64))).materialize())
-    stats.train_images = out[0].count()
-    stats.val_images = out[1].count()
+    for part in split_paths(paths, val_fraction, root=root):
+        ds = read_images(part, fs, image_size, crop).materialize()
+        stats.count_bad(ds.filter(lambda row: row["error"] != "").select_columns(["path", "error"]).take_all())
+        good = ds.filter(lambda row: row["error"] == "").select_columns(["image"])
+        out.append(good.repartition(_blocks(len(part))).materialize())
+    stats.train_images, stats.val_images = out[0].count(), out[1].count()
     stats.seconds = round(time.time() - t0, 2)
     if stats.train_images == 0:
         raise DataError(f"no readable training images in {data!r} "
@@ -371,75 +370,19 @@ def load_datasets(data: str, image_size: int, crop: float, val_fraction: float
     return out[0], out[1], stats
 
 
-class _Resize:
-    """Ray Data batch UDF: shard images (raw bytes or uint8 arrays) -> uint8 images,
-    cropped/resized to the training size."""
-
-    def __init__(self, size: int, crop: float, stored_size: int) -> None:
-        self.size, self.crop, self.stored = size, crop, stored_size
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from PIL import Image
-
-        s = self.stored
-        imgs = batch["image"]
-        if imgs.dtype == object:
-            imgs = np.frombuffer(b"".join(imgs), dtype=np.uint8).reshape(-1, s, s, 3)
-        if imgs.shape[1] == self.size and self.crop == 1.0:
-            return {"image": imgs}
-        out = np.stack([np.asarray(center_crop_resize(Image.fromarray(im), self.size, self.crop))
-                        for im in imgs])
-        return {"image": out}
-
-
-class _ParseShards:
-    """Ray Data batch UDF: whole Parquet shard files (their bytes) -> rows of uint8 images.
-
-    Reading the files as bytes and parsing them here is ~4x faster than ``read_parquet`` for
-    these shards (a few large binary values per row; benchmarks/README.md, "Ingest")."""
-
-    def __init__(self, stored_size: int, columns: tuple[str, ...] = ("image", "path")) -> None:
-        self.stored, self.columns = stored_size, columns
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        s, out = self.stored, {c: [] for c in self.columns}
-        for blob in batch["bytes"]:
-            table = pq.read_table(pa.BufferReader(blob), columns=list(self.columns))
-            for c in self.columns:
-                values = table.column(c).to_numpy(zero_copy_only=False)
-                if c == "image":
-                    values = np.frombuffer(b"".join(values), dtype=np.uint8).reshape(-1, s, s, 3)
-                out[c].append(values)
-        return {c: np.concatenate(v) for c, v in out.items()}
-
-
-def read_shards(files: list[str], filesystem: Any, stored_size: int,
-                columns: tuple[str, ...] = ("image", "path")) -> "ray.data.Dataset":
-    """A dataset of the rows of prepared shard files: ``image`` as (S, S, 3) uint8, ``path``."""
-    import ray
-
-    return ray.data.read_binary_files(files, filesystem=filesystem).map_batches(
-        _ParseShards(stored_size, columns), batch_size=1, batch_format="numpy")
-
-
 def _load_prepared(uri: str, manifest: dict[str, Any], image_size: int, crop: float,
-                   val_fraction: float, t0: float) -> tuple["ray.data.Dataset", "ray.data.Dataset", DataStats]:
+                   val_fraction: float, t0: float) -> tuple[ray.data.Dataset, ray.data.Dataset, DataStats]:
     """Train/val datasets from a jobs/prepare_data.py output (Parquet shards, no decoding)."""
-    fs, root = resolve_uri(uri)
-    files = [f"{root.rstrip('/')}/{s}" for s in manifest["shards"]]
-    ds = read_shards(files, fs, int(manifest["image_size"]))
+    fs, root = resolve(uri)
+    stored = int(manifest["image_size"])
+    ds = read_shards([join(root, s) for s in manifest["shards"]], fs, stored)
     stats = DataStats(source=uri, files=int(manifest.get("written", 0)))
     stats.skipped_by_reason = {f"prepare:{k}": v for k, v in manifest.get("dropped", {}).items()}
     out = []
     for want_val in (False, True):
         part = ds.filter(lambda r, v=want_val: is_val(r["path"], val_fraction) == v)
-        part = part.map_batches(_Resize(image_size, crop, int(manifest["image_size"])), batch_size=64,
-                                batch_format="numpy")
-        n_blocks = max(8, min(256, stats.files // 64))
-        out.append(part.repartition(n_blocks).materialize())
+        part = part.map_batches(Resize(image_size, crop, stored), batch_size=64, batch_format="numpy")
+        out.append(part.repartition(_blocks(stats.files)).materialize())
     stats.train_images, stats.val_images = out[0].count(), out[1].count()
     stats.seconds = round(time.time() - t0, 2)
     if stats.train_images == 0 or stats.val_images == 0:

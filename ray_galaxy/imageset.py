@@ -1,4 +1,4 @@
-"""Image collections read into memory in one process (no Ray): evaluation and sampler fits.
+"""Image collections read into memory in one process (no Ray Data): evaluation and sampler fits.
 
 Training streams through Ray Data (:mod:`ray_galaxy.data`); jobs that need a few thousand
 images as one array (the evaluation, fitting the sampler) read them here, with the same
@@ -11,12 +11,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image
 
-from ray_galaxy.data import (BUILTIN_DATASETS, BadImage, DataError, center_crop_resize, decode_image, is_val,
-                             list_images, resolve_data_uri, split_paths)
-from ray_galaxy.prepare import read_manifest
-from ray_galaxy.storage import exists, location_key, resolve
+from ray_galaxy.builtin import BUILTIN_DATASETS, resolve_data_uri
+from ray_galaxy.data import (BadImage, DataError, decode_image, is_val, list_images, read_manifest,
+                             resize_images, shard_images, split_paths)
+from ray_galaxy.storage import exists, join, location_key, resolve
 
 
 def same_source(a: str, b: str) -> bool:
@@ -47,17 +46,14 @@ def _shard_images(uri: str, manifest: dict[str, Any], size: int, crop: float, li
     s = int(manifest["image_size"])
     raw, paths = [], []
     for shard in manifest["shards"]:
-        t = pq.read_table(f"{root.rstrip('/')}/{shard}", columns=["image", "path"], filesystem=fs)
+        t = pq.read_table(join(root, shard), columns=["image", "path"], filesystem=fs)
         raw += t.column("image").to_pylist()
         paths += t.column("path").to_pylist()
     keep = [i for i, p in enumerate(paths) if split is None or is_val(p, val_fraction) == (split == "val")]
     if limit is not None and len(keep) > limit:
         keep = sorted(rng.choice(keep, limit, replace=False).tolist())
-    images = [np.frombuffer(raw[i], np.uint8).reshape(s, s, 3) for i in keep]
-    if s != size or crop != 1.0:
-        images = [np.asarray(center_crop_resize(Image.fromarray(im), size, crop)) for im in images]
     info["files"] = len(paths)
-    return images
+    return list(resize_images(shard_images([raw[i] for i in keep], s), size, crop))
 
 
 def _file_images(uri: str, size: int, crop: float, limit: int | None, split: str | None,

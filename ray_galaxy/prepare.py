@@ -13,11 +13,13 @@ Output layout (local or s3://)::
 
 Re-running deletes the manifest first, writes a new shards folder, writes the manifest and only
 then removes older shards folders, so a reader sees the old output, the new one, or "unfinished";
-never a mix.
+never a mix. The shard format itself (:data:`ray_galaxy.data.MANIFEST`,
+:func:`ray_galaxy.data.read_manifest`) belongs to the data layer, which training reads it with.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import time
 import uuid
@@ -25,12 +27,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
+import ray
+from PIL import Image
+from scipy.fft import dctn
 
-from ray_galaxy.config import _h
-from ray_galaxy.data import BadImage, DataError, decode_image, list_images, resolve_uri
+from ray_galaxy.config import ConfigError, _h
+from ray_galaxy.console import log
+from ray_galaxy.data import MANIFEST, SHARDS_FORMAT, BadImage, DataError, decode_image, list_images
+from ray_galaxy.storage import join, resolve
 
-MANIFEST = "manifest.json"
-SHARDS_FORMAT = "ray-galaxy-shards/1"
 COMPRESSIONS = ("zstd", "none", "lz4", "snappy")
 HASH_BITS = 256
 # Hamming distance (of 256 bits) at or below which two prepared images are the same galaxy.
@@ -55,8 +61,6 @@ class PrepareConfig:
                           "largest), lz4 or snappy.", default="zstd")
 
     def __post_init__(self) -> None:
-        from ray_galaxy.config import ConfigError
-
         if not self.input or not self.output:
             raise ConfigError("both --input and --output are required")
         if not 8 <= self.image_size <= 1024:
@@ -78,9 +82,6 @@ def perceptual_hash(image: np.ndarray) -> bytes:
     Luminance is box-resized to 64x64, the 2-D DCT taken, and the 16x16 lowest frequencies
     (less the DC term, plus one padding bit) are thresholded at their median.
     """
-    from PIL import Image
-    from scipy.fft import dctn
-
     g = Image.fromarray(image).convert("L").resize((64, 64), Image.Resampling.BOX)
     d = dctn(np.asarray(g, dtype=np.float64), norm="ortho")[:16, :16].ravel()[1:]
     bits = np.append(d > np.median(d), False)
@@ -115,6 +116,14 @@ def find_duplicates(hashes: list[bytes], threshold: int = DUPLICATE_BITS, block:
 # --------------------------------------------------------------------------- Ray Data step
 
 
+def _header_size(raw: bytes) -> tuple[int, int]:
+    """(width, height) from the header, or (0, 0) when unreadable (decode_image names why)."""
+    try:
+        return Image.open(io.BytesIO(raw)).size
+    except Exception:  # noqa: BLE001 - any failure here is reported by decode_image
+        return 0, 0
+
+
 class _Prepare:
     """Ray Data batch UDF: bytes -> prepared image, hash, original size, or an error reason."""
 
@@ -122,18 +131,12 @@ class _Prepare:
         self.size, self.crop, self.min_size = size, crop, min_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from PIL import Image
-        import io
-
         n = len(batch["path"])
         images = np.zeros((n, self.size, self.size, 3), dtype=np.uint8)
         hashes, errors, widths, heights = [], [], np.zeros(n, np.int32), np.zeros(n, np.int32)
         for i, raw in enumerate(batch["bytes"]):
             try:
-                try:
-                    w, h = Image.open(io.BytesIO(raw)).size
-                except Exception:  # noqa: BLE001 - decode_image names the reason
-                    w = h = 0
+                w, h = _header_size(raw)
                 if w and h and min(w, h) < self.min_size:
                     raise BadImage("too_small", f"{w}x{h} is below {self.min_size}px")
                 images[i] = decode_image(raw, self.size, self.crop)
@@ -151,67 +154,96 @@ class _Prepare:
                 "error": np.asarray(errors, dtype=object)}
 
 
-def _delete_dir(fs: Any, path: str) -> None:
-    import pyarrow.fs as pafs
-
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)
-
-
-def prepare(cfg: PrepareConfig) -> dict[str, Any]:
-    """Run the preparation; returns the manifest it wrote."""
-    import pyarrow.fs as pafs
-    import ray
-
-    t0 = time.time()
-    paths = list_images(cfg.input)
-    in_fs, in_root = resolve_uri(cfg.input)
-    out_fs, out_root = resolve_uri(cfg.output)
-    print(f"[ray-galaxy] preparing {len(paths)} files from {cfg.input} -> {cfg.output} "
-          f"({cfg.image_size}px, crop {cfg.crop}, dedupe {'on' if cfg.dedupe else 'off'})", flush=True)
-    ds = ray.data.read_binary_files(paths, filesystem=in_fs, include_paths=True)
-    ds = ds.map_batches(_Prepare(cfg.image_size, cfg.crop, cfg.min_size), batch_size=32,
-                        batch_format="numpy").materialize()
-    meta = ds.select_columns(["path", "hash", "error"]).take_all()
+def _count_dropped(meta: list[dict[str, Any]]) -> tuple[dict[str, int], list[str]]:
+    """Dropped files by reason, and up to 20 examples, from the rows' ``error`` column."""
     dropped: dict[str, int] = {}
     examples: list[str] = []
-    good = [r for r in meta if not r["error"]]
     for r in meta:
         if r["error"]:
             reason = r["error"].split(":", 1)[0]
             dropped[reason] = dropped.get(reason, 0) + 1
             if len(examples) < 20:
                 examples.append(f"{r['path']}: {r['error']}")
-    good.sort(key=lambda r: r["path"])
-    drop_paths: set[str] = set()
-    if cfg.dedupe:
-        dup_idx = find_duplicates([bytes.fromhex(r["hash"]) for r in good])
-        drop_paths = {good[i]["path"] for i in dup_idx}
-        if drop_paths:
-            dropped["duplicate"] = len(drop_paths)
-    keep = ds.filter(lambda r: not r["error"] and r["path"] not in drop_paths).drop_columns(["error"])
+    return dropped, examples
 
-    # Relative paths: the split by path hash must not depend on the bucket or mount point.
+
+def _duplicate_paths(meta: list[dict[str, Any]]) -> set[str]:
+    """Paths of near-duplicates among the good rows; the first in sorted path order is kept."""
+    good = sorted((r for r in meta if not r["error"]), key=lambda r: r["path"])
+    return {good[i]["path"] for i in find_duplicates([bytes.fromhex(r["hash"]) for r in good])}
+
+
+def _relative_paths(ds: ray.data.Dataset, in_root: str) -> ray.data.Dataset:
+    """Paths relative to the input: the split by path hash must not depend on the bucket or mount."""
     root = in_root.rstrip("/") + "/"
-    keep = keep.map_batches(lambda b: {**b, "path": np.asarray(
+    return ds.map_batches(lambda b: {**b, "path": np.asarray(
         [p[len(root):] if p.startswith(root) else p for p in b["path"]], dtype=object)},
         batch_format="numpy")
 
-    manifest_path = f"{out_root.rstrip('/')}/{MANIFEST}"
-    out_fs.create_dir(out_root, recursive=True)
-    if out_fs.get_file_info(manifest_path).type != pafs.FileType.NotFound:
-        out_fs.delete_file(manifest_path)  # from here on the old output reads as unfinished
+
+# --------------------------------------------------------------------------- output folder
+
+
+def _delete_dir(fs: pafs.FileSystem, path: str) -> None:
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def _start_output(fs: pafs.FileSystem, out_root: str) -> str:
+    """Mark the output unfinished (its manifest removed); returns this run's new shards folder."""
+    fs.create_dir(out_root, recursive=True)
+    manifest_path = join(out_root, MANIFEST)
+    if fs.get_file_info(manifest_path).type != pafs.FileType.NotFound:
+        fs.delete_file(manifest_path)  # from here on the old output reads as unfinished
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    shard_dir = f"{out_root.rstrip('/')}/shards-{run_id}"
+    return join(out_root, f"shards-{run_id}")
+
+
+def _write_shards(ds: ray.data.Dataset, n_rows: int, fs: pafs.FileSystem, shard_dir: str,
+                  cfg: PrepareConfig) -> list[str]:
+    """Write ``ds`` as Parquet files of ``rows_per_shard`` rows; returns their paths, sorted."""
+    # Pixels barely compress, and Parquet's default (snappy, with a dictionary attempt per
+    # value) made reading the shards slower than decoding the JPEGs: benchmarks/README.md.
+    ds.repartition(max(1, -(-n_rows // cfg.rows_per_shard))).write_parquet(
+        shard_dir, filesystem=fs, compression=cfg.compression, use_dictionary=["path", "hash"])
+    return sorted(i.path for i in fs.get_file_info(pafs.FileSelector(shard_dir))
+                  if i.path.endswith(".parquet"))
+
+
+def _publish(fs: pafs.FileSystem, out_root: str, shard_dir: str, manifest: dict[str, Any]) -> None:
+    """Write the manifest (the output is now finished), then remove older shards folders."""
+    with fs.open_output_stream(join(out_root, MANIFEST)) as f:
+        f.write(json.dumps(manifest, indent=1).encode())
+    for info in fs.get_file_info(pafs.FileSelector(out_root)):
+        name = info.path.rstrip("/").rsplit("/", 1)[-1]
+        if info.type == pafs.FileType.Directory and name.startswith("shards-") and info.path != shard_dir:
+            _delete_dir(fs, info.path)
+
+
+def prepare(cfg: PrepareConfig) -> dict[str, Any]:
+    """Run the preparation; returns the manifest it wrote."""
+    t0 = time.time()
+    paths = list_images(cfg.input)
+    in_fs, in_root = resolve(cfg.input)
+    out_fs, out_root = resolve(cfg.output)
+    log(f"preparing {len(paths)} files from {cfg.input} -> {cfg.output} "
+        f"({cfg.image_size}px, crop {cfg.crop}, dedupe {'on' if cfg.dedupe else 'off'})")
+    ds = ray.data.read_binary_files(paths, filesystem=in_fs, include_paths=True)
+    ds = ds.map_batches(_Prepare(cfg.image_size, cfg.crop, cfg.min_size), batch_size=32,
+                        batch_format="numpy").materialize()
+    meta = ds.select_columns(["path", "hash", "error"]).take_all()
+    dropped, examples = _count_dropped(meta)
+    drop_paths = _duplicate_paths(meta) if cfg.dedupe else set()
+    if drop_paths:
+        dropped["duplicate"] = len(drop_paths)
+    keep = ds.filter(lambda r: not r["error"] and r["path"] not in drop_paths).drop_columns(["error"])
+    keep = _relative_paths(keep, in_root)
+
+    shard_dir = _start_output(out_fs, out_root)
     n_written = keep.count()
     if n_written == 0:
         raise DataError(f"no usable images in {cfg.input}: dropped {dropped}")
-    # Pixels barely compress, and Parquet's default (snappy, with a dictionary attempt per
-    # value) made reading the shards slower than decoding the JPEGs: benchmarks/README.md.
-    keep.repartition(max(1, -(-n_written // cfg.rows_per_shard))).write_parquet(
-        shard_dir, filesystem=out_fs, compression=cfg.compression, use_dictionary=["path", "hash"])
-    files = sorted(i.path for i in out_fs.get_file_info(pafs.FileSelector(shard_dir))
-                   if i.path.endswith(".parquet"))
+    files = _write_shards(keep, n_written, out_fs, shard_dir, cfg)
     manifest = {
         "format": SHARDS_FORMAT,
         "input": cfg.input,
@@ -227,34 +259,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         "shards": [f[len(out_root.rstrip('/')) + 1:] for f in files],
         "seconds": round(time.time() - t0, 2),
     }
-    with out_fs.open_output_stream(manifest_path) as f:
-        f.write(json.dumps(manifest, indent=1).encode())
-    for info in out_fs.get_file_info(pafs.FileSelector(out_root)):
-        name = info.path.rstrip("/").rsplit("/", 1)[-1]
-        if info.type == pafs.FileType.Directory and name.startswith("shards-") and info.path != shard_dir:
-            _delete_dir(out_fs, info.path)
-    print(f"[ray-galaxy] read {manifest['read']}, wrote {n_written} images in {len(files)} shard(s), "
-          f"dropped {dropped or 'none'} in {manifest['seconds']:.1f}s", flush=True)
-    return manifest
-
-
-# --------------------------------------------------------------------------- reading shards
-
-
-def read_manifest(uri: str) -> dict[str, Any] | None:
-    """The manifest of a prepared output at ``uri``, or None if ``uri`` is not one."""
-    import pyarrow.fs as pafs
-
-    fs, root = resolve_uri(uri)
-    path = f"{root.rstrip('/')}/{MANIFEST}"
-    try:
-        if fs.get_file_info(path).type == pafs.FileType.NotFound:
-            return None
-        with fs.open_input_stream(path) as f:
-            manifest = json.loads(f.read())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{uri}: {MANIFEST} is not valid JSON ({e})") from None
-    # Other tools (and the built-in dataset cache) write manifest.json files too.
-    if not isinstance(manifest, dict) or manifest.get("format") != SHARDS_FORMAT:
-        return None
+    _publish(out_fs, out_root, shard_dir, manifest)
+    log(f"read {manifest['read']}, wrote {n_written} images in {len(files)} shard(s), "
+        f"dropped {dropped or 'none'} in {manifest['seconds']:.1f}s")
     return manifest

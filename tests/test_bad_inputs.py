@@ -5,6 +5,7 @@ import io
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 
 import numpy as np
@@ -107,8 +108,6 @@ def test_decompression_bomb_is_refused_within_a_memory_bound():
         "data = open(sys.argv[1], 'rb').read()\n"
         "try:\n    decode_image(data, 64)\nexcept BadImage as e:\n    print(e.reason)\n"
     )
-    import tempfile
-
     with tempfile.NamedTemporaryFile(suffix=".png") as f:
         f.write(png_bomb())
         f.flush()

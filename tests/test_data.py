@@ -1,4 +1,5 @@
-"""Data: guarded decoding, crop/resize, D4 augmentation, deterministic split, Ray Data reading."""
+"""Data: guarded decoding, crop/resize, D4 augmentation of training batches, deterministic split,
+the built-in set, Ray Data reading."""
 
 import io
 import shutil
@@ -8,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ray_galaxy.data import (BadImage, DataError, augment_d4, build_hubble_xdf, center_crop_resize,
-                             decode_image, list_images, load_datasets, split_paths)
+from ray_galaxy.builtin import build_hubble_xdf
+from ray_galaxy.data import (BadImage, DataError, center_crop_resize, decode_image, list_images, load_datasets,
+                             read_manifest, resize_images, split_paths)
+from ray_galaxy.images import augment_d4
 from synthetic import galaxy, jpeg_bytes, write_corrupt
 
 
@@ -35,6 +38,15 @@ def test_crop_keeps_the_centre():
     full = np.asarray(center_crop_resize(Image.fromarray(arr), 30, crop=1.0))
     # crop 1.0 keeps the central 60x60 square: white square occupies the middle third
     assert full[15, 15].min() > 200 and full[1, 1].max() < 30
+
+
+def test_resize_images_keeps_the_centre_and_passes_through_at_the_same_size():
+    arr = np.zeros((2, 60, 60, 3), np.uint8)
+    arr[:, 20:40, 20:40] = 255
+    assert resize_images(arr, 60, 1.0) is arr
+    out = resize_images(arr, 20, crop=20 / 60)
+    assert out.shape == (2, 20, 20, 3) and out.min() == 255
+    assert resize_images(arr[:0], 20, 0.5).shape == (0, 20, 20, 3)
 
 
 def test_decode_converts_greyscale_and_rgba_to_rgb():
@@ -111,6 +123,7 @@ def test_hubble_xdf_builds_about_200_galaxy_cutouts(tmp_path):
     # a galaxy in the middle: the centre is brighter than the border
     assert img[24:40, 24:40].mean() > img[:6].mean() + 10
     assert build_hubble_xdf(tmp_path / "xdf") == root  # built once, reused
+    assert read_manifest(str(root)) is None, "its own manifest.json is not a prepared-shards manifest"
 
 
 def test_corrupt_files_are_skipped_and_counted_every_good_image_used(ray_address, tiny_folder, tmp_path):

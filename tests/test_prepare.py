@@ -5,13 +5,14 @@ import io
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from conftest import GZ2
-from ray_galaxy.data import decode_image, load_datasets
-from ray_galaxy.prepare import (DUPLICATE_BITS, PrepareConfig, find_duplicates, hamming,
-                                perceptual_hash, prepare, read_manifest)
+from ray_galaxy.config import ConfigError
+from ray_galaxy.data import DataError, decode_image, load_datasets, read_manifest
+from ray_galaxy.prepare import DUPLICATE_BITS, PrepareConfig, find_duplicates, hamming, perceptual_hash, prepare
 from synthetic import clumpy_galaxy, write_corrupt
 from test_train_e2e import run_job
 
@@ -93,8 +94,6 @@ def test_prepare_counts_every_reason_and_writes_shards(ray_address, messy_folder
     assert m["dropped"] == {"unreadable": 3, "duplicate": 3, "too_small": 1}
     assert read_manifest(str(out)) == m
     assert len(m["shards"]) == 3 and all((out / s).is_file() for s in m["shards"])
-    import pyarrow.parquet as pq
-
     t = pq.read_table(out / m["shards"][0])
     assert set(t.column_names) >= {"image", "path", "hash", "width", "height"}
     meta = pq.ParquetFile(out / m["shards"][0]).metadata.row_group(0)
@@ -119,8 +118,6 @@ def test_prepare_counts_every_reason_and_writes_shards(ray_address, messy_folder
 
 
 def test_unknown_compression_is_refused_by_name():
-    from ray_galaxy.config import ConfigError
-
     with pytest.raises(ConfigError, match="compression must be one of zstd, none"):
         PrepareConfig(input="in", output="out", compression="gzip2")
 
@@ -129,10 +126,19 @@ def test_unfinished_output_is_never_mistaken_for_data(ray_address, messy_folder,
     out = tmp_path / "half"
     prepare(PrepareConfig(input=str(messy_folder), output=str(out), image_size=32, crop=1.0))
     (out / "manifest.json").unlink()  # as if the job died before finishing
-    from ray_galaxy.data import DataError
-
     with pytest.raises(DataError, match="unfinished"):
         load_datasets(str(out), 32, 1.0, 0.2)
+
+
+def test_manifest_reading_tells_prepared_output_from_anything_else(tmp_path):
+    assert read_manifest(str(tmp_path)) is None
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "someone-else/1"}))
+    assert read_manifest(str(tmp_path)) is None, "another tool's manifest.json is not ours"
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_manifest(str(tmp_path))
+    with pytest.raises(DataError, match="cannot open nosuchscheme://x"):
+        read_manifest("nosuchscheme://x")
 
 
 def test_prepare_job_cli_reports_counts(ray_address, messy_folder, tmp_path):

@@ -2,11 +2,14 @@
 against moto's standalone S3 server on loopback (pyarrow's S3 client talks to it for real)."""
 
 import json
+import time
 
 import boto3
 import pytest
 
-from conftest import REPO, job_env
+from conftest import free_port
+from ray_galaxy.data import DataError, list_images
+from ray_galaxy.storage import read_bytes, write_bytes
 from test_train_e2e import TINY, run_job
 
 
@@ -39,18 +42,11 @@ def test_train_reads_s3_writes_s3_and_sample_reads_it_back(ray_address, bucket, 
 
 
 def test_missing_bucket_is_one_clear_error(s3_endpoint):
-    from ray_galaxy.data import DataError, list_images
-
     with pytest.raises(DataError, match="no-such-bucket"):
         list_images("s3://no-such-bucket/raw")
 
 
 def test_unreachable_endpoint_fails_fast_with_a_clear_error(s3_endpoint, monkeypatch):
-    import time
-
-    from conftest import free_port
-    from ray_galaxy.data import DataError, list_images
-
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens
     t0 = time.time()
     with pytest.raises(DataError) as e:
@@ -169,8 +165,6 @@ def test_transient_errors_are_retried(s3_endpoint, bucket, monkeypatch, failures
     """Every S3 request first fails with 503 SlowDown, once or six times in a row: listing,
     reading and writing (a multipart upload: create, part, complete) still work and nothing is
     lost. pyarrow's S3 client retries these itself (AWS standard retry with backoff)."""
-    from ray_galaxy.checkpoint import read_bytes, write_bytes
-    from ray_galaxy.data import list_images
 
     direct = list_images(f"s3://{bucket}/raw")
     proxy = FlakyS3Proxy(s3_endpoint, failures)
