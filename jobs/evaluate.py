@@ -14,7 +14,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ray_galaxy.config import parse_config  # noqa: E402
-from ray_galaxy.evaluate import EvaluateConfig, main_entry  # noqa: E402
+from ray_galaxy.evaluation.config import EvaluateConfig  # noqa: E402
+from ray_galaxy.evaluation.evaluate import main_entry  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

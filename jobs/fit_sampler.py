@@ -12,10 +12,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ray_galaxy.checkpoint import ModelDirError  # noqa: E402
+from ray_galaxy.console import log  # noqa: E402
+from ray_galaxy.data import DataError  # noqa: E402
+from ray_galaxy.generation.fit import fit_sampler  # noqa: E402
+from ray_galaxy.generation.sampler import (COVARIANCES, GMM_COMPONENTS, KERNEL_BANDWIDTH,  # noqa: E402
+                                           SAMPLER_ORIENTATIONS)
 
-def main(argv: list[str] | None = None) -> int:
-    from ray_galaxy.evaluate import GMM_COMPONENTS, KERNEL_BANDWIDTH, SAMPLER_ORIENTATIONS
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The job's flags, checked (argparse exits with a message on a bad one)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory written by jobs/train.py")
     p.add_argument("--train-data", default=None,
@@ -29,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="draw from Gaussian kernels on the training codes, each shaped like its mixture "
                         f"component and scaled by this (default {KERNEL_BANDWIDTH}); 0 draws from the "
                         "mixture's components")
-    p.add_argument("--covariance", choices=("full", "diag"), default="full", help="covariance (default full)")
+    p.add_argument("--covariance", choices=COVARIANCES, default="full", help="covariance (default full)")
     p.add_argument("--crop", type=float, default=None, help="crop fraction (default: the model's own)")
     p.add_argument("--max-images", type=int, default=5000, help="at most this many training images (default 5000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -42,31 +48,35 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--orientations must be in 1..8")
     if not (args.bandwidth >= 0 and math.isfinite(args.bandwidth)):
         p.error(f"--bandwidth must be a finite number >= 0, got {args.bandwidth}")
+    return args
 
-    from ray_galaxy.checkpoint import ModelDirError
-    from ray_galaxy.data import DataError
-    from ray_galaxy.evaluate import fit_gmm_sampler
 
-    print(f"fitting a {args.components}-component GMM to the codes of the training images in "
-          f"{args.orientations} orientations (about a minute for 1,000 images on 2 cores)...",
-          file=sys.stderr, flush=True)
+def describe(meta: dict, model: str) -> str:
+    """One line saying what was fitted and what the sampler draws from."""
+    detail = meta["detail"]
+    return (f"fitted a {meta['components']}-component {meta['covariance']} GMM to {meta['codes']} codes of "
+            f"{meta['train_images']} training images in {meta['orientations']} orientations "
+            f"({meta['iterations']} EM iterations, mean log-likelihood {meta['mean_log_likelihood']:.3f}); draws from "
+            + (f"kernels on the {meta['codes']} codes (bandwidth {meta['bandwidth']:g})" if meta["kernels"] == "codes"
+               else "its components")
+            + (f" and the residual detail model (gain {detail['gain']:.2f}: structure-band power "
+               f"{detail['power_deficit_dex_at_gain_1']:+.3f} -> {detail['power_deficit_dex']:+.3f} "
+               "dex against the training images)" if detail else "")
+            + f"; wrote sampler.pt and sampler.json in {model}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    log(f"fitting a {args.components}-component GMM to the codes of the training images in "
+        f"{args.orientations} orientations (about a minute for 1,000 images on 2 cores)...")
     try:
-        meta = fit_gmm_sampler(args.model, args.train_data, args.components, args.covariance, args.seed,
-                               args.crop, args.max_images, detail=not args.no_detail,
-                               orientations=args.orientations, bandwidth=args.bandwidth)
+        meta = fit_sampler(args.model, args.train_data, args.components, args.covariance, args.seed,
+                           args.crop, args.max_images, detail=not args.no_detail,
+                           orientations=args.orientations, bandwidth=args.bandwidth)
     except (ModelDirError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"fitted a {meta['components']}-component {meta['covariance']} GMM to {meta['codes']} codes of "
-          f"{meta['train_images']} training images in {meta['orientations']} orientations "
-          f"({meta['iterations']} EM iterations, mean log-likelihood "
-          f"{meta['mean_log_likelihood']:.3f}); draws from "
-          + (f"kernels on the {meta['codes']} codes (bandwidth {meta['bandwidth']:g})" if meta["kernels"] == "codes"
-             else "its components")
-          + (f" and the residual detail model (gain {meta['detail']['gain']:.2f}: structure-band power "
-             f"{meta['detail']['power_deficit_dex_at_gain_1']:+.3f} -> {meta['detail']['power_deficit_dex']:+.3f} "
-             "dex against the training images)" if meta['detail'] else "")
-          + f"; wrote sampler.pt and sampler.json in {args.model}")
+    log(describe(meta, args.model))
     return 0
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from ray_galaxy import detail as D
+from ray_galaxy.generation import detail as D
+from ray_galaxy.images import ring_index
 
 
 def _blobs(n: int, s: int = 32, seed: int = 0) -> np.ndarray:
@@ -20,7 +21,7 @@ def _blobs(n: int, s: int = 32, seed: int = 0) -> np.ndarray:
 
 
 def _model(s: int = 32, coef=(4e-4, 2e-3, 0.0)) -> dict:
-    ring = D._ring_index(s)
+    ring = ring_index(s, half=True)
     k = np.arange(ring.max() + 1, dtype=float)
     spectrum = np.where(k >= D.k_min(s), 1.0 / (1 + (k / 6.0) ** 2), 0.0)
     spectrum /= spectrum[ring].mean()  # unit variance per band

@@ -1,4 +1,4 @@
-"""Morphology statistics and power spectra on synthetic galaxies with known answers."""
+"""Morphology statistics (evaluation) and power spectra (images) on synthetic galaxies with known answers."""
 
 import math
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ray_galaxy import morphology as M
+from ray_galaxy import images as I
+from ray_galaxy.evaluation import morphology as M
 
 S = 64
 C = (S - 1) / 2
@@ -171,18 +172,18 @@ def test_power_deficit_zero_for_identical_and_negative_for_blurred():
         lum = profile("exp", rng.uniform(3, 6), q=rng.uniform(0.4, 1), theta=rng.uniform(0, 3))
         imgs.append(lum + 0.05 * ndimage.gaussian_filter(rng.normal(size=(S, S)), 1.0))
     imgs = np.stack(imgs)
-    k, p = M.radial_power_spectrum(imgs)
+    k, p = I.radial_power_spectrum(imgs)
     assert k[0] == 1 and k[-1] == S // 2 and np.all(p > 0)
-    assert M.power_deficit_dex(k, p, p, S) == 0
+    assert I.power_deficit_dex(k, p, p, S) == 0
     blurred = np.stack([ndimage.gaussian_filter(a, 1.5) for a in imgs])
-    _, pb = M.radial_power_spectrum(blurred)
-    assert M.power_deficit_dex(k, pb, p, S) < -0.3
-    assert M.structure_band(S) == (4, 16)
+    _, pb = I.radial_power_spectrum(blurred)
+    assert I.power_deficit_dex(k, pb, p, S) < -0.3
+    assert I.structure_band(S) == (4, 16)
 
 
 def test_power_spectrum_parseval():
     """Sum of the (sky-free) power over all frequencies equals the mean square of the image."""
     a = np.random.default_rng(1).normal(size=(S, S))
-    a -= np.median(M.border(a))
+    a -= np.median(I.border(a))
     p = np.abs(np.fft.fft2(a)) ** 2 / S ** 4
     assert p.sum() == pytest.approx((a ** 2).mean())

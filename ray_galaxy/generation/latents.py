@@ -22,8 +22,9 @@ def slerp(z0: np.ndarray | torch.Tensor, z1: np.ndarray | torch.Tensor, steps: i
     """``steps`` codes from z0 to z1 (both included) by spherical interpolation, (steps, D).
 
     Slerp of unnormalised vectors (Shoemake 1985; White 2016, "Sampling Generative Networks"):
-    the path follows the great circle between the directions while the norm changes linearly,
-    so it keeps a plausible radius where a straight line would pass near the origin. When the
+    the path follows the great circle between the directions and its norm moves steadily
+    between the endpoints' norms, so it keeps a plausible radius where a straight line would
+    pass near the origin. When the
     angle is ~0 or ~pi (sin(omega) ~ 0: the great circle is undefined for opposite codes) or a
     vector is 0, it falls back to the straight line.
     """

@@ -43,7 +43,8 @@ Per image (``measure``), on the background-subtracted luminance L = mean(R, G, B
 
 An image without a usable central object gives NaN for every statistic (counted by callers).
 
-Sharpness: ``radial_power_spectrum`` and ``power_deficit_dex`` (see there).
+The sky frame, luminance and the power spectra behind the sharpness metric live in
+:mod:`ray_galaxy.images` (the residual detail model measures them the same way).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ from typing import Iterable
 
 import numpy as np
 from scipy import ndimage
+from scipy.stats import wasserstein_distance
+
+from ray_galaxy.images import as_float_rgb, border
 
 STATS = ("concentration", "asymmetry", "smoothness", "gini", "m20", "r_half", "ellipticity", "colour")
 LABELS = {
@@ -65,26 +69,7 @@ PETRO_EXTENT = 1.5
 M20_FLOOR = 1e-4  # M20 >= -4: a single-pixel source would otherwise give log10(0)
 
 
-# --------------------------------------------------------------------------- image helpers
-
-
-def as_float_rgb(image: np.ndarray) -> np.ndarray:
-    """(S, S, 3) uint8 or float in [0, 1] -> float64 in [0, 1]."""
-    a = np.asarray(image)
-    return a.astype(np.float64) / 255.0 if a.dtype == np.uint8 else a.astype(np.float64)
-
-
-def luminance(image: np.ndarray) -> np.ndarray:
-    """(..., S, S, 3) -> (..., S, S): the unweighted mean of the three channels."""
-    return as_float_rgb(image).mean(-1)
-
-
-def border(a: np.ndarray, width: int | None = None) -> np.ndarray:
-    """The pixels of the outer frame of a 2-D array (default width S/8, at least 2)."""
-    w = width or max(2, a.shape[0] // 8)
-    m = np.ones(a.shape, bool)
-    m[w:-w, w:-w] = False
-    return a[m]
+# --------------------------------------------------------------------------- sky and noise
 
 
 HIGHPASS = 2.0  # sigma (px) of the smooth component removed before measuring noise
@@ -354,8 +339,6 @@ def wasserstein_table(real: dict[str, np.ndarray], generated: dict[str, np.ndarr
     images, so the floor slightly overstates the noise of a full-size comparison.)
     NaNs (failed measurements) are dropped.
     """
-    from scipy.stats import wasserstein_distance
-
     rng = np.random.default_rng(seed)
     out = {}
     for k in real:
@@ -372,42 +355,3 @@ def wasserstein_table(real: dict[str, np.ndarray], generated: dict[str, np.ndarr
         out[k] = {"distance": float(wasserstein_distance(r, g) / sd), "floor": float(np.mean(floors)),
                   "real_std": sd}
     return out
-
-
-# --------------------------------------------------------------------------- power spectra
-
-
-def radial_power_spectrum(lum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(k, P(k)) for k = 1..S/2 cycles per image: mean radially averaged power of (N, S, S) images.
-
-    Each image has its sky (median of the frame) removed first, so the periodic FFT sees no
-    edge step; power is |FFT|^2 / S^4 averaged over the annulus round(|k|) = k, then over images.
-    """
-    lum = np.asarray(lum, np.float64)
-    if lum.ndim == 2:
-        lum = lum[None]
-    n, s = lum.shape[0], lum.shape[-1]
-    sky_level = np.array([np.median(border(a)) for a in lum])
-    p = np.abs(np.fft.fft2(lum - sky_level[:, None, None])) ** 2 / s ** 4
-    f = np.fft.fftfreq(s) * s
-    kr = np.rint(np.hypot(f[:, None], f[None, :])).astype(int).ravel()
-    k = np.arange(1, s // 2 + 1)
-    sums = np.stack([np.bincount(kr, weights=pi.ravel(), minlength=s) for pi in p]).mean(0)
-    counts = np.bincount(kr, minlength=s)
-    return k.astype(np.float64), sums[k] / counts[k]
-
-
-def structure_band(size: int) -> tuple[float, float]:
-    """The structure band in cycles per image: 1/16 to 1/4 of the image size."""
-    return size / 16, size / 4
-
-
-def power_deficit_dex(k: np.ndarray, p_generated: np.ndarray, p_real: np.ndarray, size: int) -> float:
-    """Mean of log10(P_gen / P_real) over the structure band (negative: generated lack power).
-
-    Higher frequencies are excluded: there the real images' power is sensor noise and JPEG
-    artefacts, which a model should not reproduce.
-    """
-    lo, hi = structure_band(size)
-    band = (k >= lo) & (k <= hi)
-    return float(np.mean(np.log10(p_generated[band] / p_real[band])))

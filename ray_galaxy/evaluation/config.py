@@ -1,0 +1,68 @@
+"""Settings of ``jobs/evaluate.py``: each field is also a ``--flag`` and a YAML key."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ray_galaxy.config import ConfigError, _h
+from ray_galaxy.generation.generator import SAMPLERS
+from ray_galaxy.generation.sampler import COVARIANCES, GMM_COMPONENTS, KERNEL_BANDWIDTH
+
+
+@dataclass
+class EvaluateConfig:
+    """Settings of ``jobs/evaluate.py`` (each is also a ``--flag``)."""
+
+    model: str = _h("Model directory written by jobs/train.py (path or URI).", default="")
+    data: str = _h("Held-out images (folder, URI, prepared dataset or 'hubble-xdf'). If it is the "
+                   "model's own training source, its validation split is used.", default="")
+    out: str = _h("Output folder for report.md, metrics.json and the figures.", default="")
+    crop: float = _h("Central crop fraction before resizing; 0 = the crop the model was trained with.",
+                     default=0.0)
+    n: int = _h("Number of generated images compared with the real ones.", default=1000)
+    max_images: int = _h("At most this many held-out images (a seeded random subset).", default=1000)
+    max_train: int = _h("At most this many training images (nearest neighbours, sampler fit).",
+                        default=5000)
+    train_data: str = _h("Training images for the memorisation check and the sampler fit; default: "
+                         "train.data from the model's config.json when it can be read (its "
+                         "training split). 'none' skips the memorisation check.", default="")
+    sampler: str = _h("Latent sampler for generated images: 'prior' (N(0, I)), 'gmm' (sampler.pt) or "
+                      "'auto' (gmm when the model directory has one, else prior).", default="auto")
+    fit_sampler: bool = _h("Fit the GMM sampler first if the model directory has none.", default=False)
+    detail: bool = _h("With the gmm sampler: draw generated images from p(x|z) with the sampler's "
+                      "residual detail model (when it has one); false: decoder means only.", default=True)
+    gmm_components: int = _h("Mixture components of a sampler fitted here.", default=GMM_COMPONENTS)
+    gmm_covariance: str = _h("Covariance of a sampler fitted here: 'full' or 'diag'.", default="full")
+    gmm_bandwidth: float = _h("Kernel bandwidth of a sampler fitted here (draws around the training codes); "
+                              "0 draws from the mixture's components.", default=KERNEL_BANDWIDTH)
+    iwae_k: int = _h("Importance samples per image for the IWAE bound.", default=32)
+    temperature: float = _h("Scale of the sampler's noise (1 = as fitted).", default=1.0)
+    seed: int = _h("Random seed (subsets, samples, IWAE noise); the same seed gives the same report.",
+                   default=0)
+    batch_size: int = _h("Images per forward pass.", default=64)
+
+    def __post_init__(self) -> None:
+        for key in ("model", "data", "out"):
+            if not getattr(self, key):
+                raise ConfigError(f"--{key} is required")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.gmm_covariance not in COVARIANCES:
+            raise ConfigError(f"gmm_covariance must be one of {COVARIANCES}, got {self.gmm_covariance!r}")
+        if not 0 <= self.crop <= 1:
+            raise ConfigError(f"crop must be in (0, 1] (or 0 for the model's own), got {self.crop}")
+        for key in ("n", "max_images", "max_train", "gmm_components", "iwae_k", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+        if self.n < 4 or self.max_images < 4:
+            raise ConfigError("n and max_images must be at least 4 (distributions need a few images)")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not (self.gmm_bandwidth >= 0 and math.isfinite(self.gmm_bandwidth)):
+            raise ConfigError(f"gmm_bandwidth must be a finite number >= 0, got {self.gmm_bandwidth}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (recorded in metrics.json)."""
+        return dict(self.__dict__)

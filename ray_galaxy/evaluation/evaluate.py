@@ -1,0 +1,261 @@
+"""One evaluation of a trained model directory, step by step (``jobs/evaluate.py``).
+
+Writes ``<out>/report.md``, ``<out>/metrics.json`` and the PNG figures the report links.
+Everything runs in this process on the CPU (no Ray): images are read and decoded directly.
+Generated galaxies come from the model's :class:`Generator`, so they are the same bytes that
+``jobs/sample.py`` and Serve give for the same (sampler, seed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ray_galaxy.checkpoint import ModelDirError
+from ray_galaxy.config import ConfigError
+from ray_galaxy.console import fmt_seconds, log
+from ray_galaxy.data import DataError
+from ray_galaxy.evaluation import morphology
+from ray_galaxy.evaluation.config import EvaluateConfig
+from ray_galaxy.evaluation.metrics import (clean, likelihood_bounds, memorisation, morphology_scores,
+                                           nearest_training_images, power_spectrum, reconstruct,
+                                           reconstruction_scores, sharpness_scores)
+from ray_galaxy.evaluation.report import (Figures, morphology_chart, power_spectrum_chart, report_markdown,
+                                          training_curves_chart)
+from ray_galaxy.figures import traversal_figure
+from ray_galaxy.generation.fit import fit_sampler
+from ray_galaxy.generation.generator import Generator
+from ray_galaxy.generation.latents import slerp
+from ray_galaxy.generation.sampler import SAMPLER_FILE, SAMPLER_META, SamplerError
+from ray_galaxy.images import grid, luminance, pairs, power_deficit_dex, radial_power_spectrum
+from ray_galaxy.imageset import load_images, recorded_train_data, same_source
+from ray_galaxy.storage import exists, join
+
+
+@dataclass
+class Inputs:
+    """The real images of an evaluation: held-out, and training when they can be found."""
+
+    real: np.ndarray
+    real_info: dict[str, Any]
+    crop: float
+    train: np.ndarray | None = None
+    train_info: dict[str, Any] | None = None
+    train_uri: str | None = None
+    skip_reason: str | None = None
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def choose_sampler(cfg: EvaluateConfig, gen: Generator) -> EvaluateConfig:
+    """Resolve 'auto' and fail fast, before any data is read, on a missing or stale sampler
+    that is not going to be fitted here."""
+    if cfg.sampler == "auto":
+        cfg = dataclasses.replace(cfg, sampler="gmm" if cfg.fit_sampler else gen.resolve("auto"))
+        log(f"sampler: {cfg.sampler} (auto)")
+    if cfg.sampler == "gmm" and gen.sampler is None and not cfg.fit_sampler:
+        if not exists(join(gen.uri, SAMPLER_META)):
+            raise SamplerError(f"{gen.uri} has no {SAMPLER_FILE}; pass --fit-sampler to fit one now, or run "
+                               f"`python jobs/fit_sampler.py --model {gen.uri}`")
+        raise SamplerError(gen.sampler_problem or f"{gen.uri}: unusable {SAMPLER_FILE}")
+    return cfg
+
+
+def load_inputs(cfg: EvaluateConfig, gen: Generator) -> Inputs:
+    """Held-out images (the validation split when they are the model's own training source) and
+    the training images (its training split) unless they are unavailable or turned off."""
+    tcfg = gen.model_dir.train_config
+    size, crop = gen.model_config.image_size, cfg.crop or float(tcfg.get("crop", 1.0))
+    val_fraction = float(tcfg.get("val_fraction", 0.1))
+
+    def split_of(uri: str, own: str) -> str | None:
+        return own if tcfg.get("data") and same_source(uri, tcfg["data"]) else None
+
+    real, real_info = load_images(cfg.data, size, crop, cfg.max_images, split_of(cfg.data, "val"),
+                                  val_fraction, cfg.seed)
+    log(f"held-out: {len(real)} images from {cfg.data} ({real_info['split']}), {size}px, crop {crop}")
+    inputs = Inputs(real, real_info, crop)
+    inputs.train_uri = None if cfg.train_data == "none" else (cfg.train_data or recorded_train_data(tcfg))
+    if inputs.train_uri:
+        inputs.train, inputs.train_info = load_images(inputs.train_uri, size, crop, cfg.max_train,
+                                                      split_of(inputs.train_uri, "train"), val_fraction, cfg.seed)
+        log(f"training set: {len(inputs.train)} images from {inputs.train_uri} ({inputs.train_info['split']})")
+    else:
+        inputs.skip_reason = ("skipped (--train-data none)" if cfg.train_data == "none" else
+                              "skipped: the model's training data is not readable here; pass --train-data")
+        log(f"memorisation check {inputs.skip_reason}")
+    return inputs
+
+
+def ensure_sampler(cfg: EvaluateConfig, gen: Generator, inputs: Inputs) -> Generator:
+    """With ``--sampler gmm`` and no usable sampler: fit one to the training images already
+    read (``--fit-sampler``), store it in the model directory and reload the generator."""
+    if cfg.sampler != "gmm" or gen.sampler is not None:
+        return gen
+    if inputs.train is None:
+        raise SamplerError("--fit-sampler needs the training images; pass --train-data")
+    meta = fit_sampler(cfg.model, inputs.train_uri, cfg.gmm_components, cfg.gmm_covariance, cfg.seed,
+                       inputs.crop, images=inputs.train, batch_size=cfg.batch_size, bandwidth=cfg.gmm_bandwidth)
+    log(f"fitted a {meta['components']}-component {meta['covariance']} GMM sampler "
+        f"({meta['iterations']} EM iterations) and stored it in {gen.uri}")
+    return Generator.load(cfg.model)
+
+
+def score_real(cfg: EvaluateConfig, gen: Generator, real: np.ndarray) -> tuple[dict, dict, np.ndarray]:
+    """Likelihood bounds and reconstruction scores on the held-out images; also the reconstructions."""
+    model = gen.model.eval()
+    lik = likelihood_bounds(model, real, cfg.iwae_k, cfg.seed, cfg.batch_size)
+    log(f"likelihood: -ELBO {lik['elbo_bpd']:.4f} bits/dim, IWAE-{cfg.iwae_k} {lik['iwae_bpd']:.4f} bits/dim")
+    recon = reconstruct(model, real, cfg.batch_size)
+    rec = reconstruction_scores(real, recon)
+    log(f"reconstruction: PSNR {rec['psnr']:.2f} dB, SSIM {rec['ssim']:.3f}")
+    return lik, rec, recon
+
+
+def generate(cfg: EvaluateConfig, gen: Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    """(generated images, the same codes' decoder means or None): draws from p(x | z) when the
+    sampler has a residual detail model and ``--detail``, else the means themselves."""
+    images = gen.images(cfg.n, cfg.seed, cfg.sampler, cfg.temperature, detail=cfg.detail)
+    if gen.detail_seed(cfg.sampler, cfg.detail, cfg.seed) is None:
+        return images, None
+    return images, gen.images(cfg.n, cfg.seed, cfg.sampler, cfg.temperature, detail=False)
+
+
+def score_means(cfg: EvaluateConfig, means: np.ndarray, inputs: Inputs, m_real: dict[str, np.ndarray]
+                ) -> dict[str, Any]:
+    """The decoder means' own morphology, sharpness and memorisation: what the detail adds."""
+    real = inputs.real
+    m_means = morphology.wasserstein_table(m_real, morphology.measure_all(means), cfg.seed)
+    k, p_real = radial_power_spectrum(luminance(real))
+    out = {"morphology_mean_distance": float(np.nanmean([v["distance"] for v in m_means.values()])),
+           "morphology_distance": {name: v["distance"] for name, v in m_means.items()},
+           "power_deficit_dex": power_deficit_dex(k, power_spectrum(means), p_real, real.shape[1]),
+           "memorisation_ratio": (memorisation(means, real, inputs.train)["ratio"]
+                                  if inputs.train is not None else None)}
+    log(f"decoder means alone: morphology {out['morphology_mean_distance']:.3f}, structure-band "
+        f"power {out['power_deficit_dex']:+.3f} dex")
+    return out
+
+
+def score_generated(cfg: EvaluateConfig, generated: np.ndarray, recon: np.ndarray, inputs: Inputs,
+                    m_real: dict[str, np.ndarray], m_gen: dict[str, np.ndarray]) -> tuple[dict, dict, dict]:
+    """Morphology, sharpness and memorisation of the generated images."""
+    morph = morphology_scores(m_real, m_gen, cfg.seed)
+    log(f"morphology: mean normalised distance {morph['mean_distance']:.3f} (floor {morph['mean_floor']:.3f})")
+    sharp = sharpness_scores(inputs.real, generated, recon, cfg.seed)
+    log(f"sharpness: structure-band power {sharp['power_deficit_dex']:+.3f} dex vs real")
+    if inputs.train is not None:
+        mem = memorisation(generated, inputs.real, inputs.train, recon)
+        log(f"memorisation: NN distance ratio {mem['ratio']:.3f}")
+    else:
+        mem = {"ratio": None, "skipped": inputs.skip_reason}
+    return morph, sharp, mem
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def sample_figures(figs: Figures, cfg: EvaluateConfig, gen: Generator, generated: np.ndarray,
+                   means: np.ndarray | None, kl_per_dim: list[float]) -> None:
+    """Samples (and their means), the latent traversal and slerp interpolations."""
+    figs.image("samples.png", grid(generated[:64]), "Samples",
+               f"64 generated galaxies ({cfg.sampler} sampler{' with residual detail' if means is not None else ''}, "
+               f"seed {cfg.seed}, temperature {cfg.temperature}).")
+    if means is not None:
+        figs.image("samples_means.png", grid(means[:64]), "Samples: decoder means",
+                   "The same 64 latent codes decoded to their means, without the residual detail.")
+    trav = traversal_figure(gen, kl_per_dim)
+    if trav is not None:
+        (d0, d1) = trav[1]
+        figs.image("traversal.png", trav[0], "Latent traversal",
+                   f"Latent dims {d0} (down) and {d1} (across), the two that vary most over the training codes, "
+                   "swept over +-2.5 standard deviations around the sampler's mean code." if gen.sampler is not None
+                   else f"Latent dims {d0} (down) and {d1} (across), the two with most KL on the held-out "
+                   "set, swept over -3..3 with the others at 0.")
+    z = gen.latents(12, cfg.seed + 1, cfg.sampler, cfg.temperature)
+    path = torch.cat([slerp(z[2 * i], z[2 * i + 1], 10) for i in range(6)])
+    figs.image("interpolations.png", grid(gen.decode_uint8(path), ncols=10), "Interpolations",
+               "Each row: spherical interpolation (slerp) between two sampled latents, 10 steps.")
+
+
+def data_figures(figs: Figures, gen: Generator, inputs: Inputs, recon: np.ndarray, generated: np.ndarray,
+                 mem: dict[str, Any], charts: dict[str, bytes]) -> None:
+    """Reconstructions, nearest training images and the charts."""
+    nshow = min(12, len(inputs.real))
+    figs.image("reconstructions.png", pairs(inputs.real[:nshow], recon[:nshow]), "Reconstructions",
+               "Top: held-out galaxies; bottom: their posterior-mean reconstructions.")
+    if inputs.train is not None:
+        nn = min(12, len(generated))
+        figs.image("nearest_neighbours.png", pairs(generated[:nn], nearest_training_images(inputs.train, mem, nn)),
+                   "Nearest training images",
+                   "Top: generated galaxies; bottom: the nearest training image (pixel L2, any of 8 orientations).")
+    figs.chart("morphology.png", charts["morphology"], "Morphology",
+               "Distributions of each statistic; W/sd is the normalised Wasserstein distance.")
+    band = charts["band"]
+    figs.chart("power_spectrum.png", charts["power_spectrum"], "Power spectrum",
+               f"Shaded: the structure band {band[0]:g}-{band[1]:g} cycles/image where the "
+               "deficit is measured; higher frequencies are sensor noise.")
+    history = gen.model_dir.metrics.get("history") or []
+    if history:
+        figs.chart("training_curves.png", training_curves_chart(history), "Training curves",
+                   "Per-epoch history from metrics.json (loss uses the configured KL weight and warm-up).")
+
+
+# --------------------------------------------------------------------------- the whole evaluation
+
+
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Run every metric, write figures, metrics.json and report.md under ``cfg.out``."""
+    t0 = time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = Generator.load(cfg.model)
+    cfg = choose_sampler(cfg, gen)
+    inputs = load_inputs(cfg, gen)
+    gen = ensure_sampler(cfg, gen, inputs)
+    lik, rec, recon = score_real(cfg, gen, inputs.real)
+    generated, means = generate(cfg, gen)
+    m_real, m_gen = morphology.measure_all(inputs.real), morphology.measure_all(generated)
+    means_only = score_means(cfg, means, inputs, m_real) if means is not None else None
+    morph, sharp, mem = score_generated(cfg, generated, recon, inputs, m_real, m_gen)
+
+    figs = Figures(out)
+    sample_figures(figs, cfg, gen, generated, means, lik["kl_per_dim"])
+    charts = {"morphology": morphology_chart(m_real, m_gen, morph["distance"]),
+              "power_spectrum": power_spectrum_chart(sharp), "band": sharp["band_cycles_per_image"]}
+    data_figures(figs, gen, inputs, recon, generated, mem, charts)
+
+    metrics = clean({
+        "format": 1, "model": cfg.model, "data": cfg.data, "held_out": inputs.real_info,
+        "train_data": inputs.train_uri, "train": inputs.train_info, "crop": inputs.crop,
+        "image_size": gen.model_config.image_size, "likelihood_kind": gen.model_config.likelihood,
+        "sampler": cfg.sampler, "sampler_meta": gen.sampler.meta if cfg.sampler == "gmm" else None,
+        "detail": means is not None, "means_only": means_only,
+        "n_generated": int(len(generated)), "seed": cfg.seed, "temperature": cfg.temperature,
+        "likelihood": lik, "reconstruction": rec, "morphology": morph, "sharpness": sharp,
+        "memorisation": mem, "figures": figs.names, "config": cfg.to_dict(),
+        "seconds": round(time.time() - t0, 1),
+    })
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (out / "report.md").write_text(report_markdown(metrics, figs.files))
+    log(f"wrote {out / 'report.md'} in {fmt_seconds(metrics['seconds'])}")
+    return metrics
+
+
+def main_entry(cfg: EvaluateConfig) -> int:
+    """Entry point for jobs/evaluate.py: run, print expected errors as one line, return an exit code."""
+    try:
+        evaluate(cfg)
+    except (DataError, ModelDirError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

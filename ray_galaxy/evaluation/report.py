@@ -1,0 +1,191 @@
+"""The evaluation's report: its charts (matplotlib, :mod:`ray_galaxy.plots`), the figure files
+it links, and report.md itself."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+
+from ray_galaxy import plots
+from ray_galaxy.evaluation.morphology import LABELS, STATS
+from ray_galaxy.images import png_bytes
+
+# --------------------------------------------------------------------------- figure files
+
+
+@dataclass
+class Figures:
+    """The PNG files of a report, in the order it shows them: (file, title, caption)."""
+
+    out: Path
+    files: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def image(self, name: str, image: np.ndarray, title: str, caption: str) -> None:
+        """Write an (H, W, 3) uint8 mosaic as ``name``."""
+        self.chart(name, png_bytes(image), title, caption)
+
+    def chart(self, name: str, png: bytes, title: str, caption: str) -> None:
+        """Write encoded PNG bytes as ``name``."""
+        (self.out / name).write_bytes(png)
+        self.files.append((name, title, caption))
+
+    @property
+    def names(self) -> list[str]:
+        return [f[0] for f in self.files]
+
+
+# --------------------------------------------------------------------------- charts
+
+
+def morphology_chart(m_real: dict[str, np.ndarray], m_gen: dict[str, np.ndarray],
+                     distance: dict[str, float]) -> bytes:
+    """One histogram panel per morphology statistic, held-out (real) vs generated, as PNG."""
+    ncols = 4
+    fig, axes = plots.figure(math.ceil(len(STATS) / ncols), ncols, panel=(3.4, 2.6))
+    for ax, s in zip(axes, STATS):
+        plots.histograms(ax, [("real", m_real[s]), ("generated", m_gen[s])],
+                         f"{LABELS[s]}   W/sd {fmt(distance[s], 2)}")
+    for ax in axes[len(STATS):]:
+        ax.set_visible(False)
+    fig.suptitle("Morphology: held-out (real) vs generated")
+    return plots.png(fig)
+
+
+def power_spectrum_chart(sharp: dict[str, Any]) -> bytes:
+    """The real and generated images' luminance power spectra, structure band shaded, as PNG."""
+    fig, (ax,) = plots.figure(1, 1, panel=(6.4, 4.2))
+    k = sharp["k"]
+    plots.lines(ax, [("real", k, sharp["power_real"]), ("generated", k, sharp["power_generated"])],
+                "Radially averaged power spectrum of luminance", "cycles per image", "power",
+                logx=True, logy=True, band=tuple(sharp["band_cycles_per_image"]))
+    return plots.png(fig)
+
+
+def training_curves_chart(history: list[dict[str, Any]]) -> bytes:
+    """Loss, validation bits/dim and validation PSNR per epoch (metrics.json history), as PNG."""
+    epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
+
+    def series(*keys: str) -> list[tuple[str, list, list]]:
+        return [(key, epochs, [h.get(key, math.nan) for h in history]) for key in keys
+                if any(key in h for h in history)]
+
+    fig, axes = plots.figure(1, 3, panel=(3.8, 2.8))
+    plots.lines(axes[0], series("train_loss", "val_loss"), "loss", "epoch")
+    plots.lines(axes[1], series("val_bpd"), "validation bits/dim", "epoch")
+    plots.lines(axes[2], series("val_psnr"), "validation PSNR (dB)", "epoch")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    return plots.png(fig)
+
+
+# --------------------------------------------------------------------------- report.md
+
+
+def fmt(v: Any, nd: int = 3) -> str:
+    """A number for the report: ``nd`` decimals, 'n/a' for missing or non-finite values."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def _sampler_kind(m: dict[str, Any]) -> str:
+    """' (kernels on 10056 training codes, bandwidth 0.45)' for the report, '' for the prior."""
+    meta = m.get("sampler_meta") or {}
+    if m.get("sampler") != "gmm" or not meta:
+        return ""
+    if meta.get("kernels") == "codes":
+        return f" (kernels on {meta['codes']} training codes, bandwidth {meta['bandwidth']:g})"
+    return f" ({meta.get('components')} mixture components)"
+
+
+def _header(m: dict[str, Any]) -> list[str]:
+    held, train = m["held_out"], m["train"]
+    return [
+        "# Evaluation report", "",
+        f"- model: `{m['model']}` ({m['likelihood_kind']} likelihood, {m['image_size']}px, crop {m['crop']})",
+        f"- held-out images: {held['images']} from `{held['source']}` "
+        f"(split: {held['split']}; {held['skipped']} unreadable skipped)",
+        "- training images: " + (f"{train['images']} from `{m['train_data']}` (split: {train['split']})"
+                                 if train else "not available"),
+        f"- generated: {m['n_generated']} images, sampler `{m['sampler']}`{_sampler_kind(m)}, seed {m['seed']}, "
+        f"temperature {m['temperature']}", "",
+    ]
+
+
+def _summary(m: dict[str, Any]) -> list[str]:
+    lik, rec, mo, sh, mem = m["likelihood"], m["reconstruction"], m["morphology"], m["sharpness"], m["memorisation"]
+    band = sh["band_cycles_per_image"]
+    return [
+        "## Summary", "",
+        "| metric | value | note |", "|---|---|---|",
+        f"| negative ELBO (KL weight 1) | {fmt(lik['elbo_bpd'], 4)} bits/dim | lower is better |",
+        f"| IWAE bound, K={lik['iwae_k']} | {fmt(lik['iwae_bpd'], 4)} bits/dim | tighter (lower) than the ELBO |",
+        f"| reconstruction PSNR | {fmt(rec['psnr'], 2)} dB | posterior mean |",
+        f"| reconstruction SSIM | {fmt(rec['ssim'], 3)} | |",
+        f"| morphology distance (mean W/sd) | {fmt(mo['mean_distance'])} | noise floor {fmt(mo['mean_floor'])} |",
+        f"| structure-band power vs real | {fmt(sh['power_deficit_dex'], 3)} dex | "
+        f"{band[0]:g}-{band[1]:g} cycles/image; negative = missing detail; floor {fmt(sh['floor_dex'], 3)} |",
+        f"| structure-band power of reconstructions | {fmt(sh['reconstruction_dex'], 3)} dex | "
+        "the decoder's own blur, for reference |",
+        f"| memorisation ratio | {fmt(mem.get('ratio'))} | "
+        + ("median NN distance to the training set, generated / held-out; ~1 is healthy, "
+           "< 1 copies or blur |" if mem.get("ratio") is not None else f"{mem.get('skipped')} |"),
+        f"| memorisation ratio vs reconstructions | {fmt(mem.get('ratio_vs_reconstructions'))} | "
+        "the same over held-out reconstructions: as blurry, not copies; < 1 means copying |",
+        "",
+        "Bits/dim of a `bce` model are not comparable with those of a `gaussian` one: cross-entropy on "
+        "grey values is not a normalised likelihood.", "",
+    ]
+
+
+def _residual_detail(m: dict[str, Any]) -> list[str]:
+    means = m.get("means_only")
+    if not means:
+        return []
+    mo, sh, mem = m["morphology"], m["sharpness"], m["memorisation"]
+    gain = ((m.get("sampler_meta") or {}).get("detail") or {}).get("gain")
+    return [
+        "## Residual detail", "",
+        "Generated images are draws from p(x | z): the decoder's mean plus the sampler's residual "
+        "detail model (texture the mean cannot predict: amplitude following the galaxy's light, "
+        "spatially correlated, from 1/16 of the image size down)"
+        + (f", its amplitude scaled by {fmt(gain, 2)} when the sampler was fitted so that samples have the "
+           "training images' structure-band power" if gain is not None else "")
+        + ". The same codes' means alone:", "",
+        "| metric | with detail | means only |", "|---|---|---|",
+        f"| morphology distance (mean W/sd) | {fmt(mo['mean_distance'])} | {fmt(means['morphology_mean_distance'])} |",
+        f"| structure-band power vs real | {fmt(sh['power_deficit_dex'], 3)} dex | "
+        f"{fmt(means['power_deficit_dex'], 3)} dex |",
+        f"| memorisation ratio | {fmt(mem.get('ratio'))} | {fmt(means.get('memorisation_ratio'))} |", "",
+    ]
+
+
+def _morphology(mo: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Morphology", "",
+        "Normalised 1-D Wasserstein distance between the real and generated distributions (divided by "
+        "the real standard deviation), next to the same distance between two halves of the real set. "
+        f"Failed measurements: real {mo['failed_fraction']['real']:.1%}, "
+        f"generated {mo['failed_fraction']['generated']:.1%}.", "",
+        "| statistic | real mean ± sd | generated mean ± sd | W/sd | floor |", "|---|---|---|---|---|",
+    ]
+    for s in STATS:
+        r, g = mo["summary"]["real"][s], mo["summary"]["generated"][s]
+        lines.append(f"| {LABELS[s]} | {fmt(r['mean'])} ± {fmt(r['std'])} | "
+                     f"{fmt(g['mean'])} ± {fmt(g['std'])} | {fmt(mo['distance'][s])} | {fmt(mo['floor'][s])} |")
+    return lines
+
+
+def report_markdown(m: dict[str, Any], files: list[tuple[str, str, str]]) -> str:
+    """The human-readable report: headline table, residual detail, morphology table, figures."""
+    lines = _header(m) + _summary(m) + _residual_detail(m) + _morphology(m["morphology"])
+    lines += ["", "## Figures", ""]
+    for name, title, caption in files:
+        lines += [f"### {title}", "", f"![{title}]({name})", "", caption, ""]
+    lines += ["Definitions and caveats: the ray-galaxy README, section \"Evaluate\".", ""]
+    return "\n".join(lines)
