@@ -16,7 +16,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ray_galaxy.config import parse_config  # noqa: E402
-from ray_galaxy.tune import TuneConfig, main_entry  # noqa: E402
+from ray_galaxy.tuning.config import TuneConfig  # noqa: E402
+from ray_galaxy.tuning.sweep import main_entry  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

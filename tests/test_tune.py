@@ -7,6 +7,7 @@ killed midway and run again, which resumes it (about 2 minutes).
 """
 
 import csv
+import io
 import json
 import math
 import os
@@ -22,8 +23,10 @@ from PIL import Image
 
 from conftest import REPO, free_port, job_env
 from ray_galaxy.config import ConfigError, parse_config, resolve
-from ray_galaxy.tune import (DISTRIBUTIONS, Param, SearchSpace, TuneConfig, base_train_config,
-                             check_search_space, parse_search_space, plot_trials)
+from ray_galaxy.plots import png
+from ray_galaxy.tuning.config import TuneConfig, base_train_config, check_search_space
+from ray_galaxy.tuning.results import RED, plot_trials
+from ray_galaxy.tuning.space import DISTRIBUTIONS, Param, SearchSpace, parse_search_space
 
 # --------------------------------------------------------------------------- search space
 
@@ -110,10 +113,26 @@ def test_plot_has_one_panel_per_searched_parameter():
     rows = [{"trial_id": f"t{i}", "latent_dim": ld, "lr": lr, "best_val_bpd": bpd,
              "stopped_early": se} for i, (ld, lr, bpd, se) in
             enumerate([(4, 1e-3, 5.0, "no"), (8, 1e-4, 6.0, "yes"), (8, 3e-3, None, "no")])]
-    img = plot_trials(rows, space)
-    assert img.size == (2 * 340, 308)
-    assert (214, 39, 40) in {c for _, c in img.getcolors(1 << 20)}  # the best trial, in red
-    assert plot_trials([], SearchSpace((), {})).size[0] > 0
+    fig = plot_trials(rows, space)
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in axes] == ["latent_dim", "lr"]
+    assert axes[1].get_xscale() == "log" and axes[0].get_xscale() == "linear"  # loguniform on a log axis
+    assert [t.get_text() for t in axes[0].get_xticklabels()] == ["4", "8"]  # one tick per choice
+    # Two trials reported val_bpd; the one without is left out. Filled = ran to the end, hollow =
+    # stopped early, and the best trial is red.
+    marks = [(line.get_xdata()[0], line.get_ydata()[0], line.get_color(), line.get_markerfacecolor())
+             for line in axes[1].get_lines()]
+    assert len(marks) == 2
+    best = next(m for m in marks if m[1] == 5.0)
+    stopped = next(m for m in marks if m[1] == 6.0)
+    assert best[2] == best[3] == RED and stopped[3] == "none"
+    with Image.open(io.BytesIO(png(fig))) as img:
+        assert img.format == "PNG" and img.size[0] >= 2 * 300
+        r, g, b = (int(RED[k:k + 2], 16) for k in (1, 3, 5))
+        assert (r, g, b) in {c[:3] for _, c in img.convert("RGB").getcolors(1 << 20)}  # drawn in red
+    empty = plot_trials([], SearchSpace((), {}))
+    with Image.open(io.BytesIO(png(empty))) as img:
+        assert img.size[0] > 0
 
 
 # --------------------------------------------------------------------------- tiny real sweep
@@ -212,6 +231,9 @@ def test_sweep_runs_every_trial_and_asha_stops_some(sweep):
     with Image.open(run_dir / "trials.png") as img:
         assert img.format == "PNG" and img.size[0] >= 3 * 300
     assert "Trial status" in r.stdout  # Tune's trial table
+    # ...but not Ray's own chatter: Train's per-report dumps and Ray Data's per-execution lines
+    out = r.stdout + r.stderr
+    assert "TrainingReport(" not in out and "Starting execution of Dataset" not in out, out[-6000:]
     assert f"model directory: {run_dir / 'model'}" in r.stdout
 
 
