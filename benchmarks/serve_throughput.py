@@ -32,7 +32,7 @@ def in_process(model, n: int, batch: int) -> dict:
     import numpy as np
     import torch
 
-    from ray_galaxy.figures import png_bytes
+    from ray_galaxy.images import png_bytes
     from ray_galaxy.model import to_uint8
 
     z = torch.cat([model.prior_latents(1, seed=i) for i in range(n)])
@@ -133,7 +133,7 @@ def main() -> None:
     from ray import serve
 
     from ray_galaxy.checkpoint import load_model_dir
-    from ray_galaxy.serve import build_app
+    from ray_galaxy.serve.app import build_app
 
     model = os.path.abspath(args.model) if "://" not in args.model else args.model
     torch.set_num_threads(args.threads)

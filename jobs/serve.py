@@ -10,9 +10,7 @@ Application args and deployment options (batching, autoscaling, CPUs/GPUs) come 
 
 import argparse
 import os
-import signal
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -28,52 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="application name (default: the config's)")
     args = p.parse_args(argv)
 
-    from ray_galaxy.checkpoint import ModelDirError, load_model_dir
+    # After parsing: --help answers without importing Ray.
+    from ray_galaxy.checkpoint import ModelDirError
     from ray_galaxy.config import ConfigError
-    from ray_galaxy.serve import build_app, load_serve_config
+    from ray_galaxy.serve.runner import serve_model
 
     try:
-        _, app_cfg = load_serve_config(args.config)
-    except ConfigError as e:
+        serve_model(args.model, args.config, args.host, args.port, args.name)
+    except (ConfigError, ModelDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model = args.model if "://" in args.model else os.path.abspath(os.path.expanduser(args.model))
-    try:  # fail here, with the reason, rather than in a replica's log
-        load_model_dir(model)
-    except ModelDirError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    app_args = {**(app_cfg.get("args") or {}), "model": model}
-    overrides = {d["name"]: d for d in app_cfg.get("deployments") or []}
-    name = args.name or app_cfg.get("name", "galaxy")
-    route_prefix = app_cfg.get("route_prefix", "/") or "/"
-
-    import ray
-    from ray import serve
-
-    try:
-        application = build_app(app_args, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="warning")
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(application, name=name, route_prefix=route_prefix)
-    url = f"http://{args.host}:{args.port}{route_prefix.rstrip('/')}"
-    print(f"[ray-galaxy] serving {model} at {url}/  (API docs: {url}/docs; Ctrl-C to stop)", flush=True)
-    token_env = app_args.get("token_env", "RAY_GALAXY_TOKEN")
-    page = f"{url}/?token=<${token_env}>" if token_env and os.environ.get(token_env) else f"{url}/"
-    print(f"[ray-galaxy] latent explorer: open {page} in a browser", flush=True)
-
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    try:
-        while not stop:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    print("[ray-galaxy] shutting down", flush=True)
-    serve.shutdown()
     return 0
 
 

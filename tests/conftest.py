@@ -76,7 +76,7 @@ def ray_address(tmp_path_factory, s3_endpoint) -> str:
     """
     import ray
 
-    from ray_galaxy.train import ray_runtime_env
+    from ray_galaxy.runtime import ray_runtime_env
 
     os.environ.setdefault("RAY_GALAXY_CACHE", str(tmp_path_factory.mktemp("cache")))
     ctx = ray.init(num_cpus=4, include_dashboard=True, logging_level="warning",
@@ -129,7 +129,7 @@ def server(ray_address, models):
     from ray import serve
     from serving import BODY_LIMIT, MAX_BATCH, SMALL, TOKEN
 
-    from ray_galaxy.serve import build_app
+    from ray_galaxy.serve.app import build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -51,25 +51,39 @@ def expected_images(model, z) -> np.ndarray:
     return to_uint8(model.decode(z)).numpy()
 
 
+def generator(models):
+    """Model A loaded as every way out of the project loads it (jobs/sample.py, training's figures)."""
+    from ray_galaxy.generation.generator import Generator
+
+    if not hasattr(models, "gen_a"):
+        models.gen_a = Generator.load(models.a)
+    return models.gen_a
+
+
+def seed_latents(models, n: int, seed: int, sampler: str = "auto", temperature: float = 1.0):
+    """The codes of a seed's first ``n`` galaxies on model A (a seed's block, as jobs/sample.py
+    draws it); 'auto' is A's GMM sampler."""
+    from ray_galaxy.generation.generator import SEED_BLOCK
+
+    return generator(models).latents(SEED_BLOCK, seed, sampler, temperature)[:n]
+
+
 def default_latents(models, n: int, seed: int, temperature: float = 1.0):
     """The codes a request without ``sampler`` decodes on model A: 'auto' is its GMM sampler."""
-    from ray_galaxy.evaluate import sample_latents
-
-    return sample_latents(models.a, n, seed, "auto", temperature)
+    return seed_latents(models, n, seed, "auto", temperature)
 
 
 def default_images(models, n: int, seed: int, temperature: float = 1.0, detail: bool = True) -> np.ndarray:
     """POST /sample {n, seed, temperature} of model A (default sampler 'auto' = its GMM, with the
-    residual detail unless ``detail`` is false), generated in this process like jobs/sample.py."""
-    from ray_galaxy.evaluate import generate
-    from ray_galaxy.model import to_uint8
+    residual detail unless ``detail`` is false), generated in this process as jobs/sample.py does."""
+    from ray_galaxy.generation.generator import SEED_BLOCK
 
-    return to_uint8(generate(models.a, n, seed, "auto", temperature, detail)).numpy()
+    return generator(models).images(SEED_BLOCK, seed, "auto", temperature, detail, keep=n)
 
 
 def expected_png(models, seed: int, temperature: float = 1.0, detail: bool = True) -> bytes:
     """GET /sample?seed=...&temperature=... of model A, generated in this process."""
-    from ray_galaxy.figures import png_bytes
+    from ray_galaxy.images import png_bytes
 
     return png_bytes(default_images(models, 1, seed, temperature, detail)[0])
 

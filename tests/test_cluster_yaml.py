@@ -383,7 +383,7 @@ def test_rayjob_tune_entrypoint_config_loads():
     """The entrypoint's arguments parse the way jobs/tune.py parses them, and the sweep's base
     training config (train_config: in the YAML) resolves too."""
     from ray_galaxy.config import parse_config
-    from ray_galaxy.tune import TuneConfig, base_train_config
+    from ray_galaxy.tuning.config import TuneConfig, base_train_config
 
     argv = shlex.split(load_yaml(RAYJOB_TUNE)["spec"]["entrypoint"])
     assert argv[0] == "python" and argv[1] == "jobs/tune.py" and (REPO / argv[1]).is_file()
@@ -396,7 +396,7 @@ def test_rayjob_tune_entrypoint_config_loads():
 
 
 def test_rayservice_serve_config_passes_strict_check(rayservice):
-    from ray_galaxy.serve import check_serve_config
+    from ray_galaxy.serve.yaml_check import check_serve_config
 
     assert check_serve_config(_embedded_serve_config(rayservice)) == []
 
@@ -429,7 +429,7 @@ def test_rayservice_serve_config_matches_serve_yaml(rayservice):
 
 @pytest.mark.parametrize("where", ["autoscaling", "deployment", "args", "application"])
 def test_rayservice_serve_config_typo_fails(rayservice, where):
-    from ray_galaxy.serve import check_serve_config
+    from ray_galaxy.serve.yaml_check import check_serve_config
 
     data = _embedded_serve_config(rayservice)
     app = data["applications"][0]

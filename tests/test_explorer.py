@@ -106,7 +106,7 @@ def sliders(w: Watched) -> dict[int, float]:
 def png_of(model, z: list[float]) -> bytes:
     import torch
 
-    from ray_galaxy.figures import png_bytes
+    from ray_galaxy.images import png_bytes
 
     return png_bytes(expected_images(model, torch.tensor([z], dtype=torch.float32))[0])
 
@@ -165,7 +165,8 @@ def test_dragging_a_slider_redraws_without_piling_up_requests(watched, server, m
 
 
 def test_random_button_and_tile_clicks_load_codes(watched, server, models):
-    from ray_galaxy.serve import slerp
+    from ray_galaxy.generation.latents import slerp
+    from serving import seed_latents
 
     open_explorer(watched, server.url + "/")
     page = watched.page
@@ -203,16 +204,14 @@ def test_random_button_and_tile_clicks_load_codes(watched, server, models):
     click_tile(watched, "#interp", 0, 3)
     idle(watched)
     first = requests.get(server.url + "/latent", params={"seed": 0, "sampler": "gmm"}, timeout=30).json()["z"]
-    want = slerp(np.array(first), np.array(after), int(page.input_value("#interp-steps")))[3]
+    want = slerp(np.array(first), np.array(after), int(page.input_value("#interp-steps")))[3].numpy()
     np.testing.assert_allclose(code(watched), want, atol=1e-5)
 
     # Switching to the prior redraws the seed's prior code.
     page.select_option("#sampler", "prior")
     page.wait_for_function("JSON.parse(document.getElementById('zvec').value)[0] !== %r" % code(watched)[0])
     idle(watched)
-    from ray_galaxy.serve import prior_latents
-
-    np.testing.assert_allclose(code(watched), prior_latents(models.model_a.config, 1, seed, 1.0)[0], atol=1e-6)
+    np.testing.assert_allclose(code(watched), seed_latents(models, 1, seed, "prior")[0].numpy(), atol=1e-6)
     assert watched.errors == []
 
 

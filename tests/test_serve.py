@@ -1,10 +1,10 @@
-"""Ray Serve app (ray_galaxy/serve.py) over real HTTP on a loopback port of the shared cluster.
+"""Ray Serve app (ray_galaxy/serve/) over real HTTP on a loopback port of the shared cluster.
 
 Two tiny models (32px; latent 4 and 6) are trained for a few plain-torch steps in a fixture.
 Serve runs two applications of model A: ``/galaxy`` without a token and ``/auth`` with one;
 the swap test deploys a third with A and redeploys it with B (another latent size) under load.
-Images are compared byte for byte with the model decoded in this process, which the float64
-decoder makes exact however requests were batched.
+Images are compared byte for byte with the model decoded in this process (the Generator that
+jobs/sample.py uses), which the float64 decoder makes exact however requests were batched.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import requests
 import yaml
 
 from conftest import REPO, job_env
-from serving import (BODY_LIMIT, LATENT, MAX_BATCH, SIZE, SMALL, TOKEN, expected_images,
-                     expected_png, pixels, tile, default_latents, default_images)
+from serving import (BODY_LIMIT, LATENT, MAX_BATCH, SIZE, SMALL, TOKEN, default_images, default_latents,
+                     expected_images, expected_png, pixels, seed_latents, tile)
 
 # Ray Serve's own models use a pydantic idiom deprecated in pydantic 2 (not ours to fix).
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")
@@ -37,7 +37,7 @@ SERVE_YAML = REPO / "cluster" / "serve.yaml"
 def galaxy_png(size: int = 48, seed: int = 5) -> bytes:
     from synthetic import galaxy
 
-    from ray_galaxy.figures import png_bytes
+    from ray_galaxy.images import png_bytes
 
     return png_bytes(galaxy(size, np.random.default_rng(seed)))
 
@@ -45,12 +45,16 @@ def galaxy_png(size: int = 48, seed: int = 5) -> bytes:
 # --------------------------------------------------------------------------- endpoints
 
 
-def test_healthz_info_and_docs(server, models):
-    from ray_galaxy.serve import model_version
+def version_of(uri: str) -> str:
+    from ray_galaxy.checkpoint import load_model_dir
 
+    return load_model_dir(uri, weights=False).version
+
+
+def test_healthz_info_and_docs(server, models):
     assert requests.get(server.url + "/healthz", timeout=30).json() == {"status": "ok"}
     info = requests.get(server.url + "/info", timeout=30).json()
-    assert info["version"] == model_version(models.a) != model_version(models.b)
+    assert info["version"] == version_of(models.a) != version_of(models.b)
     assert info["model"] == models.a
     assert (info["latent_dim"], info["image_size"]) == (LATENT, SIZE)
     assert info["model_config"]["channels"] == [8, 16, 32, 32]
@@ -78,7 +82,7 @@ def test_get_sample_is_byte_identical_by_seed(server, models):
 
 
 def test_post_sample_grid_zip_npy(server, models):
-    from ray_galaxy.figures import grid, png_bytes
+    from ray_galaxy.images import grid, png_bytes
 
     want = default_images(models, 5, 3, 0.8)
     body = {"n": 5, "seed": 3, "temperature": 0.8}
@@ -115,39 +119,47 @@ def test_interpolate_slerp_strip(server, models):
 
 
 def test_slerp_properties():
-    from ray_galaxy.serve import slerp
+    """The slerp /interpolate and the explorer use (generation.latents)."""
+    import torch
+
+    from ray_galaxy.generation.latents import slerp
 
     a, b = np.array([1.0, 0.0, 0.0, 0.0]), np.array([0.0, 2.0, 0.0, 0.0])
-    path = slerp(a, b, 5)
-    assert path.shape == (5, 4) and path.dtype == np.float32
+    assert slerp(a, b, 5).dtype == torch.float32
+    path = slerp(a, b, 5).numpy()
+    assert path.shape == (5, 4)
     assert np.array_equal(path[0], a.astype(np.float32)) and np.array_equal(path[-1], b.astype(np.float32))
     mid = path[2].astype(np.float64)
     assert np.linalg.norm(mid) > np.linalg.norm((a + b) / 2)  # on the arc, not the chord
-    assert np.allclose(slerp(a, a, 3), np.repeat(a[None], 3, 0))  # parallel: straight line, no NaN
-    assert np.isfinite(slerp(a, -a, 4)).all() and np.isfinite(slerp(np.zeros(4), b, 4)).all()
+    assert np.allclose(slerp(a, a, 3).numpy(), np.repeat(a[None], 3, 0))  # parallel: straight line, no NaN
+    assert np.isfinite(slerp(a, -a, 4).numpy()).all() and np.isfinite(slerp(np.zeros(4), b, 4).numpy()).all()
 
 
 def test_traverse_grid(server, models):
-    from ray_galaxy.figures import grid, png_bytes, traversal_latents
+    import torch
+
+    from ray_galaxy.generation.latents import traversal_latents
+    from ray_galaxy.images import grid, png_bytes
 
     default = requests.get(server.url + "/traverse", timeout=60)
     assert default.status_code == 200
-    z = traversal_latents(LATENT, (1, 3), 8, 3.0)
+    z = traversal_latents(torch.zeros(LATENT), (1, 3), 8, 3.0)
     assert default.content == png_bytes(grid(expected_images(models.model_a, z), ncols=8))
     small = requests.get(server.url + "/traverse?dims=0,2&steps=3&range=2", timeout=30)
-    z = traversal_latents(LATENT, (0, 2), 3, 2.0)
+    z = traversal_latents(torch.zeros(LATENT), (0, 2), 3, 2.0)
     assert small.content == png_bytes(grid(expected_images(models.model_a, z), ncols=3))
 
 
 def test_traverse_around_a_center(server, models):
     import torch
 
-    from ray_galaxy.figures import grid, png_bytes, traversal_latents
+    from ray_galaxy.generation.latents import traversal_latents
+    from ray_galaxy.images import grid, png_bytes
 
     center = [0.5, -1.25, 2.0, 0.125]
     r = requests.get(server.url + "/traverse", params={"dims": "0,2", "steps": 3, "center": ",".join(map(str, center))},
                      timeout=30)
-    z = traversal_latents(LATENT, (0, 2), 3, 3.0, base=torch.tensor(center))
+    z = traversal_latents(torch.tensor(center), (0, 2), 3, 3.0)
     assert r.status_code == 200 and r.content == png_bytes(grid(expected_images(models.model_a, z), ncols=3))
     assert (z[:, 1] == -1.25).all() and (z[:, 3] == 0.125).all()  # the other dims stay at the center
 
@@ -166,15 +178,14 @@ def test_latent_and_decode(server, models):
 
 
 def test_gmm_sampler_is_served(server, models):
-    from ray_galaxy.evaluate import sample_latents
-    from ray_galaxy.figures import grid, png_bytes
+    from ray_galaxy.images import grid, png_bytes
 
     info = requests.get(server.url + "/info", timeout=30).json()
     assert info["samplers"] == ["prior", "gmm"] and info["sampler"]["components"] == 2
     assert info["sampler"]["kernels"] == "codes" and info["sampler"]["bandwidth"] > 0  # draws around the codes
-    z = sample_latents(models.a, 3, seed=5, sampler="gmm", temperature=0.8)
-    assert not np.allclose(z.numpy(), models.model_a.prior_latents(3, 5, 0.8).numpy())
-    z1 = sample_latents(models.a, 1, seed=5, sampler="gmm", temperature=0.8)
+    z = seed_latents(models, 3, 5, "gmm", 0.8)
+    assert not np.allclose(z.numpy(), seed_latents(models, 3, 5, "prior", 0.8).numpy())
+    z1 = seed_latents(models, 1, 5, "gmm", 0.8)
     latent = requests.get(server.url + "/latent?seed=5&temperature=0.8&sampler=gmm", timeout=30).json()["z"]
     np.testing.assert_array_equal(np.float32(latent), z1[0].numpy())
     one = requests.get(server.url + "/sample?seed=5&temperature=0.8&sampler=gmm&detail=false", timeout=30)
@@ -188,7 +199,7 @@ def test_gmm_sampler_is_served(server, models):
     # No sampler given: 'auto' serves the GMM of a model that has one; 'prior' stays available.
     assert requests.get(server.url + "/sample?seed=5&temperature=0.8&detail=0", timeout=30).content == one.content
     prior = requests.get(server.url + "/sample?seed=5&temperature=0.8&sampler=prior", timeout=30)
-    assert prior.content == png_bytes(expected_images(models.model_a, models.model_a.prior_latents(1, 5, 0.8))[0])
+    assert prior.content == png_bytes(expected_images(models.model_a, seed_latents(models, 1, 5, "prior", 0.8))[0])
     assert prior.content != one.content
 
 
@@ -214,6 +225,45 @@ def test_reconstruct_upload(server):
     jpg = jpeg_bytes(np.asarray(pixels(galaxy_png(64, 9))))
     r = requests.post(server.url + "/reconstruct?crop=0.5", files={"file": ("g.jpg", jpg, "image/jpeg")}, timeout=30)
     assert r.status_code == 200 and pixels(r.content).shape == (SIZE, SIZE, 3)
+
+
+def test_serve_bytes_equal_jobs_sample(server, models, tmp_path):
+    """A seed's galaxies from Serve are the PNGs jobs/sample.py writes for it (figures.write_samples
+    on the same Generator), pixel for pixel, for GET and POST /sample and either sampler."""
+    from ray_galaxy.figures import write_samples
+    from ray_galaxy.generation.generator import Generator
+
+    gen = Generator.load(models.a)
+    for sampler in ("auto", "prior"):
+        out = tmp_path / sampler
+        write_samples(gen, str(out), 5, seed=3, sampler=sampler)
+        written = [pixels((out / f"sample_{i:05d}.png").read_bytes()) for i in range(5)]
+        one = requests.get(server.url + "/sample", params={"seed": 3, "sampler": sampler}, timeout=30)
+        assert one.status_code == 200 and np.array_equal(pixels(one.content), written[0])
+        z = requests.post(server.url + "/sample", json={"n": 5, "seed": 3, "sampler": sampler, "format": "zip"},
+                          timeout=30)
+        with zipfile.ZipFile(io.BytesIO(z.content)) as zf:
+            served = [pixels(zf.read(f"galaxy_{i:02d}.png")) for i in range(5)]
+        assert all(np.array_equal(a, b) for a, b in zip(served, written)), sampler
+
+
+def test_multipart_uploads(server):
+    """Forms are parsed by python-multipart: the image as 'file' or 'image', beside other fields;
+    a form that cannot be parsed is a 4xx naming the file, never a 5xx."""
+    png = galaxy_png()
+    want = requests.post(server.url + "/reconstruct", data=png, headers={"content-type": "image/png"},
+                         timeout=30).content
+    for files, data in (({"file": ("g.png", png, "image/png")}, None),
+                        ({"image": ("g.png", png)}, None),
+                        ({"file": ("g.png", png)}, {"note": "a text field first"})):
+        r = requests.post(server.url + "/reconstruct", files=files, data=data, timeout=30)
+        assert r.status_code == 200 and r.content == want, (files.keys(), r.text[:200])
+    malformed = [("multipart/form-data", b"--x\r\nno boundary given\r\n--x--\r\n"),
+                 ("multipart/form-data; boundary=zz", b"--zz\r\nContent-Disposition: form-data\r\n\r\nx\r\n--zz--\r\n"),
+                 ("multipart/form-data; boundary=zz", b"--zz\r\nnot a header line at all")]
+    for ctype, body in malformed:
+        r = requests.post(server.url + "/reconstruct", data=body, headers={"content-type": ctype}, timeout=30)
+        assert 400 <= r.status_code < 500 and r.json()["field"] == "file", (ctype, body, r.status_code, r.text)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -354,10 +404,10 @@ def test_token_is_not_logged(server):
 def test_model_swap_drops_no_requests(server, models):
     from ray import serve
 
-    from ray_galaxy.serve import build_app, model_version
+    from ray_galaxy.serve.app import build_app
 
     url = server.base + "/swap"
-    version_a, version_b = model_version(models.a), model_version(models.b)
+    version_a, version_b = version_of(models.a), version_of(models.b)
     serve.run(build_app({**server.args, "model": models.a}, SMALL, token=None), name="swap", route_prefix="/swap")
     assert requests.get(url + "/info", timeout=30).json()["version"] == version_a
 
@@ -420,13 +470,15 @@ def test_model_swap_drops_no_requests(server, models):
 def test_serve_yaml_is_valid_and_strict():
     from ray.serve.schema import ServeDeploySchema
 
-    from ray_galaxy.serve import DECODER, ServeConfig, app_builder, check_serve_config
+    from ray_galaxy.serve.app import app_builder
+    from ray_galaxy.serve.config import DECODER, ServeConfig
+    from ray_galaxy.serve.yaml_check import check_serve_config
 
     data = yaml.safe_load(SERVE_YAML.read_text())
     ServeDeploySchema.model_validate(data)
     assert check_serve_config(data) == []
     app = data["applications"][0]
-    assert app["import_path"] == "ray_galaxy.serve:app_builder"
+    assert app["import_path"] == "ray_galaxy.serve.app:app_builder"
     assert app["args"]["model"] == "runs/galaxy-vae/model" == ServeConfig().model
     assert set(app["args"]) == set(ServeConfig.__dataclass_fields__)  # every arg spelled out
     decoder = next(d for d in app["deployments"] if d["name"] == DECODER)
@@ -524,18 +576,28 @@ def test_jobs_serve_end_to_end(tmp_path, models):
 def test_model_name_activity_order_and_chunk_rows_config():
     import torch
 
-    from ray_galaxy.config import ConfigError
-    from ray_galaxy.evaluate import gmm_variance
-    from ray_galaxy.serve import ServeConfig, activity_order, model_name
+    from ray_galaxy.checkpoint import ModelDir
+    from ray_galaxy.config import ConfigError, ModelConfig
+    from ray_galaxy.generation.generator import Generator
+    from ray_galaxy.generation.sampler import MixtureSampler
+    from ray_galaxy.serve.config import ServeConfig
+    from ray_galaxy.serve.ingress import model_name
 
     assert model_name("s3://bucket/runs/galaxy-vae/model") == "galaxy-vae"
     assert model_name("/tmp/x/a/") == "a" and model_name("s3://bucket") == "bucket"
     # Two equal components at x=0 and x=2: variance along x is within (1) + between (1) = 2.
-    gmm = {"weights": torch.tensor([0.5, 0.5]), "means": torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0]]),
-           "covariances": torch.diag_embed(torch.tensor([[1.0, 4.0, 0.1], [1.0, 4.0, 0.1]]))}
-    np.testing.assert_allclose(gmm_variance(gmm), [2.0, 4.0, 0.1], rtol=1e-6)
-    assert activity_order({}, 3, gmm) == [1, 0, 2]
-    assert activity_order({"best": {"val_kl_per_dim": [0.1, 3.0, 2.0]}}, 3) == [1, 2, 0]
-    assert activity_order({"best": {"val_kl_per_dim": [0.1, float("nan"), 2.0]}}, 3) == [0, 1, 2]
+    sampler = MixtureSampler({"weights": torch.tensor([0.5, 0.5]),
+                              "means": torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0]]),
+                              "covariances": torch.diag_embed(torch.tensor([[1.0, 4.0, 0.1], [1.0, 4.0, 0.1]]))},
+                             {"kind": "gmm"})
+    np.testing.assert_allclose(sampler.variance(), [2.0, 4.0, 0.1], rtol=1e-6)
+
+    def gen(metrics, s=None) -> Generator:  # /info's dims_by_activity, without a model on disk
+        cfg = ModelConfig(image_size=SIZE, channels=(8, 16, 32, 32), latent_dim=3)
+        return Generator(ModelDir("m", cfg, None, {}, metrics, "0" * 64), s, None if s else "none")
+
+    assert gen({}, sampler).dims_by_activity() == [1, 0, 2]
+    assert gen({"best": {"val_kl_per_dim": [0.1, 3.0, 2.0]}}).dims_by_activity() == [1, 2, 0]
+    assert gen({"best": {"val_kl_per_dim": [0.1, float("nan"), 2.0]}}).dims_by_activity() == [0, 1, 2]
     with pytest.raises(ConfigError, match="decode_chunk_rows"):
         ServeConfig(model="m", decode_chunk_rows=-1)

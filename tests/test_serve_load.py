@@ -57,7 +57,7 @@ def record(section: str, data: dict) -> None:
 def galaxy_png(size: int = 40, seed: int = 5) -> bytes:
     from synthetic import galaxy
 
-    from ray_galaxy.figures import png_bytes
+    from ray_galaxy.images import png_bytes
 
     return png_bytes(galaxy(size, np.random.default_rng(seed)))
 
@@ -246,7 +246,7 @@ def _decoder_running() -> bool:
 def test_sigkilled_decoder_replica_is_replaced_under_load(server):
     from ray import serve
 
-    from ray_galaxy.serve import build_app
+    from ray_galaxy.serve.app import build_app
 
     args = {**server.args, "batch_wait_timeout_s": KILL_BATCH_WAIT_S}
     serve.run(build_app(args, KILL_OPTIONS, token=None), name=KILL_APP, route_prefix=KILL_PREFIX)
@@ -533,7 +533,7 @@ def test_fuzz_methods_and_paths(server, method, path, body):
 
 
 def test_token_guards_every_path_but_healthz(server):
-    from ray_galaxy.serve import TOKEN_COOKIE
+    from ray_galaxy.serve.config import TOKEN_COOKIE
 
     ok = {"Authorization": f"Bearer {TOKEN}"}
     spec = requests.get(server.auth + "/openapi.json", headers=ok, timeout=30)

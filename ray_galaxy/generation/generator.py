@@ -26,6 +26,10 @@ from ray_galaxy.generation.sampler import SAMPLER_FILE, MixtureSampler, SamplerE
 from ray_galaxy.model import ConvVAE, to_uint8
 
 SAMPLERS = ("auto", "prior", "gmm")
+# A seed's galaxies are drawn this many at a time (figures.write_samples, i.e. jobs/sample.py):
+# galaxy i of a seed is row i of ``latents(SEED_BLOCK, seed)``, whatever n a caller asks for, so
+# Serve's ``n`` galaxies of a seed are the first ``n`` that jobs/sample.py writes for it.
+SEED_BLOCK = 256
 
 
 def decode(model: ConvVAE, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:

@@ -140,7 +140,8 @@ def encode_means(model: ConvVAE, images: np.ndarray, batch_size: int = 64) -> np
     out = []
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2).float() / 255
-        out.append(model.encode(x)[0].double().cpu().numpy())
+        # The model may sit on a GPU (a Serve decoder replica); the images come from the CPU.
+        out.append(model.encode(x.to(next(model.parameters()).device))[0].double().cpu().numpy())
     return np.concatenate(out)
 
 

@@ -1,0 +1,72 @@
+"""What ``python jobs/serve.py`` does: check the model and the Serve config, start the app on
+this machine's (or RAY_ADDRESS's) Ray, print one line with its URL, and serve until stopped.
+
+Ray's and Serve's own logs go to Ray's log folder (``/tmp/ray/session_latest/logs``), not here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import ray
+from ray import serve
+
+from ray_galaxy.checkpoint import load_model_dir
+from ray_galaxy.console import log
+from ray_galaxy.serve.app import build_app
+from ray_galaxy.serve.config import APP_NAME
+from ray_galaxy.serve.yaml_check import load_serve_config
+from ray_galaxy.storage import absolute
+
+QUIET = {"log_level": "WARNING", "enable_access_log": False}
+
+
+def prepare(model: str, config_path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(app args, deployment overrides, the config's application) for ``model``; raises
+    ConfigError for a bad config file and ModelDirError for a model directory that is not
+    finished, here rather than later in a replica's log."""
+    _, app_cfg = load_serve_config(config_path)
+    model = absolute(model)
+    load_model_dir(model, weights=False)
+    app_args = {**(app_cfg.get("args") or {}), "model": model}
+    overrides = {d["name"]: d for d in app_cfg.get("deployments") or []}
+    return app_args, overrides, app_cfg
+
+
+def _explorer_url(url: str, app_args: dict[str, Any]) -> str:
+    """The explorer's address, naming the token's variable (never the token itself)."""
+    token_env = app_args.get("token_env", "RAY_GALAXY_TOKEN")
+    return f"{url}/?token=<${token_env}>" if token_env and os.environ.get(token_env) else f"{url}/"
+
+
+def _wait_for_stop() -> None:
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+
+
+def serve_model(model: str, config_path: str, host: str = "127.0.0.1", port: int = 8000,
+                name: str | None = None) -> None:
+    """Serve ``model`` at http://host:port/ until Ctrl-C or SIGTERM, then shut Serve down."""
+    app_args, overrides, app_cfg = prepare(model, config_path)
+    application = build_app(app_args, overrides)
+    route_prefix = app_cfg.get("route_prefix", "/") or "/"
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines are in Ray's log folder
+    ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="warning", log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port}, logging_config=QUIET)
+    serve.run(application, name=name or app_cfg.get("name", APP_NAME), route_prefix=route_prefix,
+              logging_config=QUIET)
+    url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
+    log(f"serving {app_args['model']}: latent explorer: open {_explorer_url(url, app_args)} in a browser "
+        f"(API docs {url}/docs; Ctrl-C to stop)")
+    _wait_for_stop()
+    log("shutting down")
+    serve.shutdown()
