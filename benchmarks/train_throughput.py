@@ -22,9 +22,9 @@ def plain_loop(images, cfg, epochs: int) -> float:
     """Images/s of a plain single-process PyTorch loop over the same decoded images."""
     import torch
 
-    from ray_galaxy.data import augment_d4
+    from ray_galaxy.images import augment_d4
     from ray_galaxy.model import ConvVAE
-    from ray_galaxy.train import kl_weight_at
+    from ray_galaxy.training.loop import kl_weight_at
 
     torch.manual_seed(cfg.seed)
     model = ConvVAE(cfg.model_config()).train()
@@ -64,7 +64,8 @@ def main() -> None:
 
     from ray_galaxy.config import train_config
     from ray_galaxy.data import load_datasets
-    from ray_galaxy.train import ensure_ray, make_trainer
+    from ray_galaxy.runtime import ensure_ray
+    from ray_galaxy.training.trainer import make_trainer
 
     ensure_ray()
     storage = tempfile.mkdtemp(prefix="rg-bench-")

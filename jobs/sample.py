@@ -9,8 +9,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ray_galaxy.checkpoint import ModelDirError  # noqa: E402
+from ray_galaxy.figures import write_samples  # noqa: E402
+from ray_galaxy.generation.generator import SAMPLERS, Generator  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the flags, load the model directory once and write the PNGs; 2 on a bad model."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory written by jobs/train.py")
     p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
@@ -18,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
     p.add_argument("--temperature", type=float, default=1.0, help="scale of the prior (default 1.0)")
     p.add_argument("--grid", action="store_true", help="also write grid.png with all images")
-    p.add_argument("--sampler", choices=["auto", "prior", "gmm"], default="auto",
+    p.add_argument("--sampler", choices=SAMPLERS, default="auto",
                    help="latent sampler: N(0, I) prior or the model's fitted Gaussian mixture "
                         "(jobs/fit_sampler.py; gmm also adds its residual detail); auto (default): "
                         "gmm when the model directory has a sampler, else prior")
@@ -26,13 +31,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --sampler gmm: write the decoder's means, without the residual detail")
     args = p.parse_args(argv)
 
-    from ray_galaxy.figures import write_samples
-    from ray_galaxy.checkpoint import ModelDirError
-
     if not 1 <= args.n <= 100_000:
         p.error(f"--n must be in 1..100000, got {args.n}")
     try:
-        paths = write_samples(args.model, args.out, args.n, args.seed, args.temperature, args.grid,
+        gen = Generator.load(args.model)
+        paths = write_samples(gen, args.out, args.n, args.seed, args.temperature, args.grid,
                               sampler=args.sampler, detail=not args.no_detail)
     except ModelDirError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,7 +11,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ray_galaxy.config import PRESETS, TrainConfig, parse_config  # noqa: E402
-from ray_galaxy.train import main_entry  # noqa: E402
+from ray_galaxy.training.trainer import main_entry  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """End to end: jobs/train.py and jobs/sample.py as real subprocesses on the shared Ray cluster."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -54,6 +55,20 @@ def test_train_job_writes_a_complete_model_directory(trained):
     assert sampler["kernels"] == "codes" and "drawing from kernels on the codes (bandwidth 0.45)" in r.stderr + r.stdout
     assert all(h["steps_skipped"] == 0 and h["lr_now"] > 0 for h in hist)
     assert hist[-1]["lr_now"] < hist[0]["lr_now"]  # cosine schedule
+
+
+def test_train_job_prints_a_header_one_line_per_epoch_and_a_summary(trained):
+    storage, r = trained
+    out = r.stdout + r.stderr
+    assert f"[ray-galaxy] training run 'e2e': data '" in r.stdout and f"checkpoints in {storage / 'e2e'}" in r.stdout
+    epochs = re.findall(r"\[ray-galaxy\] epoch (\d+)/4 ", r.stdout)
+    assert epochs == ["1", "2", "3", "4"], r.stdout[-4000:]
+    assert re.search(r"\[ray-galaxy\] best epoch \d: val loss .* bits/dim, PSNR .* dB; total ", r.stdout)
+    assert "[ray-galaxy] Ray's own logs: " in r.stdout
+    # Ray's own chatter stays in Ray's log folder
+    for noise in ("TrainingReport(", "DeprecationWarning", "execution finished", "Execution finished",
+                  "Starting execution of Dataset", "Progress bars disabled"):
+        assert noise not in out, f"{noise!r} in the job's output:\n" + out[-4000:]
 
 
 def test_model_loads_with_weights_only_and_decodes(trained):

@@ -7,7 +7,7 @@ import torch
 
 from ray_galaxy.config import ConfigError, TrainConfig, resolve
 from ray_galaxy.config import PRESETS
-from ray_galaxy.train import LR_FLOOR, GradGuard, lr_at
+from ray_galaxy.training.loop import LR_FLOOR, GradGuard, lr_at
 
 
 def test_cosine_schedule_starts_at_lr_and_ends_at_the_floor():

@@ -1,0 +1,354 @@
+"""The Ray Train worker side: schedules, the gradient guard, one training and one validation pass,
+and :func:`train_loop_per_worker` built from them (Tune drives the same loop).
+
+Everything here runs inside a Ray Train worker; the driver only imports it to name the function.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint
+from ray.train.torch import get_device, prepare_model
+
+from ray_galaxy.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from ray_galaxy.config import TrainConfig
+from ray_galaxy.console import fmt_seconds, log
+from ray_galaxy.images import augment_d4
+from ray_galaxy.model import ConvVAE
+from ray_galaxy.runtime import quiet_train_worker
+
+# The metric checkpoints are ranked by (Tune ranks trials by it too).
+VAL_METRIC = "val_loss"
+# The cosine schedule ends at this fraction of the peak learning rate.
+LR_FLOOR = 0.05
+
+Autocast = Callable[[], ContextManager]
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def kl_weight_at(cfg: TrainConfig, epoch: int) -> float:
+    """Linear KL warm-up (Bowman et al. 2016): 0 -> kl_weight over kl_warmup_epochs."""
+    if cfg.kl_warmup_epochs <= 0:
+        return cfg.kl_weight
+    return cfg.kl_weight * min(1.0, (epoch + 1) / (cfg.kl_warmup_epochs + 1))
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate of an epoch: constant, or a cosine from lr down to 5% of it at the last epoch
+    (Loshchilov & Hutter 2017, without restarts). Per epoch, so a resumed run continues the curve."""
+    if cfg.lr_schedule == "constant" or cfg.epochs <= 1:
+        return cfg.lr
+    t = epoch / (cfg.epochs - 1)
+    return cfg.lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+class GradGuard:
+    """Skips steps whose gradient is not finite and clips outliers (Seetharaman et al. 2020, AutoClip).
+
+    The clip threshold is ``multiple`` times the median norm of the last ``window`` steps, so it
+    follows the loss scale (the sigma-VAE's gradients grow as its sigma shrinks) and only cuts
+    spikes, e.g. the first-epoch blow-up of a large latent with KL weight 1. Under DDP the
+    gradients are already all-reduced, so every rank takes the same decision.
+    """
+
+    def __init__(self, multiple: float, window: int = 200, max_consecutive_skips: int = 25) -> None:
+        self.multiple, self.max_skips = multiple, max_consecutive_skips
+        self.norms: collections.deque[float] = collections.deque(maxlen=window)
+        self.clipped = self.skipped = self.consecutive = 0
+
+    def __call__(self, params: list) -> bool:
+        """Clip in place; False when the step must be skipped (non-finite gradient)."""
+        limit = float("inf")
+        if self.multiple > 0 and len(self.norms) >= 20:
+            limit = self.multiple * float(np.median(self.norms))
+        norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+        if not math.isfinite(norm):
+            self.skipped += 1
+            self.consecutive += 1
+            if self.consecutive >= self.max_skips:
+                raise FloatingPointError(
+                    f"{self.consecutive} training steps in a row had a non-finite loss or gradient: "
+                    "the model has diverged. Lower --lr or --kl-weight, or keep --grad-clip on "
+                    "(Ray Train retries from the last checkpoint up to --max-failures times)")
+            return False
+        self.consecutive = 0
+        self.clipped += norm > limit
+        self.norms.append(norm)
+        return True
+
+
+# --------------------------------------------------------------------------- one pass
+
+
+def to_images(batch: dict, device: Any) -> torch.Tensor:
+    """A Ray Data batch of (B, S, S, 3) uint8 -> (B, 3, S, S) floats in [0, 1] on ``device``."""
+    x = batch["image"].to(device, non_blocking=True)
+    return x.permute(0, 3, 1, 2).float().div_(255)
+
+
+def allreduce(values: list[float], device: Any) -> list[float]:
+    """Sum a list of floats over all workers (unchanged with one worker)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, guard: GradGuard,
+               x: torch.Tensor, beta: float, autocast: Autocast) -> tuple[float, float, float] | None:
+    """One optimiser step on images ``x``: (mean loss, summed recon, summed kl), or None when the
+    gradient guard skipped it."""
+    net = unwrap(model)
+    with autocast():
+        out_a, mu, logvar = model(x)
+    recon = net.recon_nll(out_a, x)
+    kl = net.kl(mu, logvar)
+    loss = (recon + beta * kl).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if not guard(list(model.parameters())):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    return loss.item(), recon.sum().item(), kl.sum().item()
+
+
+def _val_sums(net: ConvVAE, shard: Any, device: Any, batch_size: int,
+              autocast: Autocast) -> tuple[list[float], torch.Tensor]:
+    """This shard's sums (n, recon, kl, psnr, squared error) and KL per latent dimension."""
+    sums = [0.0] * 5
+    kl_dim = torch.zeros(net.config.latent_dim, dtype=torch.float64, device=device)
+    for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=False):
+        x = to_images(batch, device)
+        with autocast():
+            a, mu, logvar = net(x)
+            recon_img = (torch.tanh(net.decode_logits(mu).float()) + 1) / 2
+        mse = (recon_img - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+        sums[0] += x.shape[0]
+        sums[1] += net.recon_nll(a, x).sum().item()
+        sums[2] += net.kl(mu, logvar).sum().item()
+        sums[3] += (10 * torch.log10(1.0 / mse)).sum().item()
+        sums[4] += mse.sum().item()
+        mu, logvar = mu.float(), logvar.float()
+        kl_dim += (0.5 * (mu ** 2 + logvar.exp() - 1 - logvar)).sum(0).double()
+    return sums, kl_dim
+
+
+def eval_step(model: torch.nn.Module, shard: Any, cfg: TrainConfig, device: Any, batch_size: int,
+              autocast: Autocast) -> dict[str, Any]:
+    """Validation over this worker's shard, summed over all workers.
+
+    ``val_loss`` is the negative ELBO with the configured kl_weight (no warm-up), so it is
+    comparable between epochs; ``val_bpd`` is the kl_weight=1 negative ELBO in bits/dim.
+    """
+    net = unwrap(model)
+    net.eval()
+    with torch.no_grad():
+        sums, kl_dim = _val_sums(net, shard, device, batch_size, autocast)
+    net.train()
+    sums = allreduce(sums, device)
+    kl_dim_all = allreduce(kl_dim.tolist(), device)
+    n = max(sums[0], 1.0)
+    recon, kl = sums[1] / n, sums[2] / n
+    return {
+        "val_images": int(sums[0]),
+        VAL_METRIC: recon + cfg.kl_weight * kl,
+        "val_recon": recon,
+        "val_kl": kl,
+        "val_bpd": float(net.bits_per_dim(torch.tensor(recon + kl))),
+        "val_psnr": sums[3] / n,
+        "val_kl_per_dim": [v / n for v in kl_dim_all],
+    }
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+@dataclass
+class WorkerState:
+    """What one worker carries from epoch to epoch."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: Any
+    autocast: Autocast
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    guard: GradGuard
+    generator: torch.Generator
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    node_ids: list[str] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        """The per-worker batch: the configured batch split over the workers."""
+        return max(1, self.cfg.batch_size // self.world)
+
+
+def _device(local_world: int) -> Any:
+    """Ray Train's device for this worker; on CPU this node's cores are shared between its
+    workers (Ray pins 1 thread for fractional CPUs)."""
+    device = get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    return device
+
+
+def _autocast_for(device: Any) -> Autocast:
+    """bf16 autocast on GPUs, nothing on CPUs."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _resume(cfg: TrainConfig, model: ConvVAE, optimizer: torch.optim.Optimizer,
+            rank: int) -> tuple[int, list[dict[str, Any]]]:
+    """Load Ray Train's checkpoint into model and optimizer: (first epoch to run, history)."""
+    ckpt = ray.train.get_checkpoint()
+    if not ckpt:
+        return 0, []
+    with ckpt.as_directory() as d:
+        model_sd, opt_sd, state = load_checkpoint(d)
+    saved_model = state.get("model_config")
+    if saved_model and saved_model != cfg.model_config().to_dict():
+        raise RuntimeError(
+            f"run {cfg.name!r} in {cfg.storage} has checkpoints of a different model "
+            f"({saved_model}); choose a new --name to train this configuration")
+    model.load_state_dict(model_sd)
+    optimizer.load_state_dict(opt_sd)
+    if rank == 0:
+        log(f"resuming from checkpoint after epoch {state['epoch'] + 1}")
+    return state["epoch"] + 1, state.get("history", [])
+
+
+def _node_ids(world: int) -> list[str]:
+    """The node of every rank (placement is part of what a run did, recorded with the metrics)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node_id]
+    ids: list[Any] = [None] * world
+    dist.all_gather_object(ids, node_id)
+    return ids
+
+
+def setup_worker(loop_config: dict[str, Any]) -> WorkerState:
+    """Config, device, model (restored from Ray Train's checkpoint when resuming), optimizer."""
+    raw = loop_config["config"]
+    cfg = TrainConfig(**{**raw, "channels": tuple(raw["channels"])})
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = _device(ctx.get_local_world_size())
+    torch.manual_seed(cfg.seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
+    model = ConvVAE(cfg.model_config())
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    start_epoch, history = _resume(cfg, model, optimizer, rank)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * start_epoch)
+    return WorkerState(cfg=cfg, rank=rank, world=world, device=device, autocast=_autocast_for(device),
+                       model=prepare_model(model), optimizer=optimizer, guard=GradGuard(cfg.grad_clip),
+                       generator=generator, start_epoch=start_epoch, history=history,
+                       node_ids=_node_ids(world))
+
+
+def train_epoch(w: WorkerState, shard: Any, epoch: int, beta: float) -> list[float]:
+    """One pass over this worker's shard (D4-augmented): sums (n, loss, recon, kl) over all workers."""
+    w.model.train()
+    sums = [0.0, 0.0, 0.0, 0.0]
+    for batch in shard.iter_torch_batches(
+            batch_size=w.batch_size, drop_last=False, local_shuffle_buffer_size=4 * w.batch_size,
+            local_shuffle_seed=w.cfg.seed + epoch * 101 + w.rank):
+        x = augment_d4(to_images(batch, w.device), w.generator)
+        step = train_step(w.model, w.optimizer, w.guard, x, beta, w.autocast)
+        if step is None:
+            continue
+        b = x.shape[0]
+        sums[0] += b
+        sums[1] += step[0] * b
+        sums[2] += step[1]
+        sums[3] += step[2]
+    return allreduce(sums, w.device)
+
+
+def _progress_line(cfg: TrainConfig, metrics: dict[str, Any], epoch_times: list[float]) -> str:
+    """The one line per epoch people read."""
+    eta = (cfg.epochs - metrics["epoch"]) * float(np.mean(epoch_times[-5:]))
+    return (f"epoch {metrics['epoch']}/{cfg.epochs}  train {metrics['train_loss']:.1f}  "
+            f"val {metrics[VAL_METRIC]:.1f} (recon {metrics['val_recon']:.1f}, kl {metrics['val_kl']:.1f})  "
+            f"psnr {metrics['val_psnr']:.2f} dB  {metrics['images_per_s']:.0f} img/s  "
+            f"{metrics['epoch_seconds']:.1f}s/epoch  ETA {fmt_seconds(eta)}")
+
+
+def _report(w: WorkerState, epoch: int, metrics: dict[str, Any]) -> None:
+    """Report the epoch to Ray Train; rank 0 also writes the checkpoint."""
+    reported = {k: v for k, v in metrics.items() if k != "val_kl_per_dim"}
+    w.history.append(reported)
+    if w.rank != 0:
+        ray.train.report(reported)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(tmp, w.model, w.optimizer, {
+            "epoch": epoch, "history": w.history, "metrics": {**metrics, "worker_node_ids": w.node_ids},
+            "model_config": w.cfg.model_config().to_dict(), "config": w.cfg.to_dict()})
+        ray.train.report(reported, checkpoint=Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
+
+
+def run_epoch(w: WorkerState, epoch: int, train_shard: Any, val_shard: Any) -> dict[str, Any]:
+    """Train and validate one epoch; its metrics (summed over all workers)."""
+    t0 = time.time()
+    beta, lr = kl_weight_at(w.cfg, epoch), lr_at(w.cfg, epoch)
+    for group in w.optimizer.param_groups:
+        group["lr"] = lr
+    clipped0, skipped0 = w.guard.clipped, w.guard.skipped
+    sums = train_epoch(w, train_shard, epoch, beta)
+    train_seconds = time.time() - t0
+    n = max(sums[0], 1.0)
+    val = eval_step(w.model, val_shard, w.cfg, w.device, w.batch_size, w.autocast)
+    return {
+        "epoch": epoch + 1,
+        "train_loss": sums[1] / n,
+        "train_recon": sums[2] / n,
+        "train_kl": sums[3] / n,
+        "kl_weight_now": beta,
+        "lr_now": lr,
+        "steps_clipped": w.guard.clipped - clipped0,
+        "steps_skipped": w.guard.skipped - skipped0,
+        "train_images": int(sums[0]),
+        "workers": w.world,
+        "worker_nodes": len(set(w.node_ids)),
+        "images_per_s": sums[0] / max(train_seconds, 1e-9),
+        "epoch_seconds": time.time() - t0,
+        "decoder_sigma": float(unwrap(w.model).log_sigma.clamp(min=-6).exp()),
+        **val,
+    }
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: iterate the shard each epoch, report metrics and a checkpoint."""
+    quiet_train_worker()
+    w = setup_worker(loop_config)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    epoch_times = [h["epoch_seconds"] for h in w.history]
+    for epoch in range(w.start_epoch, w.cfg.epochs):
+        metrics = run_epoch(w, epoch, train_shard, val_shard)
+        epoch_times.append(metrics["epoch_seconds"])
+        if w.rank == 0:
+            log(_progress_line(w.cfg, metrics, epoch_times))
+        _report(w, epoch, metrics)

@@ -1,0 +1,140 @@
+"""The Ray Train driver: data read once with Ray Data, a ``TorchTrainer`` whose workers run
+:func:`~ray_galaxy.training.loop.train_loop_per_worker`, and the export of the best checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ray.data import DataContext, ExecutionOptions
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from ray_galaxy.checkpoint import ModelDirError
+from ray_galaxy.config import TrainConfig
+from ray_galaxy.console import fmt_seconds, log
+from ray_galaxy.data import DataError, DataStats, load_datasets
+from ray_galaxy.runtime import ensure_ray, ray_log_dir, storage_path
+from ray_galaxy.storage import join
+from ray_galaxy.training.export import export_model, fit_sampler_into
+from ray_galaxy.training.loop import VAL_METRIC, train_loop_per_worker
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    model_dir: str
+    run_dir: str
+    metrics: dict[str, Any]
+
+
+# Ray Train's own INFO lines (worker group started, process group set up) stay in its log files.
+TRAIN_LOG_LEVEL = "WARNING"
+
+
+def _quiet(run_config: RunConfig) -> RunConfig:
+    """``run_config`` with Ray Train's console output at :data:`TRAIN_LOG_LEVEL`, unless the
+    caller chose a level other than Ray's default."""
+    if run_config.logging_config.log_level != LoggingConfig().log_level:
+        return run_config
+    return dataclasses.replace(run_config, logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL))
+
+
+def _ingest_config() -> DataConfig:
+    """Ray Train's default ingest options, spelled out: its default copies the deprecated
+    ``exclude_resources`` and so warns in every run."""
+    options = DataContext.get_current().execution_options
+    return DataConfig(execution_options=ExecutionOptions(
+        resource_limits=options.resource_limits, preserve_order=options.preserve_order,
+        verbose_progress=options.verbose_progress))
+
+
+def make_trainer(cfg: TrainConfig, train_ds: Any, val_ds: Any, extra_loop_config: dict | None = None,
+                 run_config: Any = None) -> TorchTrainer:
+    """The ``TorchTrainer`` for ``cfg`` (Tune builds one per trial the same way, with its own
+    ``run_config``)."""
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    scaling = ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                            resources_per_worker=resources, placement_strategy=cfg.placement_strategy)
+    if run_config is None:
+        run_config = RunConfig(
+            name=cfg.name,
+            storage_path=storage_path(cfg.storage),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                               checkpoint_score_attribute=VAL_METRIC,
+                                               checkpoint_score_order="min"),
+        )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), **(extra_loop_config or {})},
+        scaling_config=scaling,
+        run_config=_quiet(run_config),
+        datasets={"train": train_ds.randomize_block_order(), "val": val_ds},
+        dataset_config=_ingest_config(),
+    )
+
+
+def _header(cfg: TrainConfig) -> str:
+    """What is trained, on what, and where it goes."""
+    hardware = "GPU" if cfg.use_gpu else "CPU"
+    return (f"training run {cfg.name!r}: data {cfg.data!r}, {cfg.image_size}px, preset {cfg.preset}, "
+            f"latent {cfg.latent_dim}, likelihood {cfg.likelihood}, {cfg.epochs} epochs on "
+            f"{cfg.num_workers} {hardware} worker(s); checkpoints in {join(storage_path(cfg.storage), cfg.name)}")
+
+
+def _data_lines(stats: DataStats) -> None:
+    """What was read, and a few of the skipped files."""
+    log(f"data: {stats.train_images} train / {stats.val_images} val images from {stats.files} files "
+        f"in {stats.seconds:.1f}s; skipped {stats.skipped} {stats.skipped_by_reason or ''}")
+    for example in stats.skipped_examples[:5]:
+        log(f"  skipped {example}")
+
+
+def _fit(trainer: TorchTrainer, cfg: TrainConfig) -> tuple[Any, Any]:
+    """Run the trainer: (best checkpoint, latest checkpoint)."""
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - give one clear line, keep the cause chained
+        raise RuntimeError(f"training run {cfg.name!r} failed: {type(e).__name__}: {e}") from e
+    best = result.get_best_checkpoint(metric=VAL_METRIC, mode="min") or result.checkpoint
+    if best is None:
+        raise RuntimeError(f"training run {cfg.name!r} produced no checkpoint")
+    return best, result.checkpoint
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run a whole training job: data, Ray Train, export. Returns where the model went."""
+    ensure_ray()
+    t0 = time.time()
+    log(_header(cfg))
+    train_ds, val_ds, stats = load_datasets(cfg.data, cfg.image_size, cfg.crop, cfg.val_fraction)
+    _data_lines(stats)
+    best, latest = _fit(make_trainer(cfg, train_ds, val_ds), cfg)
+    run_dir = join(storage_path(cfg.storage), cfg.name)
+    model_dir = join(run_dir, "model")
+    metrics = export_model(best, latest, model_dir, cfg, stats.to_dict())
+    if cfg.fit_sampler:
+        fit_sampler_into(model_dir, cfg)
+    b = metrics["best"]
+    log(f"best epoch {b['epoch']}: val loss {b[VAL_METRIC]:.1f}, {b['val_bpd']:.3f} bits/dim, "
+        f"PSNR {b['val_psnr']:.2f} dB; total {fmt_seconds(time.time() - t0)}")
+    log(f"model directory: {model_dir}")
+    log(f"Ray's own logs: {ray_log_dir()}")
+    return TrainResult(model_dir=model_dir, run_dir=run_dir, metrics=metrics)
+
+
+def main_entry(cfg: TrainConfig) -> int:
+    """Entry point shared by jobs: run, print errors as one line, return an exit code."""
+    try:
+        train(cfg)
+    except (DataError, ModelDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
