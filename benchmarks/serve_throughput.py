@@ -32,10 +32,11 @@ def in_process(model, n: int, batch: int) -> dict:
     import numpy as np
     import torch
 
+    from ray_galaxy.generation.latents import prior_latents
     from ray_galaxy.images import png_bytes
     from ray_galaxy.model import to_uint8
 
-    z = torch.cat([model.prior_latents(1, seed=i) for i in range(n)])
+    z = torch.cat([prior_latents(model.config.latent_dim, 1, seed=i) for i in range(n)])
     model.decode(z[:batch])  # warm-up
     t0 = time.perf_counter()
     images = [to_uint8(model.decode(z[i:i + batch])).numpy() for i in range(0, n, batch)]

@@ -51,12 +51,12 @@ def write_samples(gen: Generator, out: str, n: int, seed: int = 0, temperature: 
                   detail: bool = True) -> list[str]:
     """Write ``n`` galaxies to ``out/sample_00000.png`` ... (a local folder or a URI).
 
-    Image i is the same whatever ``n`` is: batch b draws from ``seed + b``.
+    Image i is galaxy i of ``seed`` (:meth:`Generator.latents`): the same whatever ``n`` is.
     """
     written, shown = [], []
     for start in range(0, n, batch):
         k = min(batch, n - start)
-        imgs = gen.images(batch, seed + start // batch, sampler, temperature, detail, keep=k)
+        imgs = gen.images(k, seed, sampler, temperature, detail, start=start)
         for j, img in enumerate(imgs):
             path = join(out, f"sample_{start + j:05d}.png")
             write_bytes(path, png_bytes(img))

@@ -206,15 +206,6 @@ class ConvVAE(nn.Module):
         return cached[1], cached[2]
 
     @torch.inference_mode()
-    def sample(self, n: int, seed: int = 0, temperature: float = 1.0) -> torch.Tensor:
-        """n images from the prior N(0, temperature^2 I); the same seed gives the same images."""
-        return self.decode(self.prior_latents(n, seed, temperature))
-
-    def prior_latents(self, n: int, seed: int = 0, temperature: float = 1.0) -> torch.Tensor:
-        """The latent codes :meth:`sample` decodes, drawn on the CPU so they do not depend on device."""
-        g = torch.Generator().manual_seed(int(seed))
-        return torch.randn(n, self.config.latent_dim, generator=g) * float(temperature)
-
     @torch.inference_mode()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Decode the posterior mean: (B, 3, S, S) in [0, 1] -> (B, 3, S, S) in [0, 1]."""

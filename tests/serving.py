@@ -63,9 +63,7 @@ def generator(models):
 def seed_latents(models, n: int, seed: int, sampler: str = "auto", temperature: float = 1.0):
     """The codes of a seed's first ``n`` galaxies on model A (a seed's block, as jobs/sample.py
     draws it); 'auto' is A's GMM sampler."""
-    from ray_galaxy.generation.generator import SEED_BLOCK
-
-    return generator(models).latents(SEED_BLOCK, seed, sampler, temperature)[:n]
+    return generator(models).latents(n, seed, sampler, temperature)
 
 
 def default_latents(models, n: int, seed: int, temperature: float = 1.0):
@@ -76,9 +74,7 @@ def default_latents(models, n: int, seed: int, temperature: float = 1.0):
 def default_images(models, n: int, seed: int, temperature: float = 1.0, detail: bool = True) -> np.ndarray:
     """POST /sample {n, seed, temperature} of model A (default sampler 'auto' = its GMM, with the
     residual detail unless ``detail`` is false), generated in this process as jobs/sample.py does."""
-    from ray_galaxy.generation.generator import SEED_BLOCK
-
-    return generator(models).images(SEED_BLOCK, seed, "auto", temperature, detail, keep=n)
+    return generator(models).images(n, seed, "auto", temperature, detail)
 
 
 def expected_png(models, seed: int, temperature: float = 1.0, detail: bool = True) -> bytes:

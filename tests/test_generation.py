@@ -14,7 +14,7 @@ from ray_galaxy.checkpoint import load_model_dir
 from ray_galaxy.generation import detail as D
 from ray_galaxy.generation.fit import fit_sampler
 from ray_galaxy.generation.generator import Generator
-from ray_galaxy.generation.latents import slerp
+from ray_galaxy.generation.latents import SEED_BLOCK, prior_latents, slerp
 from ray_galaxy.generation.sampler import (KERNEL_BANDWIDTH, SAMPLER_FILE, MixtureSampler, SamplerError,
                                            encode_means, fit_mixture)
 from ray_galaxy.images import D4, augment_d4, orient, orient_tensor
@@ -166,7 +166,7 @@ def test_sampler_kernels_follow_the_fitted_components(copy):
 
 def test_sampler_missing_fitted_reproducible_and_stale(tiny, copy):
     gen = Generator.load(copy)
-    torch.testing.assert_close(gen.latents(5, seed=3), gen.model.prior_latents(5, seed=3))  # auto: the prior
+    torch.testing.assert_close(gen.latents(5, seed=3), prior_latents(gen.model_config.latent_dim, 5, seed=3))  # auto: the prior
     with pytest.raises(SamplerError, match="fit_sampler.py"):
         gen.latents(5, sampler="gmm")
     meta = fit_sampler(copy, components=3, seed=0)  # default training data: config.json train.data
@@ -186,7 +186,7 @@ def test_sampler_missing_fitted_reproducible_and_stale(tiny, copy):
     drawn = gen.generate(6, seed=2, sampler="gmm")
     torch.testing.assert_close(drawn, Generator.load(copy).generate(6, seed=2, sampler="gmm"))  # by seed
     assert (drawn - means).abs().mean() > 1e-3 and drawn.min() >= 0 and drawn.max() <= 1
-    torch.testing.assert_close(gen.generate(6, seed=2, sampler="gmm", keep=2), drawn[:2])
+    torch.testing.assert_close(gen.generate(2, seed=2, sampler="gmm"), drawn[:2])  # galaxy i is i
     torch.testing.assert_close(gen.generate(6, seed=2), drawn)  # 'auto' picks the sampler
     # traversal around the sampler's codes: the two dims the training codes vary most along
     img, dims = figures.traversal_figure(gen, steps=4)
@@ -217,8 +217,22 @@ def test_generator_gives_the_same_bytes_whole_or_in_chunks(models):
     np.testing.assert_array_equal(chunks, whole)
     np.testing.assert_array_equal(gen.images(7, 11, "gmm"), whole)
     assert not np.array_equal(gen.decode_uint8(z, None), whole)  # the detail is really there
-    np.testing.assert_array_equal(gen.images(7, 11, "gmm", keep=3), whole[:3])  # keep: a prefix
-    np.testing.assert_array_equal(gen.images(7, 11, "prior", keep=2), gen.images(7, 11, "prior")[:2])
+    np.testing.assert_array_equal(gen.images(3, 11, "gmm"), whole[:3])  # galaxy i whatever n
+    np.testing.assert_array_equal(gen.images(2, 11, "prior"), gen.images(7, 11, "prior")[:2])
+    np.testing.assert_array_equal(gen.images(4, 11, "gmm", start=3), whole[3:])  # and wherever it starts
+
+
+def test_galaxy_i_depends_only_on_seed_and_i_across_seed_blocks(models):
+    """Galaxy i of a seed is the same in any request that contains it, also past a block."""
+    gen = Generator.load(models.a)
+    n = SEED_BLOCK + 5
+    for sampler in ("prior", "gmm"):
+        z = gen.latents(n, seed=3, sampler=sampler)
+        torch.testing.assert_close(gen.latents(9, seed=3, sampler=sampler, start=SEED_BLOCK - 4), z[SEED_BLOCK - 4:])
+        torch.testing.assert_close(gen.latents(5, seed=4, sampler=sampler), z[SEED_BLOCK:])  # next block
+    whole = gen.images(n, 3, "gmm")
+    across = np.concatenate([gen.images(SEED_BLOCK - 2, 3, "gmm"), gen.images(7, 3, "gmm", start=SEED_BLOCK - 2)])
+    np.testing.assert_array_equal(across, whole)
 
 
 def test_ingress_codes_without_weights_equal_the_full_generators(models):

@@ -100,7 +100,7 @@ def test_post_sample_grid_zip_npy(server, models):
     assert arr.dtype == np.uint8 and arr.shape == (5, SIZE, SIZE, 3)
     np.testing.assert_array_equal(arr, want)
     # n larger than the decoder's batch is split into chunks and decoded beside other work:
-    # still exactly what ConvVAE.sample(64, seed) gives in this process.
+    # still exactly what the Generator gives in this process.
     big = requests.post(server.url + "/sample", json={"n": 64, "seed": 11, "format": "npy"}, timeout=60)
     arr = np.load(io.BytesIO(big.content))
     np.testing.assert_array_equal(arr, default_images(models, 64, 11))  # detail drawn across chunks

@@ -23,6 +23,7 @@ from PIL import Image
 
 from conftest import REPO, free_port, job_env
 from ray_galaxy.config import ConfigError, parse_config, resolve
+from ray_galaxy.generation.latents import prior_latents
 from ray_galaxy.plots import png
 from ray_galaxy.tuning.config import TuneConfig, base_train_config, check_search_space
 from ray_galaxy.tuning.results import RED, plot_trials
@@ -254,7 +255,7 @@ def test_best_trial_is_published_as_a_model_directory(sweep):
     # the published model carries its fitted sampler, like a training job's
     sampler = json.loads((run_dir / "model" / "sampler.json").read_text())
     assert sampler["latent_dim"] == md.model.config.latent_dim and sampler["detail"] is not None
-    images = md.model.sample(4, seed=1)
+    images = md.model.decode(prior_latents(md.model_config.latent_dim, 4, seed=1))
     assert images.shape == (4, 3, 32, 32) and torch.isfinite(images).all()
 
 
@@ -341,7 +342,7 @@ def test_killed_sweep_resumes_and_a_finished_one_is_published_again(ray_address,
         assert float(row["best_val_bpd"]) == pytest.approx(min(h["val_bpd"] for h in history[:epochs]))
     md = load_model_dir(str(run_dir / "model"))
     assert json.loads((run_dir / "model" / "config.json").read_text())["tune"]["trial_id"] == rows[0]["trial_id"]
-    assert md.model.config.image_size == 32 and torch.isfinite(md.model.sample(2, seed=0)).all()
+    assert md.model.config.image_size == 32 and torch.isfinite(md.model.decode(prior_latents(md.model_config.latent_dim, 2, seed=0))).all()
 
     # 3. Run again: nothing to run, the same results are published again.
     (run_dir / "trials.csv").unlink()

@@ -21,15 +21,11 @@ import torch
 from ray_galaxy.checkpoint import ModelDir, ModelDirError, load_model_dir
 from ray_galaxy.config import ModelConfig
 from ray_galaxy.generation.detail import add_detail
-from ray_galaxy.generation.latents import most_active_dims, prior_latents
+from ray_galaxy.generation.latents import SEED_BLOCK, most_active_dims, prior_latents, seeded_rows
 from ray_galaxy.generation.sampler import SAMPLER_FILE, MixtureSampler, SamplerError, read_sampler
 from ray_galaxy.model import ConvVAE, to_uint8
 
 SAMPLERS = ("auto", "prior", "gmm")
-# A seed's galaxies are drawn this many at a time (figures.write_samples, i.e. jobs/sample.py):
-# galaxy i of a seed is row i of ``latents(SEED_BLOCK, seed)``, whatever n a caller asks for, so
-# Serve's ``n`` galaxies of a seed are the first ``n`` that jobs/sample.py writes for it.
-SEED_BLOCK = 256
 
 
 def decode(model: ConvVAE, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -113,14 +109,17 @@ class Generator:
             return "gmm" if self.sampler is not None else "prior"
         return sampler
 
-    def latents(self, n: int, seed: int = 0, sampler: str = "auto", temperature: float = 1.0) -> torch.Tensor:
-        """(n, latent_dim) codes for ``seed``; the same (sampler, seed) gives the same codes."""
+    def latents(self, n: int, seed: int = 0, sampler: str = "auto", temperature: float = 1.0,
+                start: int = 0) -> torch.Tensor:
+        """(n, latent_dim) codes of galaxies ``start`` .. ``start + n - 1`` of ``seed``: galaxy i
+        depends only on (model, sampler, seed, i, temperature), not on n (:data:`SEED_BLOCK`)."""
         if self.resolve(sampler) == "prior":
-            return prior_latents(self.model_config.latent_dim, n, seed, temperature)
+            return prior_latents(self.model_config.latent_dim, n, seed, temperature, start)
         if self.sampler is None:
             raise SamplerError(f"{self.uri}: no usable sampler ({self.sampler_problem}); fit one with "
                                f"`python jobs/fit_sampler.py --model {self.uri}` or use the prior")
-        return self.sampler.latents(n, seed, temperature)
+        mixture = self.sampler
+        return seeded_rows(lambda s: mixture.latents(SEED_BLOCK, s, temperature), n, seed, start)
 
     def detail_seed(self, sampler: str, detail: bool, seed: int) -> int | None:
         """The noise seed of residual detail for a request, None for the decoder's means: only the
@@ -133,24 +132,29 @@ class Generator:
     def decode(self, z: torch.Tensor, detail_seed: int | None = None, offset: int = 0,
                batch_size: int = 256) -> torch.Tensor:
         """Codes (k, D) -> (k, 3, S, S) floats in [0, 1]: the decoder's means, plus residual detail
-        drawn from ``detail_seed`` when given (rows ``offset``.. of that seed's draw: a request
-        decoded in chunks gets the same bytes as one decoded whole)."""
+        when ``detail_seed`` is given, the rows being galaxies ``offset``.. of that seed (so a
+        request decoded in chunks gets the same bytes as one decoded whole)."""
         means = decode(self.model, torch.as_tensor(z, dtype=torch.float32), batch_size)
         if detail_seed is None or self.detail is None:
             return means
-        return add_detail(means, self.detail, seed=detail_seed, offset=offset)
+        parts, row = [], 0
+        while row < len(means):  # the noise of galaxy i is drawn with its code's block seed
+            block, within = divmod(offset + row, SEED_BLOCK)
+            k = min(len(means) - row, SEED_BLOCK - within)
+            parts.append(add_detail(means[row:row + k], self.detail, seed=detail_seed + block, offset=within))
+            row += k
+        return torch.cat(parts)
 
     def generate(self, n: int, seed: int = 0, sampler: str = "auto", temperature: float = 1.0,
-                 detail: bool = True, keep: int | None = None, batch_size: int = 256) -> torch.Tensor:
-        """n galaxies from ``seed``, (n, 3, S, S) floats in [0, 1]; ``keep`` decodes only the first
-        ``keep`` of them (the same bytes, less work)."""
-        z = self.latents(n, seed, sampler, temperature)[:keep]
-        return self.decode(z, self.detail_seed(sampler, detail, seed), batch_size=batch_size)
+                 detail: bool = True, start: int = 0, batch_size: int = 256) -> torch.Tensor:
+        """Galaxies ``start`` .. ``start + n - 1`` of ``seed``, (n, 3, S, S) floats in [0, 1]."""
+        z = self.latents(n, seed, sampler, temperature, start)
+        return self.decode(z, self.detail_seed(sampler, detail, seed), offset=start, batch_size=batch_size)
 
     def images(self, n: int, seed: int = 0, sampler: str = "auto", temperature: float = 1.0,
-               detail: bool = True, keep: int | None = None) -> np.ndarray:
+               detail: bool = True, start: int = 0) -> np.ndarray:
         """Like :meth:`generate`, as (n, S, S, 3) uint8: what a PNG of them holds."""
-        return to_uint8(self.generate(n, seed, sampler, temperature, detail, keep)).numpy()
+        return to_uint8(self.generate(n, seed, sampler, temperature, detail, start)).numpy()
 
     def decode_uint8(self, z: np.ndarray | torch.Tensor, detail_seed: int | None = None,
                      offset: int = 0, batch_size: int = 256) -> np.ndarray:

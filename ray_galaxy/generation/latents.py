@@ -7,15 +7,36 @@ decoder replicas and the batch jobs draw exactly the same codes for the same see
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
 
+# A seed's galaxies are drawn in blocks of this many codes: galaxy i of seed s is row
+# i % SEED_BLOCK of the block drawn from seed s + i // SEED_BLOCK. So galaxy i is the same
+# whatever n a caller asks for (torch's and the mixture's draws for a seed depend on how many
+# are drawn), and Serve's first n galaxies of a seed are the first n that jobs/sample.py writes.
+SEED_BLOCK = 256
 
-def prior_latents(latent_dim: int, n: int, seed: int = 0, temperature: float = 1.0) -> torch.Tensor:
-    """(n, latent_dim) codes from N(0, temperature^2 I), drawn on the CPU from ``seed``."""
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.randn(n, latent_dim, generator=g) * float(temperature)
+
+def seeded_rows(draw_block: Callable[[int], torch.Tensor], n: int, seed: int, start: int = 0) -> torch.Tensor:
+    """Galaxies ``start`` .. ``start + n - 1`` of ``seed``: rows of ``draw_block(seed + b)`` (each
+    a (SEED_BLOCK, D) tensor) for the blocks b they fall in."""
+    if n <= 0:
+        raise ValueError(f"n must be >= 1, got {n}")
+    first, last = start // SEED_BLOCK, (start + n - 1) // SEED_BLOCK
+    z = torch.cat([draw_block(seed + b) for b in range(first, last + 1)])
+    offset = start - first * SEED_BLOCK
+    return z[offset:offset + n]
+
+
+def prior_latents(latent_dim: int, n: int, seed: int = 0, temperature: float = 1.0, start: int = 0) -> torch.Tensor:
+    """(n, latent_dim) codes of galaxies ``start``.. of ``seed`` from N(0, temperature^2 I),
+    drawn on the CPU (so they do not depend on the device)."""
+    def block(s: int) -> torch.Tensor:
+        return torch.randn(SEED_BLOCK, latent_dim, generator=torch.Generator().manual_seed(int(s)))
+
+    return seeded_rows(block, n, seed, start) * float(temperature)
 
 
 def slerp(z0: np.ndarray | torch.Tensor, z1: np.ndarray | torch.Tensor, steps: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from ray_galaxy.config import ModelConfig
-from ray_galaxy.generation.generator import SEED_BLOCK, Generator
+from ray_galaxy.generation.generator import Generator
 from ray_galaxy.generation.latents import most_active_dims, prior_latents
 from ray_galaxy.serve.config import DECODER_RETRY_S, INGRESS, MAX_N, ServeConfig, Token
 from ray_galaxy.serve.errors import ApiError
@@ -103,16 +103,16 @@ class GalaxyAPI:
     def latents(self, cfg: ModelConfig, n: int, seed: int, temperature: float,
                 sampler: str = "auto") -> np.ndarray:
         """(n, latent_dim) codes of ``cfg``'s model for ``seed``, from the prior or the sampler:
-        the first ``n`` of the seed's block, the codes of jobs/sample.py's first ``n`` galaxies."""
+        the codes of jobs/sample.py's first ``n`` galaxies of that seed."""
         if self.gen.resolve(sampler) == "gmm" and self.gen.sampler is None:
             raise ApiError(422, f"sampler: this model has no GMM sampler ({self.gen.sampler_problem}); "
                                 "use 'prior' or fit one with jobs/fit_sampler.py", "sampler")
         if cfg == self.model_config:
-            return self.gen.latents(SEED_BLOCK, seed, sampler, temperature)[:n].numpy()
+            return self.gen.latents(n, seed, sampler, temperature).numpy()
         # Mid-swap, rebuilt for the decoder's new model: its sampler is not loaded here.
         if sampler == "gmm":
             raise ApiError(503, "sampler: the model is being replaced; retry", "sampler")
-        return prior_latents(cfg.latent_dim, SEED_BLOCK, seed, temperature)[:n].numpy()
+        return prior_latents(cfg.latent_dim, n, seed, temperature).numpy()
 
     def detail_seed(self, cfg: ModelConfig, sampler: str, detail: bool, seed: int) -> int | None:
         """The residual detail's seed for a /sample request, None for the decoder's means (and
