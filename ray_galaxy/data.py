@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import ray
 from PIL import Image, ImageOps
 
 from ray_galaxy.builtin import resolve_data_uri
+from ray_galaxy.runtime import quiet_ray
 from ray_galaxy.storage import StorageError, join, resolve
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -323,14 +323,6 @@ def _blocks(n_images: int) -> int:
     return max(MIN_BLOCKS, min(MAX_BLOCKS, n_images // 64))
 
 
-def _quiet_ray_data() -> None:
-    """Our own progress lines say what happens; Ray Data's per-operator logging would bury them."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
 def load_datasets(data: str, image_size: int, crop: float, val_fraction: float
                   ) -> tuple[ray.data.Dataset, ray.data.Dataset, DataStats]:
     """Read, decode and split a galaxy image source into materialized train/val Ray datasets.
@@ -338,7 +330,7 @@ def load_datasets(data: str, image_size: int, crop: float, val_fraction: float
     Decoding happens once; epochs then iterate the decoded uint8 arrays from the object
     store, so training never waits on JPEG decoding. Bad files are dropped and counted.
     """
-    _quiet_ray_data()
+    quiet_ray()
     t0 = time.time()
     uri = resolve_data_uri(data)
     manifest = read_manifest(uri)

@@ -60,7 +60,7 @@ def test_train_job_writes_a_complete_model_directory(trained):
 def test_train_job_prints_a_header_one_line_per_epoch_and_a_summary(trained):
     storage, r = trained
     out = r.stdout + r.stderr
-    assert f"[ray-galaxy] training run 'e2e': data '" in r.stdout and f"checkpoints in {storage / 'e2e'}" in r.stdout
+    assert "[ray-galaxy] training run 'e2e': data '" in r.stdout and f"checkpoints in {storage / 'e2e'}" in r.stdout
     epochs = re.findall(r"\[ray-galaxy\] epoch (\d+)/4 ", r.stdout)
     assert epochs == ["1", "2", "3", "4"], r.stdout[-4000:]
     assert re.search(r"\[ray-galaxy\] best epoch \d: val loss .* bits/dim, PSNR .* dB; total ", r.stdout)

@@ -13,7 +13,6 @@ p(x | z) (:mod:`ray_galaxy.generation.detail`) by the same seed.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
