@@ -5,7 +5,7 @@ The same images, read by Ray Data and iterated as torch batches the way a Train 
 written once by jobs/prepare_data.py, for each ``--compressions`` value. Alternating runs
 a, b, ..., a, b, ...; means reported.
 
-    python benchmarks/ingest.py --input ../shared/datasets/gz2/train --image-size 256 --crop 0.5
+    python benchmarks/ingest.py --input path/to/gz2/train --image-size 256 --crop 0.5
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def prepare_all(args: argparse.Namespace, compressions: list[str]
 def main() -> None:
     """Prepare the shards, time both read paths alternately, print the result as JSON."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", default="../shared/datasets/gz2/train")
+    p.add_argument("--input", required=True, help="a folder of galaxy images, e.g. Galaxy Zoo 2's train/")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--crop", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=64)

@@ -5,7 +5,7 @@ and figures.
     python jobs/evaluate.py --model runs/galaxy-vae/model --data /data/gz2/val --crop 0.5 --out eval/
     python jobs/evaluate.py --model M --data D --out eval-gmm/ --sampler gmm --fit-sampler
 
-Definitions and caveats: README.md, section "Evaluate".
+Definitions and caveats: docs/model.md, section "Evaluation".
 """
 
 import os

@@ -1,6 +1,6 @@
 """Prepare raw galaxy pictures into Parquet shards for training (local folders or s3://).
 
-    python jobs/prepare_data.py --input ../shared/datasets/gz2/train --output data/gz2-256 --crop 0.5 --dedupe
+    python jobs/prepare_data.py --input path/to/gz2/train --output data/gz2-256 --crop 0.5 --dedupe
     python jobs/train.py --data data/gz2-256 --image-size 64
 """
 

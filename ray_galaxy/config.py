@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Type, TypeVar, get_type_hints
 
+import yaml
+
 T = TypeVar("T")
 
 LIKELIHOODS = ("gaussian", "bce")
@@ -107,6 +109,11 @@ class TrainConfig:
     max_failures: int = _h("Worker-group restarts allowed; each resumes from the last checkpoint.", default=2)
     keep_checkpoints: int = _h("Checkpoints kept, best by validation loss (the latest is always kept).", default=3)
     seed: int = _h("Random seed for initialisation, augmentation and sample figures.", default=0)
+    tracking: bool = _h("Record the run in MLflow (params, per-epoch metrics, figures); "
+                        "--no-tracking turns it off.", default=True)
+    tracking_uri: str = _h("MLflow tracking server or store; empty: $MLFLOW_TRACKING_URI, else the local "
+                           "store sqlite:///<storage>/mlflow.db (docs/tracking.md).", default="")
+    experiment: str = _h("MLflow experiment the run is recorded in.", default="ray-galaxy")
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -137,6 +144,7 @@ class TrainConfig:
                               f"got {self.grad_clip}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        check_experiment(self.experiment)
         self.model_config()  # validates the model fields too
 
     def model_config(self) -> ModelConfig:
@@ -155,11 +163,22 @@ class TrainConfig:
         return d
 
 
+# The tracking settings of every job's config (train, tune, evaluate); a sweep's resume
+# check leaves them out, since where a run is recorded does not change what it computes.
+TRACKING_KEYS = ("tracking", "tracking_uri", "experiment")
+
+
+def check_experiment(name: str) -> None:
+    """Raise a :class:`ConfigError` for an empty MLflow experiment name."""
+    if not name.strip():
+        raise ConfigError("experiment must be a non-empty name")
+
+
 # Presets set defaults that YAML and flags may still override.
 PRESETS: dict[str, dict[str, Any]] = {
     # The project's default: the dataclass defaults above (Gaussian decoder with a learned sigma,
     # latent 64, KL weight 0.1 with a short warm-up, cosine schedule, fitted two-stage sampler;
-    # README, "Model defaults and why").
+    # docs/model.md, "Model defaults and why").
     "default": {},
     # The astronomer's original design: plain stride-2 encoder, upsample+conv decoder,
     # latent dim 4, cross-entropy reconstruction, no warm-up.
@@ -235,8 +254,6 @@ def from_mapping(cls: Type[T], values: Mapping[str, Any], source: str = "config"
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; an empty file is an empty mapping."""
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")

@@ -127,7 +127,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         if _submitted_setup_hook():
             log("the submitted job has its own worker_process_setup_hook; not adding the one that "
-                 "sets RAY_ADDRESS in workers (see README, Tune: several Ray instances on one host)")
+                 "sets RAY_ADDRESS in workers (see docs/tune.md: several Ray instances on one host)")
             ray.init(log_to_driver=True)
         else:
             ray.init(log_to_driver=True, runtime_env=ray_runtime_env())

@@ -70,7 +70,7 @@ def ray_address(tmp_path_factory, s3_endpoint) -> str:
     """One real local Ray cluster shared by every test; job subprocesses join it via RAY_ADDRESS.
 
     Four logical CPUs on this 2-core machine so Train workers and Ray Data never starve each
-    other (see README, "Resources on small machines"). Workers get this cluster's address in
+    other (see docs/data.md, "Resources on small machines"). Workers get this cluster's address in
     RAY_ADDRESS (``ray_runtime_env``, as ``ensure_ray`` does for jobs), so Ray Train's cleanup
     finds it when other Ray instances run on this host.
     """

@@ -159,7 +159,8 @@ def test_evaluate_job_end_to_end(tiny, tmp_path):
     out = tmp_path / "eval"
     cmd = [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--model", tiny["model"], "--data", str(tiny["val"]),
            "--out", str(out), "--n", "40", "--iwae-k", "4", "--sampler", "gmm", "--fit-sampler",
-           "--gmm-components", "3", "--gmm-bandwidth", "0.3"]
+           "--gmm-components", "3", "--gmm-bandwidth", "0.3",
+           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--experiment", "evaluations"]
     r = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     report = (out / "report.md").read_text()
@@ -186,10 +187,21 @@ def test_evaluate_job_end_to_end(tiny, tmp_path):
     # the detail adds structure-band power the means lack
     assert m["sharpness"]["power_deficit_dex"] > m["means_only"]["power_deficit_dex"]
 
+    # A model without an MLflow run of its own: the evaluation is a new run in the store asked for.
+    import mlflow  # imported where used: seconds of import the other tests here need not pay
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("evaluations").experiment_id])
+    assert run.data.tags["job"] == "evaluate" and run.data.params["model"] == tiny["model"]
+    assert run.data.metrics["eval.likelihood.iwae_bpd"] == pytest.approx(m["likelihood"]["iwae_bpd"])
+    assert {"evaluation/report.md", "evaluation/morphology.png"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert f"tracking: evaluation recorded in MLflow run {run.info.run_id}" in r.stdout
+
     # Without training data the memorisation check is skipped, and said to be.
     out2 = tmp_path / "eval2"
     cfg = EvaluateConfig(model=tiny["model"], data=str(tiny["val"]), out=str(out2), n=8, max_images=8,
-                           iwae_k=2, train_data="none")
+                           iwae_k=2, train_data="none", tracking=False)
     m2 = E.evaluate(cfg)
     assert m2["memorisation"]["ratio"] is None and "skipped" in m2["memorisation"]["skipped"]
     assert "nearest_neighbours.png" not in m2["figures"]

@@ -71,6 +71,54 @@ def test_train_job_prints_a_header_one_line_per_epoch_and_a_summary(trained):
         assert noise not in out, f"{noise!r} in the job's output:\n" + out[-4000:]
 
 
+def _mlflow_client(storage):
+    import mlflow  # imported where used: seconds of import the other tests here need not pay
+
+    return mlflow.MlflowClient(f"sqlite:///{storage}/mlflow.db")
+
+
+def test_train_job_records_an_mlflow_run_in_the_local_store(trained):
+    storage, r = trained
+    model_dir = storage / "e2e" / "model"
+    tracking = json.loads((model_dir / "metrics.json").read_text())["tracking"]
+    assert tracking["uri"] == f"sqlite:///{storage}/mlflow.db" and tracking["experiment"] == "ray-galaxy"
+    assert f"tracking: MLflow run {tracking['run_id']}" in r.stdout
+    client = _mlflow_client(storage)
+    run = client.get_run(tracking["run_id"])
+    assert run.info.run_name == "e2e" and run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == "4" and run.data.params["channels"] == "8,16,32,32"
+    assert run.data.params["num_workers"] == "2" and run.data.tags["model_dir"] == str(model_dir)
+    # rank 0 logged every epoch once (two workers, one writer)
+    history = client.get_metric_history(run.info.run_id, "val_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    recorded = json.loads((model_dir / "metrics.json").read_text())["history"]
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(
+        [h["val_loss"] for h in recorded])
+    assert run.data.metrics["best.val_bpd"] == pytest.approx(
+        json.loads((model_dir / "metrics.json").read_text())["best"]["val_bpd"])
+    assert {"samples.png", "traversal.png", "metrics.json"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_evaluation_adds_its_numbers_and_figures_to_the_models_run(trained, tiny_folder, tmp_path):
+    from ray_galaxy.evaluation.config import EvaluateConfig
+    from ray_galaxy.evaluation.evaluate import evaluate
+
+    storage, _ = trained
+    model_dir = storage / "e2e" / "model"
+    run_id = json.loads((model_dir / "metrics.json").read_text())["tracking"]["run_id"]
+    m = evaluate(EvaluateConfig(model=str(model_dir), data=str(tiny_folder), out=str(tmp_path / "eval"),
+                                n=8, max_images=8, iwae_k=2, train_data="none"))
+    client = _mlflow_client(storage)
+    run = client.get_run(run_id)
+    assert run.data.metrics["eval.likelihood.iwae_bpd"] == pytest.approx(m["likelihood"]["iwae_bpd"])
+    assert "eval.reconstruction.psnr" in run.data.metrics
+    assert run.data.tags["evaluation"] == str(tmp_path / "eval")
+    logged = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    assert {"evaluation/report.md", "evaluation/metrics.json", "evaluation/samples.png"} <= logged
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # no new run
+
+
 def test_model_loads_with_weights_only_and_decodes(trained):
     storage, _ = trained
     model_dir = storage / "e2e" / "model"
@@ -122,6 +170,13 @@ def test_rerun_with_same_name_resumes_instead_of_restarting(trained, tiny_folder
     assert "epoch 1/5" not in r.stdout and "epoch 5/5" in r.stdout
     metrics = json.loads((storage / "e2e" / "model" / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4, 5]
+    # a second run in the experiment, with the whole history (the resumed epochs included)
+    client = _mlflow_client(storage)
+    runs = client.search_runs([client.get_experiment_by_name("ray-galaxy").experiment_id],
+                              order_by=["attributes.start_time DESC"])
+    assert len(runs) == 2 and metrics["tracking"]["run_id"] == runs[0].info.run_id
+    steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss"))
+    assert steps == [1, 2, 3, 4, 5]
 
 
 def test_missing_data_is_one_clear_error(ray_address, tmp_path):

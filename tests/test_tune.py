@@ -259,6 +259,36 @@ def test_best_trial_is_published_as_a_model_directory(sweep):
     assert images.shape == (4, 3, 32, 32) and torch.isfinite(images).all()
 
 
+def test_sweep_is_recorded_in_mlflow_as_a_parent_run_and_one_child_per_trial(sweep):
+    import mlflow  # imported where used: seconds of import the other tests here need not pay
+
+    run_dir, rows, r = sweep
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir.parent}/mlflow.db")
+    exp = client.get_experiment_by_name("ray-galaxy")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.job = 'tune'")
+    assert parent.info.run_name == "tiny" and parent.data.params["num_samples"] == "1"
+    assert f"tracking: MLflow run {parent.info.run_id}" in r.stdout
+    assert parent.data.tags["best_trial"] == rows[0]["trial_id"]
+    assert {"trials.png", "trials.csv", "trials.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_trial = {c.data.tags["trial_id"]: c for c in children}
+    assert set(by_trial) == {row["trial_id"] for row in rows}
+    for row in rows:
+        child = by_trial[row["trial_id"]]
+        assert child.data.tags["status"] == row["status"]  # ASHA's outcome: completed or stopped
+        assert float(child.data.params["lr"]) == pytest.approx(float(row["lr"]))
+        assert child.data.params["latent_dim"] == row["latent_dim"]
+        assert child.data.metrics["epochs_run"] == int(row["epochs_run"])
+        assert child.data.metrics["best_val_bpd"] == pytest.approx(float(row["best_val_bpd"]))
+        history = client.get_metric_history(child.info.run_id, "val_bpd")
+        assert sorted(m.step for m in history) == list(range(1, int(row["epochs_run"]) + 1))
+    best = by_trial[rows[0]["trial_id"]]
+    assert best.data.tags["best_trial"] == "true" and best.data.tags["model_dir"] == str(run_dir / "model")
+    assert {"samples.png", "metrics.json"} <= {a.path for a in client.list_artifacts(best.info.run_id)}
+    recorded = json.loads((run_dir / "model" / "metrics.json").read_text())["tracking"]
+    assert recorded["run_id"] == best.info.run_id
+
+
 def test_job_reports_bad_config_and_missing_data_in_one_line(ray_address, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("search_space:\n  latent_dim: {choice: [0, 4]}\n")

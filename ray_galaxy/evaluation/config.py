@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ray_galaxy.config import ConfigError, _h
+from ray_galaxy.config import ConfigError, _h, check_experiment
 from ray_galaxy.generation.generator import SAMPLERS
 from ray_galaxy.generation.sampler import COVARIANCES, GMM_COMPONENTS, KERNEL_BANDWIDTH
 
@@ -42,6 +42,11 @@ class EvaluateConfig:
     seed: int = _h("Random seed (subsets, samples, IWAE noise); the same seed gives the same report.",
                    default=0)
     batch_size: int = _h("Images per forward pass.", default=64)
+    tracking: bool = _h("Add the numbers and figures to the model's MLflow run (from its metrics.json), "
+                        "or to a new run when it has none; --no-tracking turns it off.", default=True)
+    tracking_uri: str = _h("MLflow tracking server or store for a model without a run of its own; empty: "
+                           "$MLFLOW_TRACKING_URI, else sqlite:///<cwd>/runs/mlflow.db.", default="")
+    experiment: str = _h("MLflow experiment of a new run.", default="ray-galaxy")
 
     def __post_init__(self) -> None:
         for key in ("model", "data", "out"):
@@ -60,6 +65,7 @@ class EvaluateConfig:
             raise ConfigError("n and max_images must be at least 4 (distributions need a few images)")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        check_experiment(self.experiment)
         if not (self.gmm_bandwidth >= 0 and math.isfinite(self.gmm_bandwidth)):
             raise ConfigError(f"gmm_bandwidth must be a finite number >= 0, got {self.gmm_bandwidth}")
 

@@ -30,6 +30,7 @@ from ray_galaxy.evaluation.metrics import (clean, likelihood_bounds, memorisatio
                                            reconstruction_scores, sharpness_scores)
 from ray_galaxy.evaluation.report import (Figures, morphology_chart, power_spectrum_chart, report_markdown,
                                           training_curves_chart)
+from ray_galaxy.evaluation.tracked import record_evaluation
 from ray_galaxy.figures import traversal_figure
 from ray_galaxy.generation.fit import fit_sampler
 from ray_galaxy.generation.generator import Generator
@@ -248,6 +249,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (out / "report.md").write_text(report_markdown(metrics, figs.files))
     log(f"wrote {out / 'report.md'} in {fmt_seconds(metrics['seconds'])}")
+    record_evaluation(cfg, gen.model_dir.metrics, metrics, out, figs.names)
     return metrics
 
 

@@ -1,4 +1,4 @@
-"""The numbers of an evaluation (README, section "Evaluate", gives definitions and caveats).
+"""The numbers of an evaluation (docs/model.md, section "Evaluation", gives definitions and caveats).
 
 * **likelihood**: the negative ELBO with KL weight 1 and the importance-weighted bound
   (IWAE, Burda, Grosse & Salakhutdinov 2016) with K samples from q(z|x), both in bits/dim

@@ -187,5 +187,5 @@ def report_markdown(m: dict[str, Any], files: list[tuple[str, str, str]]) -> str
     lines += ["", "## Figures", ""]
     for name, title, caption in files:
         lines += [f"### {title}", "", f"![{title}]({name})", "", caption, ""]
-    lines += ["Definitions and caveats: the ray-galaxy README, section \"Evaluate\".", ""]
+    lines += ["Definitions and caveats: docs/model.md of ray-galaxy, section \"Evaluation\".", ""]
     return "\n".join(lines)

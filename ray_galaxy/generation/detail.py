@@ -2,7 +2,7 @@
 
 A VAE decoder outputs E[x | z]: with a 64-d latent it cannot encode where each knot of a spiral
 arm or each faint neighbour lies, so the mean is smooth (on Galaxy Zoo 2 at 64 px its
-structure-band power is about 1 dex below the real images'; see README, "Evaluation"). The
+structure-band power is about 1 dex below the real images'; see docs/model.md, "Evaluation"). The
 model's likelihood p(x | z) is what carries that variability, and the calibrated sigma-VAE
 likelihood (one white sigma) is a poor description of it: real residuals are
 non-stationary (large on the galaxy, small on the sky), spatially correlated (smooth blobs, not

@@ -29,6 +29,7 @@ from ray_galaxy.console import fmt_seconds, log
 from ray_galaxy.images import augment_d4
 from ray_galaxy.model import ConvVAE
 from ray_galaxy.runtime import quiet_train_worker
+from ray_galaxy.tracking import Tracker
 
 # The metric checkpoints are ranked by (Tune ranks trials by it too).
 VAL_METRIC = "val_loss"
@@ -346,9 +347,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     epoch_times = [h["epoch_seconds"] for h in w.history]
+    # Only rank 0 records to MLflow (the driver's run, passed in the loop config); a resumed run
+    # first records the epochs its checkpoint holds, so every run shows the whole history.
+    tracker = Tracker.attach(loop_config.get("tracking")) if w.rank == 0 else Tracker()
+    tracker.log_history(w.history)
     for epoch in range(w.start_epoch, w.cfg.epochs):
         metrics = run_epoch(w, epoch, train_shard, val_shard)
         epoch_times.append(metrics["epoch_seconds"])
         if w.rank == 0:
             log(_progress_line(w.cfg, metrics, epoch_times))
         _report(w, epoch, metrics)
+        tracker.log_history(w.history[-1:])

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -13,12 +14,13 @@ from ray.data import DataContext, ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from ray_galaxy.checkpoint import ModelDirError
+from ray_galaxy.checkpoint import METRICS_FILE, ModelDirError
 from ray_galaxy.config import TrainConfig
 from ray_galaxy.console import fmt_seconds, log
 from ray_galaxy.data import DataError, DataStats, load_datasets
 from ray_galaxy.runtime import ensure_ray, ray_log_dir, storage_path
-from ray_galaxy.storage import join
+from ray_galaxy.storage import exists, join, read_bytes, write_bytes
+from ray_galaxy.tracking import Tracker, resolve_uri, ui_command
 from ray_galaxy.training.export import export_model, fit_sampler_into
 from ray_galaxy.training.loop import VAL_METRIC, train_loop_per_worker
 
@@ -109,25 +111,69 @@ def _fit(trainer: TorchTrainer, cfg: TrainConfig) -> tuple[Any, Any]:
     return best, result.checkpoint
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run a whole training job: data, Ray Train, export. Returns where the model went."""
-    ensure_ray()
-    t0 = time.time()
-    log(_header(cfg))
+def start_tracking(cfg: TrainConfig, job: str = "train") -> Tracker:
+    """The MLflow run of a training job (params: the resolved config); disabled when tracking
+    is off or the store cannot be reached."""
+    tracker = Tracker.start(resolve_uri(cfg.tracking, cfg.tracking_uri, cfg.storage), cfg.experiment,
+                            cfg.name, params=cfg.to_dict(), tags={"job": job})
+    if tracker.enabled:
+        log(f"tracking: MLflow run {tracker.run_id} in experiment {cfg.experiment!r}; "
+            f"UI: {ui_command(str(tracker.uri))}")
+    return tracker
+
+
+TRACKED_FILES = ("samples.png", "traversal.png", METRICS_FILE)
+
+
+def record_model(tracker: Tracker, model_dir: str) -> None:
+    """Finish a model's run: the run id into the model directory's metrics.json (so later jobs
+    find the run), the best epoch's numbers, the figures and metrics.json as artifacts, and where
+    the model directory is."""
+    if not tracker.enabled:
+        return
+    path = join(model_dir, METRICS_FILE)
+    recorded = json.loads(read_bytes(path))
+    recorded["tracking"] = tracker.spec()
+    write_bytes(path, json.dumps(recorded, indent=1, default=str).encode())
+    tracker.log_metrics({"best": recorded.get("best", {}), "best_epoch": recorded.get("best_epoch"),
+                         "epochs_run": recorded.get("epochs_run")})
+    tracker.set_tags({"model_dir": model_dir})
+    tracker.log_files({name: read_bytes(join(model_dir, name))
+                       for name in TRACKED_FILES if exists(join(model_dir, name))})
+
+
+def _train(cfg: TrainConfig, tracker: Tracker, t0: float) -> TrainResult:
     train_ds, val_ds, stats = load_datasets(cfg.data, cfg.image_size, cfg.crop, cfg.val_fraction)
     _data_lines(stats)
-    best, latest = _fit(make_trainer(cfg, train_ds, val_ds), cfg)
+    best, latest = _fit(make_trainer(cfg, train_ds, val_ds, {"tracking": tracker.spec()}), cfg)
     run_dir = join(storage_path(cfg.storage), cfg.name)
     model_dir = join(run_dir, "model")
     metrics = export_model(best, latest, model_dir, cfg, stats.to_dict())
     if cfg.fit_sampler:
         fit_sampler_into(model_dir, cfg)
+    record_model(tracker, model_dir)
     b = metrics["best"]
     log(f"best epoch {b['epoch']}: val loss {b[VAL_METRIC]:.1f}, {b['val_bpd']:.3f} bits/dim, "
         f"PSNR {b['val_psnr']:.2f} dB; total {fmt_seconds(time.time() - t0)}")
     log(f"model directory: {model_dir}")
     log(f"Ray's own logs: {ray_log_dir()}")
     return TrainResult(model_dir=model_dir, run_dir=run_dir, metrics=metrics)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run a whole training job: data, Ray Train, export, its MLflow run. Returns where the
+    model went."""
+    ensure_ray()
+    t0 = time.time()
+    log(_header(cfg))
+    tracker = start_tracking(cfg)
+    try:
+        result = _train(cfg, tracker, t0)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end()
+    return result
 
 
 def main_entry(cfg: TrainConfig) -> int:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ray_galaxy.config import ConfigError, TrainConfig, _h, from_mapping, train_config
+from ray_galaxy.config import (TRACKING_KEYS, ConfigError, TrainConfig, _h, check_experiment, from_mapping,
+                               train_config)
 from ray_galaxy.runtime import storage_path
 from ray_galaxy.storage import join
 from ray_galaxy.tuning.space import (DEFAULT_SEARCH_SPACE, DISTRIBUTIONS, SearchSpace,
@@ -57,6 +58,11 @@ class TuneConfig:
         default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SEARCH_SPACE.items()})
     seed: int = _h("Seed of the search-space sampling (training seeds come from the base config).",
                    default=0)
+    tracking: bool = _h("Record the sweep in MLflow: a parent run, one child run per trial; "
+                        "--no-tracking turns it off.", default=True)
+    tracking_uri: str = _h("MLflow tracking server or store; empty: $MLFLOW_TRACKING_URI, else the local "
+                           "store sqlite:///<storage>/mlflow.db (docs/tracking.md).", default="")
+    experiment: str = _h("MLflow experiment the sweep is recorded in.", default="ray-galaxy")
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -73,6 +79,7 @@ class TuneConfig:
         if self.image_size < 0 or self.batch_size < 0:
             raise ConfigError("image_size and batch_size must be >= 0 (0: the base config's)")
         parse_search_space(self.search_space)  # structure, names and value types
+        check_experiment(self.experiment)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain JSON-able values."""
@@ -146,7 +153,7 @@ def check_search_space(space: SearchSpace, base: TrainConfig) -> None:
 def sweep_settings(cfg: TuneConfig, space: SearchSpace, base: TrainConfig) -> dict[str, Any]:
     """What a rerun must repeat to resume a sweep: the sweep config and the resolved base
     training config (storage and name locate the sweep, so they are left out)."""
-    where = ("storage", "name")
+    where = ("storage", "name", *TRACKING_KEYS)
     sweep = {k: v for k, v in cfg.to_dict().items() if k not in where}
     sweep["search_space"] = space.to_spec()
     train = {k: v for k, v in base.to_dict().items() if k not in where and k not in sweep}

@@ -40,6 +40,7 @@ from ray_galaxy.data import DataError, load_datasets
 from ray_galaxy.plots import png
 from ray_galaxy.runtime import ensure_ray, storage_path
 from ray_galaxy.storage import StorageError, exists, join, read_bytes, write_bytes
+from ray_galaxy.tracking import Tracker
 from ray_galaxy.training.trainer import make_trainer
 from ray_galaxy.tuning.config import (SWEEP_FILE, TUNE_METRIC, TUNE_MODE, TuneConfig, base_train_config,
                                       check_search_space, run_dir, settings_differences, sweep_settings,
@@ -47,6 +48,7 @@ from ray_galaxy.tuning.config import (SWEEP_FILE, TUNE_METRIC, TUNE_MODE, TuneCo
 from ray_galaxy.tuning.results import (export_best, fmt, plot_trials, rows_csv, rows_markdown,
                                        train_history, trial_rows, trial_states)
 from ray_galaxy.tuning.space import SearchSpace, parse_search_space
+from ray_galaxy.tuning.tracked import record_sweep, start_sweep
 
 # --------------------------------------------------------------------------- trial side
 
@@ -258,12 +260,13 @@ def _run(sweep: Sweep, plan: ResumePlan) -> tuple[Any, dict[str, Any]]:
     return _tuner(sweep, plan, train_ds, val_ds).fit(), stats
 
 
-def _rows(sweep: Sweep, plan: ResumePlan, results: Any) -> list[dict[str, Any]]:
+def _rows(sweep: Sweep, plan: ResumePlan, results: Any) -> tuple[list[dict[str, Any]], dict[str, list]]:
+    """The trial rows, best first, and each trial's per-epoch history."""
     saved_now = _saved_trials(sweep.run_dir) if plan.kind != "finished" else None
     saved_status = {str(t.trial_id): str(t.status) for t in getattr(saved_now, "trials", None) or []}
     histories = {tid: train_history(join(trials_storage(sweep.cfg), tid))
                  for tid, _ in trial_states(results)}
-    return trial_rows(results, sweep.space, sweep.cfg.epochs, saved_status, histories)
+    return trial_rows(results, sweep.space, sweep.cfg.epochs, saved_status, histories), histories
 
 
 def _write_tables(sweep: Sweep, rows: list[dict[str, Any]], model_dir: str) -> None:
@@ -287,9 +290,11 @@ def _summarise(sweep: Sweep, rows: list[dict[str, Any]], model_dir: str, t0: flo
     log(f"model directory: {model_dir}")
 
 
-def _publish(sweep: Sweep, plan: ResumePlan, results: Any, stats: dict[str, Any], t0: float) -> TuneResult:
-    """Write the trials table and plot, export the best trial's model, say what happened."""
-    rows = _rows(sweep, plan, results)
+def _publish(sweep: Sweep, plan: ResumePlan, results: Any, stats: dict[str, Any], t0: float,
+             tracker: Tracker) -> TuneResult:
+    """Write the trials table and plot, export the best trial's model, record the sweep in
+    MLflow, say what happened."""
+    rows, histories = _rows(sweep, plan, results)
     params_by_trial = {tid: dict(r.config or {}) for r, (tid, _) in zip(results, trial_states(results))}
     model_dir = join(sweep.run_dir, "model")
     _write_tables(sweep, rows, model_dir)
@@ -300,6 +305,7 @@ def _publish(sweep: Sweep, plan: ResumePlan, results: Any, stats: dict[str, Any]
     best = rows[0]
     export_best(sweep.cfg, sweep.base, best, sweep.space, params_by_trial[best["trial_id"]], len(rows),
                 stats, sweep.run_dir)
+    record_sweep(tracker, sweep.cfg, rows, params_by_trial, histories, sweep.run_dir, model_dir)
     _summarise(sweep, rows, model_dir, t0)
     return TuneResult(run_dir=sweep.run_dir, model_dir=model_dir, best=best, trials=rows)
 
@@ -316,8 +322,15 @@ def tune(cfg: TuneConfig) -> TuneResult:
         f"{'GPU' if cfg.use_gpu else 'CPU'}")
     plan = resume_plan(sweep)
     _announce(sweep, plan)
-    results, stats = _run(sweep, plan)
-    return _publish(sweep, plan, results, stats, t0)
+    tracker = start_sweep(cfg, space)
+    try:
+        results, stats = _run(sweep, plan)
+        result = _publish(sweep, plan, results, stats, t0, tracker)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end()
+    return result
 
 
 def main_entry(cfg: TuneConfig) -> int:
