@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ray_galaxy.config import parse_config  # noqa: E402
 from ray_galaxy.data import DataError  # noqa: E402
 from ray_galaxy.prepare import PrepareConfig, prepare  # noqa: E402
-from ray_galaxy.runtime import ensure_ray  # noqa: E402
+from ray_galaxy.runtime import ClusterError, ensure_ray  # noqa: E402
 from ray_galaxy.storage import StorageError  # noqa: E402
 
 
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ensure_ray()
         manifest = prepare(cfg)
-    except (DataError, StorageError) as e:
+    except (ClusterError, DataError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"prepared data: {cfg.output} ({manifest['written']} images)")

@@ -1,9 +1,14 @@
 """Connecting a job to Ray: a local Ray of its own, or the cluster in ``RAY_ADDRESS``.
 
-Every job that uses Ray (training, Tune, data preparation) calls :func:`ensure_ray` first. It
-also keeps Ray's own chatter out of the terminal (:func:`quiet_ray`): progress bars, Ray Data's
-per-execution lines and Ray Train's per-report dumps go to the files in Ray's log folder
-(:func:`ray_log_dir`) only, so what a job prints is its own one line per step.
+Every job that uses Ray (training, Tune, data preparation) calls :func:`ensure_ray` first:
+without ``RAY_ADDRESS`` the job starts a local Ray of its own, whatever else runs on the
+machine; with it (``RAY_ADDRESS=auto`` for the cluster ``ray start`` runs here) the job joins
+that cluster, sends the ``ray_galaxy`` package to its workers unless ``ray job submit`` brought
+the code, and checks that a worker can import it. Failures are a :class:`ClusterError` with
+one clear line (docs/cluster.md). It also keeps Ray's own chatter out of the terminal
+(:func:`quiet_ray`): progress bars, Ray Data's per-execution lines and Ray Train's per-report
+dumps go to the files in Ray's log folder (:func:`ray_log_dir`) only, so what a job prints is
+its own one line per step.
 """
 
 from __future__ import annotations
@@ -11,12 +16,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import ray
 import ray.data
+from ray.exceptions import GetTimeoutError, RayError, WorkerCrashedError
 from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
@@ -99,45 +107,194 @@ def ray_runtime_env(pythonpath: str | None = None) -> dict[str, Any]:
     return env
 
 
-def _submitted_setup_hook() -> bool:
-    """Whether ``ray job submit`` gave this job its own worker_process_setup_hook (Ray refuses
-    to merge two)."""
+# Connecting to a cluster that does not answer would retry for minutes; a closed port or an
+# unknown host is known in seconds.
+CONNECT_TIMEOUT_S = 5.0
+# The first task on a joined cluster waits for a worker process and the job's runtime env (the
+# uploaded package) on its node: seconds, more on a busy node. A worker that cannot import the
+# package fails at once (no retries); this bounds only a cluster that starts no worker at all.
+WORKER_CHECK_TIMEOUT_S = 120.0
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class ClusterError(RuntimeError):
+    """Ray could not be started or joined, or the cluster's workers cannot run the job's code."""
+
+
+def _submitted_runtime_env() -> dict[str, Any]:
+    """The runtime_env ``ray job submit`` gave this driver (empty when it was not submitted)."""
     try:
         injected = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
     except ValueError:
-        return False
-    runtime_env = injected.get("runtime_env") or {}
+        return {}
+    return injected.get("runtime_env") or {}
+
+
+def _submitted_setup_hook() -> bool:
+    """Whether ``ray job submit`` gave this job its own worker_process_setup_hook (Ray refuses
+    to merge two)."""
+    runtime_env = _submitted_runtime_env()
     return ("worker_process_setup_hook" in runtime_env
             or WORKER_PROCESS_SETUP_HOOK_ENV_VAR in (runtime_env.get("env_vars") or {}))
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to the cluster in RAY_ADDRESS (as under ``ray job submit``) or start a local one.
+def _submitted_code() -> bool:
+    """Whether ``ray job submit`` sent code with the job (``--working-dir`` or ``py_modules``):
+    then it is not sent a second time (Ray would refuse to merge two ``py_modules`` anyway)."""
+    runtime_env = _submitted_runtime_env()
+    return bool(runtime_env.get("working_dir") or runtime_env.get("py_modules"))
 
-    Locally Ray is given more logical CPUs than cores (at least 4): Train workers reserve
-    CPUs for their whole life, and without spare logical CPUs Ray Data tasks could never be
-    scheduled next to them on a 2-core machine (a hang, not an error). Either way the job's
-    workers get ``RAY_ADDRESS`` of their cluster (:func:`export_cluster_address`), so Ray
-    Train's cleanup finds it when other Ray instances run on the same host, and Ray's own
-    progress output stays in its log folder (:func:`quiet_ray`, in the driver and the workers).
+
+def cluster_runtime_env() -> dict[str, Any]:
+    """The job ``runtime_env`` for joining a cluster: :func:`setup_worker_process` in every worker
+    (unless the submitted job has its own hook) and the ``ray_galaxy`` package uploaded to the
+    cluster (``py_modules``) unless the submitted job brought the code."""
+    env: dict[str, Any] = {} if _submitted_setup_hook() else ray_runtime_env()
+    if not _submitted_code():
+        env["py_modules"] = [str(PACKAGE_DIR)]
+        # Bytecode is rebuilt on the workers; leaving it out keeps the upload's hash stable.
+        env["excludes"] = ["__pycache__"]
+    return env
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """Host and port of a ``host:port`` or ``ray://host:port`` address; None for ``auto`` and
+    forms that Ray itself judges."""
+    parts = urlsplit(address if "://" in address else f"//{address}")
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    return (parts.hostname, port) if parts.hostname and port else None
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds when nothing listens at ``address`` (Ray would retry for minutes)."""
+    if address.split("://")[0] in ("http", "https"):
+        raise ClusterError(f"RAY_ADDRESS={address} is a dashboard address, the one `ray job submit` "
+                           "takes; a job joins a cluster at its GCS address (host:6379), or "
+                           "RAY_ADDRESS=auto for the cluster `ray start` runs on this machine")
+    host_port = _host_port(address)
+    if host_port is None:
+        return
+    try:
+        socket.create_connection(host_port, timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise ClusterError(f"no Ray cluster at RAY_ADDRESS={address}: cannot connect to "
+                           f"{host_port[0]}:{host_port[1]} ({e.strerror or e})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _connect(address: str, runtime_env: dict[str, Any]) -> None:
+    """``ray.init`` on the cluster at ``address``; its errors as one :class:`ClusterError`."""
+    try:
+        ray.init(log_to_driver=True, runtime_env=runtime_env)
+    except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError, bare Exception
+        ray.shutdown()
+        causes, cause = [], e
+        while cause is not None:
+            causes.append(str(cause))
+            cause = cause.__cause__
+        hint = ""
+        if "Authentication" in " ".join(causes) and not os.environ.get("RAY_AUTH_MODE"):
+            hint = ("; the cluster uses token authentication: set RAY_AUTH_MODE=token (the token "
+                    "is read from ~/.ray/auth_token or RAY_AUTH_TOKEN)")
+        raise ClusterError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: "
+                           f"{_first_line(e)}{hint}") from e
+
+
+def _package_file() -> str:
+    """Run on a worker: where it imports ``ray_galaxy`` from. Ray ships this function by
+    reference, so the worker must import this module to run it."""
+    return __file__
+
+
+def _check_workers_import(timeout_s: float = WORKER_CHECK_TIMEOUT_S) -> None:
+    """Fail at once, not in a Ray Data task retried forever, when the cluster's workers cannot
+    import ``ray_galaxy`` (or cannot start at all)."""
+    ref = ray.remote(num_cpus=0, max_retries=0)(_package_file).remote()
+    fix = ("run the job with `ray job submit --working-dir .` from the repository root, or "
+           "install ray_galaxy on the cluster")
+    try:
+        ray.get(ref, timeout=timeout_s)
+    except GetTimeoutError:
+        raise ClusterError(f"no worker of the cluster could import ray_galaxy within {timeout_s:.0f}s "
+                           f"(Ray's logs: {ray_log_dir()}); {fix}") from None
+    except WorkerCrashedError as e:
+        # A worker whose setup hook (ray_galaxy.runtime) cannot be imported dies as it starts.
+        raise ClusterError("a worker of the cluster died as it started, most likely unable to import "
+                           f"ray_galaxy (its traceback is above and in {ray_log_dir()}); {fix}") from e
+    except RayError as e:
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        raise ClusterError(f"the cluster's workers cannot import ray_galaxy "
+                           f"({lines[-1] if lines else type(e).__name__}); {fix}") from e
+
+
+def _resources() -> str:
+    res = ray.cluster_resources()
+    return f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
+
+
+def _join(address: str) -> None:
+    """Join the cluster at ``address`` (RAY_ADDRESS) with the job's code, or raise ClusterError."""
+    _check_reachable(address)
+    if _submitted_setup_hook():
+        log("the submitted job has its own worker_process_setup_hook; not adding the one that "
+            "sets RAY_ADDRESS in workers (see docs/tune.md: several Ray instances on one host)")
+    code = ("the submitted job's code" if _submitted_code()
+            else f"ray_galaxy uploaded from {PACKAGE_DIR}")
+    _connect(address, cluster_runtime_env())
+    try:
+        _check_workers_import()
+    except ClusterError:
+        ray.shutdown()
+        raise
+    log(f"Ray: joined the cluster at {ray.get_runtime_context().gcs_address} "
+        f"(RAY_ADDRESS={address}): {_resources()}; workers run {code}")
+
+
+def _start_local(num_cpus: int | None) -> None:
+    """Start a local Ray for this job alone, even when ``ray start`` runs a cluster here."""
+    cores = os.cpu_count() or 1
+    # Workers must import ray_galaxy even when it is run from a checkout, not installed.
+    pythonpath = os.pathsep.join(p for p in (str(PACKAGE_DIR.parent), os.environ.get("PYTHONPATH", "")) if p)
+    try:
+        # address="local": without it ray.init joins the cluster `ray start` left in
+        # /tmp/ray/ray_current_cluster, and then refuses num_cpus.
+        ray.init(address="local", num_cpus=num_cpus or max(4, cores + 2), include_dashboard=True,
+                 runtime_env=ray_runtime_env(pythonpath))
+    except Exception as e:  # noqa: BLE001 - Ray raises RuntimeError, ValueError, bare Exception
+        ray.shutdown()
+        raise ClusterError(f"cannot start a local Ray: {_first_line(e)}") from e
+    log(f"Ray: started a local instance for this job at {ray.get_runtime_context().gcs_address}: "
+        f"{_resources()} (RAY_ADDRESS=auto joins a cluster running here instead)")
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster in ``RAY_ADDRESS`` (``auto``: the one ``ray start`` runs on this machine)
+    or start a local Ray of this job's own; one line says which, with its CPUs and GPUs.
+
+    Joining, the job's code goes with it (:func:`cluster_runtime_env`) and a worker must import
+    it within :data:`WORKER_CHECK_TIMEOUT_S`. Locally Ray is given more logical CPUs than
+    cores (at least 4): Train workers reserve CPUs for their whole life, and without spare
+    logical CPUs Ray Data tasks could never be scheduled next to them on a 2-core machine (a
+    hang, not an error). Either way the job's workers get ``RAY_ADDRESS`` of their cluster
+    (:func:`export_cluster_address`), so Ray Train's cleanup finds it when other Ray instances
+    run on the same host, and Ray's own progress output stays in its log folder
+    (:func:`quiet_ray`, in the driver and the workers). Raises :class:`ClusterError` when Ray
+    cannot be started or joined, or its workers cannot import the package.
     """
     quiet_ray()
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        if _submitted_setup_hook():
-            log("the submitted job has its own worker_process_setup_hook; not adding the one that "
-                 "sets RAY_ADDRESS in workers (see docs/tune.md: several Ray instances on one host)")
-            ray.init(log_to_driver=True)
-        else:
-            ray.init(log_to_driver=True, runtime_env=ray_runtime_env())
-        return
-    cores = os.cpu_count() or 1
-    # Workers must import ray_galaxy even when it is run from a checkout, not installed.
-    root = str(Path(__file__).resolve().parent.parent)
-    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(num_cpus=num_cpus or max(4, cores + 2), include_dashboard=True,
-             runtime_env=ray_runtime_env(pythonpath))
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address and address != "local":
+        _join(address)
+    else:
+        _start_local(num_cpus)
 
 
 def storage_path(storage: str) -> str:

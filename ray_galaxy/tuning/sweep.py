@@ -36,10 +36,11 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray_galaxy.checkpoint import ModelDirError
 from ray_galaxy.config import ConfigError, TrainConfig
 from ray_galaxy.console import fmt_seconds, log
-from ray_galaxy.data import DataError, load_datasets
+from ray_galaxy.data import DataError
 from ray_galaxy.plots import png
-from ray_galaxy.runtime import ensure_ray, storage_path
+from ray_galaxy.runtime import ClusterError, ensure_ray, storage_path
 from ray_galaxy.storage import StorageError, exists, join, read_bytes, write_bytes
+from ray_galaxy.streaming import load_datasets
 from ray_galaxy.tracking import Tracker
 from ray_galaxy.training.trainer import make_trainer
 from ray_galaxy.tuning.config import (SWEEP_FILE, TUNE_METRIC, TUNE_MODE, TuneConfig, base_train_config,
@@ -337,7 +338,7 @@ def main_entry(cfg: TuneConfig) -> int:
     """Entry point for jobs/tune.py: run, print expected errors as one line, return an exit code."""
     try:
         tune(cfg)
-    except (ConfigError, DataError, ModelDirError, StorageError) as e:
+    except (ClusterError, ConfigError, DataError, ModelDirError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
