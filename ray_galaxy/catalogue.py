@@ -1,0 +1,377 @@
+"""Bulk galaxy catalogues with Ray Data (``jobs/generate.py``).
+
+A catalogue is galaxies 0 .. n-1 of one (model, sampler, seed): galaxy i is exactly what
+``Generator.load(model).images(...)`` gives for index i (and so what Serve and
+``jobs/sample.py`` give), because every galaxy is drawn and decoded by the
+:class:`~ray_galaxy.generation.generator.Generator`. The indices are cut into shards of
+``shard_size`` galaxies aligned to the generator's seed blocks (:data:`SEED_BLOCK`); Ray Data
+runs one row per missing shard through a pool of actors, each holding one Generator, that
+draws, decodes, encodes and writes its shard.
+
+Output layout (local folder or s3:// prefix)::
+
+    <out>/settings.json                    what the galaxies are (model version, sampler, seed, ...)
+    <out>/shards/shard-000012.parquet      parquet: galaxies [12*M, 13*M), columns COLUMNS
+    <out>/00003084.png                     png: one file per galaxy, named by index
+    <out>/manifest.json                    written last: the catalogue is complete iff it exists
+
+Resumable: each file is written under its deterministic name atomically (a temporary name
+renamed locally; on S3 an object is visible only once complete), so a rerun lists what is
+there and generates only the missing shards. ``settings.json`` guards against mixing: a rerun
+with other settings into the same ``out`` is an error, not a silent mix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+
+from ray_galaxy.config import ConfigError, _h
+from ray_galaxy.console import fmt_seconds, log
+from ray_galaxy.generation.generator import SAMPLERS, Generator
+from ray_galaxy.generation.latents import SEED_BLOCK
+from ray_galaxy.images import png_bytes
+from ray_galaxy.runtime import ensure_ray
+from ray_galaxy.storage import absolute, join, resolve
+
+FORMATS = ("parquet", "png")
+CATALOGUE_FORMAT = 1
+MANIFEST = "manifest.json"
+SETTINGS = "settings.json"
+SHARDS_DIR = "shards"
+COLUMNS = ("image", "index", "seed", "latent", "sampler", "label", "model_version")
+# PNG names are zero-padded to this many digits so that they sort by index (more past 10^8).
+PNG_DIGITS = 8
+# A progress line at most this often (and always for the last shard).
+PROGRESS_SECONDS = 5.0
+# File systems where an object becomes visible only when its upload completes: written in place.
+ATOMIC_ON_CLOSE = ("s3", "gcs")
+
+
+class CatalogueError(ValueError):
+    """The catalogue cannot be written as asked (settings, output folder, cluster)."""
+
+
+@dataclass
+class CatalogueConfig:
+    """Settings of ``jobs/generate.py`` (each is also a ``--flag`` and a YAML key)."""
+
+    model: str = _h("Model directory written by jobs/train.py (path or URI).", default="")
+    n: int = _h("Number of galaxies: indices 0 .. n-1.", default=1000)
+    out: str = _h("Output folder or URI (s3://bucket/prefix); rerunning resumes it.", default="")
+    seed: int = _h("Random seed; galaxy i depends only on (model, sampler, seed, i).", default=0)
+    sampler: str = _h("Latent sampler: 'prior' (N(0, I)), 'gmm' (the model's fitted sampler, with its "
+                      "residual detail) or 'auto' (gmm when the model has one, else prior).", default="auto")
+    temperature: float = _h("Scale of the sampler's noise (1 = as fitted).", default=1.0)
+    detail: bool = _h("With the gmm sampler: add the residual detail; --no-detail writes the decoder's "
+                      "means.", default=True)
+    format: str = _h("'parquet' (shards with image PNG bytes, index, seed, latent, sampler, label, "
+                     "model_version) or 'png' (one PNG per galaxy, named by index).", default="parquet")
+    num_workers: int = _h("Actors generating shards in parallel (each holds one model).", default=1)
+    use_gpu: bool = _h("Give each actor a GPU and decode on it.", default=False)
+    shard_size: int = _h(f"Galaxies per shard: a multiple of {SEED_BLOCK} or a divisor of it (the "
+                         "unit of work and of resuming).", default=1024)
+    # Issue 20 item 2: a --label (conditional generation) field goes here; until then the
+    # parquet 'label' column is null and settings.json records label None.
+
+    def __post_init__(self) -> None:
+        for key in ("model", "out"):
+            if not getattr(self, key):
+                raise ConfigError(f"--{key} is required")
+        if self.n < 1:
+            raise ConfigError(f"n must be >= 1, got {self.n}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.format not in FORMATS:
+            raise ConfigError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.num_workers < 1:
+            raise ConfigError(f"num_workers must be >= 1, got {self.num_workers}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"temperature must be a positive number, got {self.temperature}")
+        m = self.shard_size
+        if m < 1 or (m % SEED_BLOCK and SEED_BLOCK % m):
+            raise ConfigError(f"shard_size must be a multiple of {SEED_BLOCK} or a divisor of it "
+                              f"(e.g. 128, 256, 1024), got {m}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every actor needs, fixed once in the driver (the sampler resolved, paths absolute)."""
+
+    model: str
+    version: str
+    out: str
+    n: int
+    seed: int
+    sampler: str
+    temperature: float
+    detail: bool
+    format: str
+    shard_size: int
+
+    @property
+    def shards(self) -> int:
+        return -(-self.n // self.shard_size)
+
+    def shard_range(self, k: int) -> range:
+        """The indices of shard ``k``."""
+        return range(k * self.shard_size, min((k + 1) * self.shard_size, self.n))
+
+    def settings(self) -> dict[str, Any]:
+        """What the galaxies in ``out`` are: files written under other settings differ."""
+        return {"catalogue_format": CATALOGUE_FORMAT, "model_version": self.version, "sampler": self.sampler,
+                "seed": self.seed, "temperature": self.temperature, "detail": self.detail,
+                "label": None, "format": self.format, "shard_size": self.shard_size}
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:06d}.parquet"
+
+
+def png_name(i: int) -> str:
+    return f"{i:0{PNG_DIGITS}d}.png"
+
+
+# --------------------------------------------------------------------------- one shard
+
+
+def catalogue_rows(gen: Generator, plan: Plan, indices: range) -> pa.Table:
+    """The catalogue's rows for ``indices`` (columns :data:`COLUMNS`), drawn and decoded a seed
+    block at a time, as ``Generator.images`` does, so the bytes are the same."""
+    latents, pngs = [], []
+    detail_seed = gen.detail_seed(plan.sampler, plan.detail, plan.seed)
+    start = indices.start
+    while start < indices.stop:
+        k = min(indices.stop - start, SEED_BLOCK - start % SEED_BLOCK)
+        z = gen.latents(k, plan.seed, plan.sampler, plan.temperature, start=start)
+        pngs += [png_bytes(img) for img in gen.decode_uint8(z, detail_seed, offset=start)]
+        latents.append(z.numpy().astype(np.float32))
+        start += k
+    z = np.concatenate(latents)
+    rows, dim = z.shape
+    offsets = pa.array(np.arange(0, rows * dim + 1, dim, dtype=np.int32))
+    return pa.table({
+        "image": pa.array(pngs, pa.binary()),
+        "index": pa.array(np.asarray(indices, dtype=np.int64)),
+        "seed": pa.array(np.full(rows, plan.seed, dtype=np.int64)),
+        "latent": pa.ListArray.from_arrays(offsets, pa.array(z.ravel())),
+        "sampler": pa.array([plan.sampler] * rows, pa.string()),
+        "label": pa.nulls(rows, pa.string()),
+        "model_version": pa.array([plan.version] * rows, pa.string()),
+    })
+
+
+def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` so that ``path`` never shows part of it: in place where objects appear
+    only once complete (S3), else to a temporary name in the same folder, then renamed."""
+    if fs.type_name in ATOMIC_ON_CLOSE:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    folder, name = path.rsplit("/", 1)
+    tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def write_shard(gen: Generator, plan: Plan, k: int) -> int:
+    """Generate and write shard ``k`` of the catalogue; returns its number of galaxies."""
+    fs, root = resolve(plan.out)
+    table = catalogue_rows(gen, plan, plan.shard_range(k))
+    if plan.format == "png":
+        for i, data in zip(table.column("index").to_pylist(), table.column("image").to_pylist()):
+            write_atomic(fs, join(root, png_name(i)), data)
+    else:
+        sink = pa.BufferOutputStream()
+        # PNG bytes do not compress: only the small columns are worth zstd's time.
+        pq.write_table(table, sink, compression={c: "zstd" if c != "image" else "none" for c in COLUMNS},
+                       use_dictionary=["sampler", "model_version"])
+        write_atomic(fs, join(root, SHARDS_DIR, shard_name(k)), sink.getvalue().to_pybytes())
+    return table.num_rows
+
+
+class ShardWriter:
+    """Ray Data actor: one Generator, loaded once, writing the shards of the rows it gets."""
+
+    def __init__(self, plan: Plan, device: str) -> None:
+        self.plan = plan
+        self.gen = Generator.load(plan.model, device=device)
+        if self.gen.version != plan.version:  # the model directory was replaced mid-run
+            raise CatalogueError(f"{plan.model} changed during the run: version {self.gen.version}, "
+                                 f"the catalogue started with {plan.version}")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        counts = [write_shard(self.gen, self.plan, int(k)) for k in batch["shard"]]
+        return {"shard": batch["shard"], "galaxies": np.asarray(counts, dtype=np.int64)}
+
+
+# --------------------------------------------------------------------------- the output folder
+
+
+def _files(fs: pafs.FileSystem, folder: str) -> set[str]:
+    """Names of the files directly in ``folder`` (none when it does not exist)."""
+    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    return {i.base_name for i in infos if i.type == pafs.FileType.File}
+
+
+def _shard_folder(plan: Plan) -> str:
+    return join(resolve(plan.out)[1], SHARDS_DIR) if plan.format == "parquet" else resolve(plan.out)[1]
+
+
+def complete_shards(plan: Plan) -> set[int]:
+    """The shards of ``plan`` whose files are all in ``out`` (each file is written atomically,
+    so a file that is there is whole)."""
+    fs = resolve(plan.out)[0]
+    names = _files(fs, _shard_folder(plan))
+    if plan.format == "parquet":
+        return {k for k in range(plan.shards) if shard_name(k) in names}
+    return {k for k in range(plan.shards) if all(png_name(i) in names for i in plan.shard_range(k))}
+
+
+def _stale_files(plan: Plan, old_n: int) -> list[str]:
+    """Files that a run of another ``n`` left and this one must not keep: the shards whose
+    length differs (the old and the new last shard) and those past the new end."""
+    if old_n == plan.n:
+        return []
+    if plan.format == "png":  # a PNG does not depend on n: only those past the end go
+        return [png_name(i) for i in range(plan.n, old_n)]
+    m = plan.shard_size
+    partial = {(old_n - 1) // m, (plan.n - 1) // m}
+    return [shard_name(k) for k in sorted(partial | set(range(plan.shards, -(-old_n // m))))]
+
+
+def start_output(plan: Plan) -> None:
+    """Mark ``out`` unfinished (no manifest) and check or record its settings; files of an
+    earlier run of another ``n`` that do not fit this one are removed."""
+    fs, root = resolve(plan.out)
+    folder = _shard_folder(plan)
+    if fs.type_name not in ATOMIC_ON_CLOSE:  # object stores have no folders to make (only markers)
+        fs.create_dir(folder, recursive=True)
+    settings_path = join(root, SETTINGS)
+    wanted = plan.settings()
+    old_n = plan.n
+    if fs.get_file_info(settings_path).type == pafs.FileType.File:
+        with fs.open_input_stream(settings_path) as f:
+            found = json.loads(f.read())
+        old_n = int(found.pop("n", plan.n))
+        diff = [f"{k} {found.get(k)!r} there, {v!r} now" for k, v in wanted.items() if found.get(k) != v]
+        if diff:
+            raise CatalogueError(f"{plan.out} holds galaxies of other settings ({'; '.join(diff)}): "
+                                 "use another --out or delete it")
+    if fs.get_file_info(join(root, MANIFEST)).type == pafs.FileType.File:
+        fs.delete_file(join(root, MANIFEST))
+    present = _files(fs, folder)
+    for name in _stale_files(plan, old_n):
+        if name in present:
+            fs.delete_file(join(folder, name))
+    if fs.type_name not in ATOMIC_ON_CLOSE:  # temporary files of a run that was killed
+        for name in present:
+            if name.startswith(".") and name.endswith(".tmp"):
+                fs.delete_file(join(folder, name))
+    write_atomic(fs, settings_path, json.dumps({**wanted, "n": plan.n}, indent=1).encode())
+
+
+def manifest(plan: Plan, gen: Generator) -> dict[str, Any]:
+    """The manifest of a finished catalogue (no timings: the same command writes the same bytes)."""
+    cfg = gen.model_config
+    out = {"n": plan.n, "model": plan.model, "image_size": cfg.image_size, "latent_dim": cfg.latent_dim,
+           **plan.settings()}
+    if plan.format == "parquet":
+        out["columns"] = list(COLUMNS)
+        out["shards"] = [{"path": f"{SHARDS_DIR}/{shard_name(k)}", "start": r.start, "count": len(r)}
+                         for k in range(plan.shards) for r in [plan.shard_range(k)]]
+    else:
+        out["png_name"] = f"{{index:0{PNG_DIGITS}d}}.png"
+        out["shards"] = [{"start": r.start, "count": len(r)} for r in map(plan.shard_range, range(plan.shards))]
+    return out
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def check_gpus(use_gpu: bool) -> None:
+    """With ``use_gpu``, fail when no GPU can come: a Ray this job started (no RAY_ADDRESS) has
+    none. A cluster with none right now may autoscale GPU nodes from zero, so it is only said."""
+    if not use_gpu or ray.cluster_resources().get("GPU", 0) >= 1:
+        return
+    if not os.environ.get("RAY_ADDRESS"):
+        raise CatalogueError("--use-gpu was given but the local Ray has no GPU")
+    log("no GPU in the cluster right now: the actors wait until an autoscaler adds one")
+
+
+def run_shards(plan: Plan, todo: list[int], cfg: CatalogueConfig) -> None:
+    """Generate the shards ``todo`` with a pool of ``num_workers`` actors; one progress line per
+    finished shard, at most every :data:`PROGRESS_SECONDS`."""
+    resources = {"num_gpus": 1} if cfg.use_gpu else {}
+    ds = ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=len(todo))
+    # max_restarts=0: a restartable actor makes Ray 2.60 log an error line at start (its
+    # constructor arguments live in the object store, ray#53727), and a failed run resumes
+    # anyway. Ray 2.60 has no named parameter for it and warns about the remote-args form.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(ShardWriter, fn_constructor_args=(plan, "cuda" if cfg.use_gpu else "cpu"),
+                            batch_size=1, batch_format="numpy", num_cpus=1, max_restarts=0,
+                            compute=ray.data.ActorPoolStrategy(size=min(cfg.num_workers, len(todo))),
+                            **resources)
+    total = sum(len(plan.shard_range(k)) for k in todo)
+    t0 = last = time.time()
+    done = shards = 0
+    for row in ds.iter_rows():
+        done += int(row["galaxies"])
+        shards += 1
+        now = time.time()
+        if now - last >= PROGRESS_SECONDS or shards == len(todo):
+            rate = done / max(now - t0, 1e-9)
+            log(f"shard {shards}/{len(todo)}: {done}/{total} galaxies, {rate:.0f} galaxies/s, "
+                f"ETA {fmt_seconds((total - done) / rate)}")
+            last = now
+
+
+def plan_of(cfg: CatalogueConfig) -> tuple[Plan, Generator]:
+    """Read the model directory's metadata (no weights) and fix the plan; a missing sampler or a
+    bad model directory fails here, before any actor starts."""
+    model = absolute(cfg.model)
+    gen = Generator.load(model, weights=False)
+    gen.latents(1, cfg.seed, cfg.sampler, cfg.temperature)  # raises when the sampler is unusable
+    sampler = gen.resolve(cfg.sampler)
+    detail = gen.detail_seed(sampler, cfg.detail, cfg.seed) is not None
+    plan = Plan(model=model, version=gen.version, out=absolute(cfg.out), n=cfg.n, seed=cfg.seed,
+                sampler=sampler, temperature=float(cfg.temperature), detail=detail,
+                format=cfg.format, shard_size=cfg.shard_size)
+    return plan, gen
+
+
+def generate_catalogue(cfg: CatalogueConfig) -> dict[str, Any]:
+    """Write (or finish) the catalogue of ``cfg``; returns its manifest."""
+    t0 = time.time()
+    plan, gen = plan_of(cfg)  # a bad model directory fails before Ray starts
+    ensure_ray()
+    check_gpus(cfg.use_gpu)
+    start_output(plan)
+    todo = sorted(set(range(plan.shards)) - complete_shards(plan))
+    log(f"catalogue of {plan.n} galaxies from {cfg.model} (version {plan.version}, sampler {plan.sampler}, "
+        f"seed {plan.seed}) -> {cfg.out}: {plan.shards} shard(s) of {plan.shard_size}, "
+        f"{plan.shards - len(todo)} already written, {len(todo)} to generate")
+    if todo:
+        run_shards(plan, todo, cfg)
+    out = manifest(plan, gen)
+    fs, root = resolve(plan.out)
+    write_atomic(fs, join(root, MANIFEST), json.dumps(out, indent=1).encode())
+    made = sum(len(plan.shard_range(k)) for k in todo)
+    secs = time.time() - t0
+    log(f"wrote {plan.n} galaxies ({made} generated in {len(todo)} shard(s)) to {cfg.out} as {plan.format} "
+        f"in {fmt_seconds(secs)} ({made / max(secs, 1e-9):.0f} galaxies/s)")
+    return out
