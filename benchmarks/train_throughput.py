@@ -63,7 +63,7 @@ def main() -> None:
     import ray
 
     from ray_galaxy.config import train_config
-    from ray_galaxy.data import load_datasets
+    from ray_galaxy.streaming import load_datasets
     from ray_galaxy.runtime import ensure_ray
     from ray_galaxy.training.trainer import make_trainer
 

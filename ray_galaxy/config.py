@@ -19,6 +19,9 @@ T = TypeVar("T")
 
 LIKELIHOODS = ("gaussian", "bce")
 LR_SCHEDULES = ("cosine", "constant")
+# TrainConfig.cache: whether decoded training images are kept in Ray's object store
+# (ray_galaxy.streaming).
+CACHE_MODES = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -101,6 +104,9 @@ class TrainConfig:
                            "codes plus the residual detail model) into the model directory; samples.png "
                            "then shows its draws instead of N(0, I) decodes.", default=True)
     val_fraction: float = _h("Fraction of images held out for validation (by path hash).", default=0.1)
+    cache: str = _h("Decoded images: 'on' decodes once into Ray's object store, 'off' streams them from "
+                    "storage every epoch, 'auto' caches when they take at most a quarter of the free "
+                    "object store (docs/data.md, \"Streaming or caching\").", default="auto")
     num_workers: int = _h("Ray Train workers (data-parallel DDP ranks).", default=1)
     use_gpu: bool = _h("Train on GPUs (one per worker) with bf16 autocast.", default=False)
     cpus_per_worker: float = _h("Logical CPUs reserved per Train worker; fractional leaves CPU for Ray Data.", default=1.0)
@@ -108,7 +114,8 @@ class TrainConfig:
                                  default="PACK")
     max_failures: int = _h("Worker-group restarts allowed; each resumes from the last checkpoint.", default=2)
     keep_checkpoints: int = _h("Checkpoints kept, best by validation loss (the latest is always kept).", default=3)
-    seed: int = _h("Random seed for initialisation, augmentation and sample figures.", default=0)
+    seed: int = _h("Random seed for initialisation, augmentation, the data order and sample figures: "
+                   "on CPU with one worker the same seed gives the same run (docs/data.md).", default=0)
     tracking: bool = _h("Record the run in MLflow (params, per-epoch metrics, figures); "
                         "--no-tracking turns it off.", default=True)
     tracking_uri: str = _h("MLflow tracking server or store; empty: $MLFLOW_TRACKING_URI, else the local "
@@ -144,6 +151,8 @@ class TrainConfig:
                               f"got {self.grad_clip}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.cache not in CACHE_MODES:
+            raise ConfigError(f"cache must be one of {', '.join(CACHE_MODES)}; got {self.cache!r}")
         check_experiment(self.experiment)
         self.model_config()  # validates the model fields too
 

@@ -6,7 +6,9 @@ would fail). Decoded images are uint8 arrays of shape (S, S, 3).
 
 A source is a folder or URI of pictures, the built-in set's name (:mod:`ray_galaxy.builtin`)
 or the output of ``jobs/prepare_data.py`` (:mod:`ray_galaxy.prepare` writes it; the shard
-format, :data:`MANIFEST` and :func:`read_manifest`, is read here).
+format, :data:`MANIFEST` and :func:`read_manifest`, is read here). The training datasets
+themselves (streamed or cached, the train/val routing, the seeded epoch order) are built from
+these readers by :mod:`ray_galaxy.streaming`.
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,8 +26,6 @@ import pyarrow.parquet as pq
 import ray
 from PIL import Image, ImageOps
 
-from ray_galaxy.builtin import resolve_data_uri
-from ray_galaxy.runtime import quiet_ray
 from ray_galaxy.storage import StorageError, join, resolve
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -38,8 +36,6 @@ MAX_PIXELS = 64_000_000
 # Prepared shards (jobs/prepare_data.py): <output>/manifest.json, written last, names the shards.
 MANIFEST = "manifest.json"
 SHARDS_FORMAT = "ray-galaxy-shards/1"
-# Blocks per split: many small ones (see _blocks).
-MIN_BLOCKS, MAX_BLOCKS = 8, 256
 
 
 class DataError(RuntimeError):
@@ -172,10 +168,17 @@ def split_paths(paths: list[str], val_fraction: float, root: str = "") -> tuple[
     return train, val
 
 
+def split_key(rel_path: str) -> float:
+    """A (root-relative) path's place in [0, 1) for the split: validation iff below val_fraction.
+
+    Prepared shards are written in this key's order, so a shard's key range tells its split
+    without reading it (:func:`shard_splits`)."""
+    return int.from_bytes(hashlib.sha1(rel_path.encode()).digest()[:8], "big") / 2**64
+
+
 def is_val(rel_path: str, val_fraction: float) -> bool:
     """Whether a (root-relative) path falls in the validation split."""
-    h = int.from_bytes(hashlib.sha1(rel_path.encode()).digest()[:8], "big") / 2**64
-    return h < val_fraction
+    return split_key(rel_path) < val_fraction
 
 
 # --------------------------------------------------------------------------- prepared shards
@@ -250,40 +253,34 @@ class Resize:
 
 
 def read_shards(files: list[str], filesystem: Any, stored_size: int,
-                columns: tuple[str, ...] = ("image", "path")) -> ray.data.Dataset:
-    """A dataset of the rows of prepared shard files: ``image`` as (S, S, 3) uint8, ``path``."""
-    return ray.data.read_binary_files(files, filesystem=filesystem).map_batches(
+                columns: tuple[str, ...] = ("image", "path"), shuffle: Any = None) -> ray.data.Dataset:
+    """A dataset of the rows of prepared shard files: ``image`` as (S, S, 3) uint8, ``path``.
+
+    One read task per shard (the unit a streamed epoch is shuffled and scheduled in);
+    ``shuffle`` is ``read_binary_files``' file-order shuffle (a ``FileShuffleConfig``)."""
+    return ray.data.read_binary_files(files, filesystem=filesystem, shuffle=shuffle,
+                                      override_num_blocks=len(files)).map_batches(
         _ParseShards(stored_size, columns), batch_size=1, batch_format="numpy")
 
 
+def shard_splits(manifest: dict[str, Any], val_fraction: float) -> dict[str, list[int]] | None:
+    """Indices of the manifest's shards wholly in train, wholly in val, and "mixed" (at most one).
+
+    Shards are written in :func:`split_key` order with each shard's key range in the manifest
+    (``split_keys``), so the split is known per shard without reading any. None for a manifest
+    written before that (each of its shards holds rows of both splits).
+    """
+    ranges = manifest.get("split_keys")
+    if not isinstance(ranges, list) or len(ranges) != len(manifest["shards"]):
+        return None
+    out: dict[str, list[int]] = {"train": [], "val": [], "mixed": []}
+    for i, (lo, hi) in enumerate(ranges):
+        side = "val" if hi < val_fraction else "train" if lo >= val_fraction else "mixed"
+        out[side].append(i)
+    return out
+
+
 # --------------------------------------------------------------------------- Ray Data
-
-
-@dataclass
-class DataStats:
-    """What was read: image counts per split and the skipped files with their reasons."""
-
-    source: str
-    files: int = 0
-    train_images: int = 0
-    val_images: int = 0
-    skipped: int = 0
-    skipped_by_reason: dict[str, int] = field(default_factory=dict)
-    skipped_examples: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """The stats as a plain dict (for metrics.json)."""
-        return dict(self.__dict__)
-
-    def count_bad(self, rows: list[dict[str, Any]]) -> None:
-        """Add skipped files (rows with ``path`` and ``error``) to the counts and examples."""
-        for row in rows:
-            reason = row["error"].split(":", 1)[0]
-            self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + 1
-            if len(self.skipped_examples) < 20:
-                self.skipped_examples.append(f"{row['path']}: {row['error']}")
-        self.skipped += len(rows)
 
 
 class _Decode:
@@ -306,78 +303,13 @@ class _Decode:
                 "error": np.asarray(errors, dtype=object)}
 
 
-def read_images(paths: list[str], filesystem: Any, size: int, crop: float) -> ray.data.Dataset:
-    """Lazy Ray dataset of decoded images with columns image, path, error ('' when good)."""
+def read_images(paths: list[str], filesystem: Any, size: int, crop: float, shuffle: Any = None,
+                blocks: int | None = None) -> ray.data.Dataset:
+    """Lazy Ray dataset of decoded images with columns image, path, error ('' when good).
+
+    ``shuffle`` is ``read_binary_files``' file-order shuffle (a ``FileShuffleConfig``);
+    ``blocks`` fixes the number of read tasks (else Ray picks it from the cluster's size)."""
     ds = ray.data.read_binary_files(paths, filesystem=filesystem, include_paths=True,
-                                    ignore_missing_paths=False)
+                                    ignore_missing_paths=False, shuffle=shuffle,
+                                    override_num_blocks=blocks)
     return ds.map_batches(_Decode(size, crop), batch_size=64, batch_format="numpy")
-
-
-def _blocks(n_images: int) -> int:
-    """Blocks to split ``n_images`` into.
-
-    Many small blocks: Train's equal split may drop up to (workers - 1) rows an epoch to keep
-    DDP ranks in step; with blocks visited in random order that is a different handful each
-    epoch rather than the same images forever.
-    """
-    return max(MIN_BLOCKS, min(MAX_BLOCKS, n_images // 64))
-
-
-def load_datasets(data: str, image_size: int, crop: float, val_fraction: float
-                  ) -> tuple[ray.data.Dataset, ray.data.Dataset, DataStats]:
-    """Read, decode and split a galaxy image source into materialized train/val Ray datasets.
-
-    Decoding happens once; epochs then iterate the decoded uint8 arrays from the object
-    store, so training never waits on JPEG decoding. Bad files are dropped and counted.
-    """
-    quiet_ray()
-    t0 = time.time()
-    uri = resolve_data_uri(data)
-    manifest = read_manifest(uri)
-    if manifest is not None:
-        return _load_prepared(uri, manifest, image_size, crop, val_fraction, t0)
-    return _load_files(data, uri, image_size, crop, val_fraction, t0)
-
-
-def _load_files(data: str, uri: str, image_size: int, crop: float, val_fraction: float,
-                t0: float) -> tuple[ray.data.Dataset, ray.data.Dataset, DataStats]:
-    """Train/val datasets from a folder or URI of pictures, decoded once with the guard."""
-    paths = list_images(uri)
-    fs, root = resolve(uri)
-    stats = DataStats(source=data, files=len(paths))
-    out = []
-    for part in split_paths(paths, val_fraction, root=root):
-        ds = read_images(part, fs, image_size, crop).materialize()
-        stats.count_bad(ds.filter(lambda row: row["error"] != "").select_columns(["path", "error"]).take_all())
-        good = ds.filter(lambda row: row["error"] == "").select_columns(["image"])
-        out.append(good.repartition(_blocks(len(part))).materialize())
-    stats.train_images, stats.val_images = out[0].count(), out[1].count()
-    stats.seconds = round(time.time() - t0, 2)
-    if stats.train_images == 0:
-        raise DataError(f"no readable training images in {data!r} "
-                        f"({stats.skipped} files skipped: {stats.skipped_by_reason})")
-    if stats.val_images == 0:
-        raise DataError(f"no readable validation images in {data!r}; lower the number of "
-                        f"bad files or raise val_fraction")
-    return out[0], out[1], stats
-
-
-def _load_prepared(uri: str, manifest: dict[str, Any], image_size: int, crop: float,
-                   val_fraction: float, t0: float) -> tuple[ray.data.Dataset, ray.data.Dataset, DataStats]:
-    """Train/val datasets from a jobs/prepare_data.py output (Parquet shards, no decoding)."""
-    fs, root = resolve(uri)
-    stored = int(manifest["image_size"])
-    ds = read_shards([join(root, s) for s in manifest["shards"]], fs, stored)
-    stats = DataStats(source=uri, files=int(manifest.get("written", 0)))
-    stats.skipped_by_reason = {f"prepare:{k}": v for k, v in manifest.get("dropped", {}).items()}
-    out = []
-    for want_val in (False, True):
-        part = ds.filter(lambda r, v=want_val: is_val(r["path"], val_fraction) == v)
-        part = part.map_batches(Resize(image_size, crop, stored), batch_size=64, batch_format="numpy")
-        out.append(part.repartition(_blocks(stats.files)).materialize())
-    stats.train_images, stats.val_images = out[0].count(), out[1].count()
-    stats.seconds = round(time.time() - t0, 2)
-    if stats.train_images == 0 or stats.val_images == 0:
-        raise DataError(f"prepared data {uri!r} gives {stats.train_images} train and "
-                        f"{stats.val_images} validation images; need at least one of each")
-    return out[0], out[1], stats

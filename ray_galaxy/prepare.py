@@ -2,14 +2,20 @@
 
 Input: a folder or s3:// prefix of pictures as people collect them (mixed sizes and formats,
 duplicates, broken files). Ray Data decodes each file with a guard, converts to RGB,
-centre-crops, resizes and computes a perceptual hash; with ``dedupe`` near-duplicates (the same
-galaxy re-encoded or resized) are dropped, keeping the first path in sorted order.
+centre-crops, resizes and computes a perceptual hash of the cropped picture (at a fixed
+:data:`HASH_SIZE`, so whatever ``image_size``); with ``dedupe`` near-duplicates (the same galaxy
+re-encoded or resized) are dropped, keeping the first path in sorted order.
 
 Output layout (local or s3://)::
 
     <output>/manifest.json              written last: the output is finished iff it exists
     <output>/shards-<run id>/*.parquet  columns: image (raw bytes of an (S, S, 3) uint8 array),
                                         path (relative to the input), hash, width, height
+
+Files are read and shards written in the order of the train/val split key of each path
+(:func:`ray_galaxy.data.split_key`), about ``rows_per_shard`` rows each; the manifest records each
+shard's rows and key range, so training knows which shards are train or val without reading
+them (:func:`ray_galaxy.data.shard_splits`).
 
 Re-running deletes the manifest first, writes a new shards folder, writes the manifest and only
 then removes older shards folders, so a reader sees the old output, the new one, or "unfinished";
@@ -27,21 +33,30 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 from PIL import Image
 from scipy.fft import dctn
 
 from ray_galaxy.config import ConfigError, _h
 from ray_galaxy.console import log
-from ray_galaxy.data import MANIFEST, SHARDS_FORMAT, BadImage, DataError, decode_image, list_images
-from ray_galaxy.storage import join, resolve
+from ray_galaxy.data import MANIFEST, SHARDS_FORMAT, BadImage, DataError, decode_image, list_images, split_key
+from ray_galaxy.storage import absolute, join, resolve
 
 COMPRESSIONS = ("zstd", "none", "lz4", "snappy")
 HASH_BITS = 256
-# Hamming distance (of 256 bits) at or below which two prepared images are the same galaxy.
-# Measured on Galaxy Zoo 2 at 64px, crop 0.5: a re-encoded (JPEG q70) and resized copy differs
-# by at most 22 bits, two different galaxies by at least 50 (400 images, 79,800 pairs).
+# Side of the thumbnail of the cropped picture that every hash is taken from. Fixed, not the
+# output size: hashed at a 32px output a re-encoded copy was 38 bits from its original, at 64px
+# 14, so whether a pair counted as duplicates depended on --image-size.
+HASH_SIZE = 64
+# Names the hash in the manifest: hashes are comparable only between outputs with the same one.
+HASH_FORMAT = f"dct{HASH_BITS}-crop{HASH_SIZE}px"
+# Hamming distance (of 256 bits) at or below which two pictures are the same galaxy. Measured on
+# Galaxy Zoo 2 (2,000 images, 2.0M pairs, crop 0.5): a copy resized to 150-600px and re-encoded
+# as JPEG q50-80 differs from its original by at most 26 bits; two different galaxies by at
+# least 40 (one pair of look-alike smooth ellipticals; the next closest pair is 50 apart).
 DUPLICATE_BITS = 36
 
 
@@ -76,16 +91,25 @@ class PrepareConfig:
 # --------------------------------------------------------------------------- perceptual hash
 
 
-def perceptual_hash(image: np.ndarray) -> bytes:
-    """256-bit DCT hash of an (S, S, 3) uint8 image (pHash with a 16x16 low-frequency block).
+def perceptual_hash(thumbnail: np.ndarray) -> bytes:
+    """256-bit DCT hash (pHash with a 16x16 low-frequency block) of a HASH_SIZE thumbnail.
 
-    Luminance is box-resized to 64x64, the 2-D DCT taken, and the 16x16 lowest frequencies
-    (less the DC term, plus one padding bit) are thresholded at their median.
+    The 2-D DCT of the (HASH_SIZE, HASH_SIZE, 3) uint8 thumbnail's luminance is taken, and its
+    16x16 lowest frequencies (less the DC term, plus one padding bit) thresholded at their median.
     """
-    g = Image.fromarray(image).convert("L").resize((64, 64), Image.Resampling.BOX)
+    if thumbnail.shape[:2] != (HASH_SIZE, HASH_SIZE):
+        raise ValueError(f"perceptual_hash takes a {HASH_SIZE}x{HASH_SIZE} thumbnail (hashes of other "
+                         f"sizes do not compare), got {thumbnail.shape}; see file_hash")
+    g = Image.fromarray(thumbnail).convert("L")
     d = dctn(np.asarray(g, dtype=np.float64), norm="ortho")[:16, :16].ravel()[1:]
     bits = np.append(d > np.median(d), False)
     return np.packbits(bits).tobytes()
+
+
+def file_hash(data: bytes, crop: float) -> bytes:
+    """Perceptual hash of a picture file: of its central ``crop`` resized to HASH_SIZE (bicubic,
+    antialiased), so the same whatever size the prepared images have. Raises BadImage."""
+    return perceptual_hash(decode_image(data, HASH_SIZE, crop))
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -124,6 +148,21 @@ def _header_size(raw: bytes) -> tuple[int, int]:
         return 0, 0
 
 
+def prepare_image(data: bytes, size: int, crop: float,
+                  min_size: int) -> tuple[np.ndarray, bytes, int, int]:
+    """One picture file -> (prepared (size, size, 3) image, :func:`file_hash`, width, height).
+
+    Raises BadImage (reason ``too_small`` below ``min_size``, or why it cannot be decoded).
+    """
+    w, h = _header_size(data)
+    if w and h and min(w, h) < min_size:
+        raise BadImage("too_small", f"{w}x{h} is below {min_size}px")
+    image = decode_image(data, size, crop)
+    # The same decode as file_hash makes at HASH_SIZE: reuse it rather than decode twice.
+    digest = perceptual_hash(image) if size == HASH_SIZE else file_hash(data, crop)
+    return image, digest, w, h
+
+
 class _Prepare:
     """Ray Data batch UDF: bytes -> prepared image, hash, original size, or an error reason."""
 
@@ -136,12 +175,9 @@ class _Prepare:
         hashes, errors, widths, heights = [], [], np.zeros(n, np.int32), np.zeros(n, np.int32)
         for i, raw in enumerate(batch["bytes"]):
             try:
-                w, h = _header_size(raw)
-                if w and h and min(w, h) < self.min_size:
-                    raise BadImage("too_small", f"{w}x{h} is below {self.min_size}px")
-                images[i] = decode_image(raw, self.size, self.crop)
-                widths[i], heights[i] = w, h
-                hashes.append(perceptual_hash(images[i]).hex())
+                images[i], digest, widths[i], heights[i] = prepare_image(
+                    raw, self.size, self.crop, self.min_size)
+                hashes.append(digest.hex())
                 errors.append("")
             except BadImage as e:
                 hashes.append("")
@@ -199,15 +235,52 @@ def _start_output(fs: pafs.FileSystem, out_root: str) -> str:
     return join(out_root, f"shards-{run_id}")
 
 
-def _write_shards(ds: ray.data.Dataset, n_rows: int, fs: pafs.FileSystem, shard_dir: str,
-                  cfg: PrepareConfig) -> list[str]:
-    """Write ``ds`` as Parquet files of ``rows_per_shard`` rows; returns their paths, sorted."""
+def _in_split_order(paths: list[str], in_root: str) -> list[str]:
+    """``paths`` sorted by the split key of their input-relative path (as stored in the shards)."""
+    root = in_root.rstrip("/") + "/"
+    return sorted(paths, key=lambda p: split_key(p[len(root):] if p.startswith(root) else p))
+
+
+def _write_shard(table: pa.Table, shard_uri: str, compression: str) -> pa.Table:
+    """Ray Data batch UDF: write one block of rows, in split-key order, as a Parquet file in
+    ``shard_uri`` named by its first key (so names sort in key order); returns what the manifest
+    records of it."""
+    keys = np.asarray([split_key(p) for p in table["path"].to_pylist()], dtype=np.float64)
+    order = np.argsort(keys)
+    keys = keys[order]
+    fs, folder = resolve(shard_uri)
+    name = f"part-{int(keys[0] * 2**64):016x}.parquet"
     # Pixels barely compress, and Parquet's default (snappy, with a dictionary attempt per
     # value) made reading the shards slower than decoding the JPEGs: benchmarks/README.md.
-    ds.repartition(max(1, -(-n_rows // cfg.rows_per_shard))).write_parquet(
-        shard_dir, filesystem=fs, compression=cfg.compression, use_dictionary=["path", "hash"])
-    return sorted(i.path for i in fs.get_file_info(pafs.FileSelector(shard_dir))
-                  if i.path.endswith(".parquet"))
+    pq.write_table(table.take(pa.array(order)), join(folder, name), filesystem=fs,
+                   compression=compression, use_dictionary=["path", "hash"])
+    return pa.table({"name": [name], "rows": [len(keys)], "lo": [float(keys[0])], "hi": [float(keys[-1])]})
+
+
+def _write_shards(ds: ray.data.Dataset, n_rows: int, fs: pafs.FileSystem, shard_dir: str,
+                  cfg: PrepareConfig) -> list[dict[str, Any]]:
+    """Write ``ds`` (rows in split-key order: :func:`_in_split_order`) as Parquet files of about
+    ``rows_per_shard`` rows; returns per shard, in key order: its ``path``, ``rows`` and key
+    range ``lo``..``hi``.
+
+    Consecutive rows make a shard, so each holds one range of the key and training tells from
+    the manifest which shards are train, which val, and which one holds both, without reading
+    any. Ordered blocks split without a shuffle (a sort or group-by here cost 2-3x as much)."""
+    ds.context.execution_options.preserve_order = True
+    uri = join(absolute(cfg.output), shard_dir.rstrip("/").rsplit("/", 1)[-1])
+    fs.create_dir(shard_dir, recursive=True)
+    written = ds.repartition(max(1, -(-n_rows // cfg.rows_per_shard))).map_batches(
+        _write_shard, batch_size=None, batch_format="pyarrow",
+        fn_kwargs={"shard_uri": uri, "compression": cfg.compression}).take_all()
+    return [{**r, "path": join(shard_dir, r["name"])} for r in sorted(written, key=lambda r: r["lo"])]
+
+
+def split_manifest(shards: list[dict[str, Any]], out_root: str) -> dict[str, Any]:
+    """The manifest's shard entries: names (relative to the output), rows and split-key ranges,
+    in key order (:func:`ray_galaxy.data.shard_splits` reads them)."""
+    return {"shards": [s["path"][len(out_root.rstrip("/")) + 1:] for s in shards],
+            "shard_rows": [int(s["rows"]) for s in shards],
+            "split_keys": [[s["lo"], s["hi"]] for s in shards]}
 
 
 def _publish(fs: pafs.FileSystem, out_root: str, shard_dir: str, manifest: dict[str, Any]) -> None:
@@ -228,7 +301,9 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     out_fs, out_root = resolve(cfg.output)
     log(f"preparing {len(paths)} files from {cfg.input} -> {cfg.output} "
         f"({cfg.image_size}px, crop {cfg.crop}, dedupe {'on' if cfg.dedupe else 'off'})")
-    ds = ray.data.read_binary_files(paths, filesystem=in_fs, include_paths=True)
+    # Read in split-key order, kept in order: consecutive rows then make each shard (_write_shards).
+    ds = ray.data.read_binary_files(_in_split_order(paths, in_root), filesystem=in_fs, include_paths=True)
+    ds.context.execution_options.preserve_order = True
     ds = ds.map_batches(_Prepare(cfg.image_size, cfg.crop, cfg.min_size), batch_size=32,
                         batch_format="numpy").materialize()
     meta = ds.select_columns(["path", "hash", "error"]).take_all()
@@ -243,7 +318,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     n_written = keep.count()
     if n_written == 0:
         raise DataError(f"no usable images in {cfg.input}: dropped {dropped}")
-    files = _write_shards(keep, n_written, out_fs, shard_dir, cfg)
+    shards = _write_shards(keep, n_written, out_fs, shard_dir, cfg)
     manifest = {
         "format": SHARDS_FORMAT,
         "input": cfg.input,
@@ -251,15 +326,16 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         "crop": cfg.crop,
         "dedupe": cfg.dedupe,
         "compression": cfg.compression,
+        "hash": HASH_FORMAT,
         "duplicate_bits": DUPLICATE_BITS if cfg.dedupe else None,
         "read": len(meta),
         "written": n_written,
         "dropped": dropped,
         "dropped_examples": examples,
-        "shards": [f[len(out_root.rstrip('/')) + 1:] for f in files],
+        **split_manifest(shards, out_root),
         "seconds": round(time.time() - t0, 2),
     }
     _publish(out_fs, out_root, shard_dir, manifest)
-    log(f"read {manifest['read']}, wrote {n_written} images in {len(files)} shard(s), "
+    log(f"read {manifest['read']}, wrote {n_written} images in {len(shards)} shard(s), "
         f"dropped {dropped or 'none'} in {manifest['seconds']:.1f}s")
     return manifest

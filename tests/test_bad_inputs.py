@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from ray_galaxy.data import BadImage, decode_image, load_datasets
+from ray_galaxy.data import BadImage, decode_image
 from ray_galaxy.prepare import PrepareConfig, prepare
+from ray_galaxy.streaming import load_datasets
 from synthetic import galaxy, jpeg_bytes
 
 

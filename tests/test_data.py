@@ -2,17 +2,22 @@
 the built-in set, Ray Data reading."""
 
 import io
+import json
 import shutil
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from PIL import Image
 
 from ray_galaxy.builtin import build_hubble_xdf
-from ray_galaxy.data import (BadImage, DataError, center_crop_resize, decode_image, list_images, load_datasets,
-                             read_manifest, resize_images, split_paths)
+from ray_galaxy.data import (BadImage, DataError, center_crop_resize, decode_image, is_val, list_images,
+                             read_manifest, resize_images, shard_splits, split_key, split_paths)
 from ray_galaxy.images import augment_d4
+from ray_galaxy.prepare import PrepareConfig, prepare
+from ray_galaxy.streaming import CACHE_SHARE, choose_cache, load_datasets
 from synthetic import galaxy, jpeg_bytes, write_corrupt
 
 
@@ -146,3 +151,67 @@ def test_builtin_dataset_loads_through_ray_data(ray_address):
     train, val, stats = load_datasets("hubble-xdf", 32, 1.0, 0.1)
     assert stats.skipped == 0 and 150 <= stats.train_images + stats.val_images <= 350
     assert train.take(1)[0]["image"].shape == (32, 32, 3)
+
+
+def _images(ds) -> list[bytes]:
+    return sorted(r["image"].tobytes() for r in ds.iter_rows())
+
+
+def test_streamed_data_counts_bad_files_as_the_first_epoch_reads_them(ray_address, tiny_folder, tmp_path):
+    data = tmp_path / "mixed"
+    shutil.copytree(tiny_folder, data)
+    write_corrupt(data / "broken")
+    train, val, stats = load_datasets(str(data), 32, 1.0, 0.2, cache="off", seed=0)
+    assert stats.cache == "off" and not stats.complete and stats.skipped == 0
+    assert sum(stats.files_per_split.values()) == 43
+    streamed = {"train": _images(train), "val": _images(val)}  # one epoch
+    stats.finish()
+    assert stats.complete and stats.skipped == 3 and stats.skipped_by_reason == {"unreadable": 3}
+    assert (stats.train_images, stats.val_images) == (len(streamed["train"]), len(streamed["val"]))
+    assert stats.train_images + stats.val_images == 40
+    _images(train)  # a second epoch meets the same bad files: still counted once
+    stats.finish()
+    assert stats.skipped == 3 and "ledger" not in stats.to_dict()
+    cached_train, cached_val, cached = load_datasets(str(data), 32, 1.0, 0.2, cache="on", seed=0)
+    assert cached.complete and cached.skipped_by_reason == stats.skipped_by_reason
+    assert _images(cached_train) == streamed["train"] and _images(cached_val) == streamed["val"]
+
+
+def test_cache_auto_caches_what_fits_a_share_of_the_object_store(ray_address):
+    cached, reason = choose_cache("auto", 100, 32)
+    assert cached and "within 25%" in reason and "free object store" in reason
+    huge = int(2 * ray.available_resources()["object_store_memory"] / (256 * 256 * 3 / CACHE_SHARE))
+    cached, reason = choose_cache("auto", huge, 256)
+    assert not cached and "over 25%" in reason
+    assert choose_cache("on", huge, 256)[0] and not choose_cache("off", 1, 32)[0]
+    with pytest.raises(DataError, match="cache must be one of auto, on, off"):
+        choose_cache("sometimes", 1, 32)
+
+
+def test_prepared_shards_hold_one_key_range_each_and_stream_per_split(ray_address, tiny_folder, tmp_path):
+    out = tmp_path / "prepared"
+    m = prepare(PrepareConfig(input=str(tiny_folder), output=str(out), image_size=32, crop=1.0, rows_per_shard=8))
+    assert m["shard_rows"] == [8, 8, 8, 8, 8] and len(m["split_keys"]) == 5
+    for name, (lo, hi) in zip(m["shards"], m["split_keys"]):
+        keys = [split_key(p) for p in pq.read_table(out / name, columns=["path"]).column("path").to_pylist()]
+        assert keys == sorted(keys) and (min(keys), max(keys)) == (lo, hi)
+    assert all(a[1] < b[0] for a, b in zip(m["split_keys"], m["split_keys"][1:])), "disjoint, in key order"
+    sides = shard_splits(m, 0.2)
+    assert sorted(sum(sides.values(), [])) == list(range(5)) and len(sides["mixed"]) <= 1
+    paths = list_images(str(tiny_folder))
+    n_val = sum(is_val(p[len(str(tiny_folder)) + 1:], 0.2) for p in paths)
+
+    train, val, stats = load_datasets(str(out), 32, 1.0, 0.2, cache="off", seed=0)
+    assert stats.cache == "off" and (stats.train_images, stats.val_images) == (40 - n_val, n_val)
+    streamed = (_images(train), _images(val))
+    assert (len(streamed[0]), len(streamed[1])) == (40 - n_val, n_val)
+    cached = load_datasets(str(out), 32, 1.0, 0.2, cache="on", seed=0)
+    assert (_images(cached[0]), _images(cached[1])) == streamed
+
+    # An output prepared before shards were split-ordered: still read (once, cached), same split.
+    legacy = {k: v for k, v in m.items() if k not in ("split_keys", "shard_rows")}
+    (out / "manifest.json").write_text(json.dumps(legacy))
+    assert shard_splits(legacy, 0.2) is None
+    old = load_datasets(str(out), 32, 1.0, 0.2, cache="off", seed=0)
+    assert old[2].cache == "on" and "re-run jobs/prepare_data.py" in old[2].cache_reason
+    assert (_images(old[0]), _images(old[1])) == streamed

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ray_galaxy"
 # Each group may import itself and the groups listed for it (and, through them, nothing else).
 GROUPS = {
     "base": ("config", "console", "storage", "images", "plots", "runtime", "tracking"),
-    "data": ("data", "prepare", "imageset", "builtin", "shards"),
+    "data": ("data", "prepare", "imageset", "builtin", "shards", "streaming"),
     "model": ("model", "checkpoint"),
     "generation": ("generation",),
     "figures": ("figures",),
@@ -22,6 +22,7 @@ GROUPS = {
     "tuning": ("tuning",),
     "serve": ("serve",),
     "evaluation": ("evaluation",),
+    "catalogue": ("catalogue",),
 }
 ALLOWED = {
     "base": {"base"},
@@ -32,6 +33,7 @@ ALLOWED = {
     "training": {"base", "data", "model", "generation", "figures", "training"},
     "serve": {"base", "data", "model", "generation", "figures", "serve"},
     "evaluation": {"base", "data", "model", "generation", "figures", "evaluation"},
+    "catalogue": {"base", "data", "model", "generation", "figures", "catalogue"},
     "tuning": {"base", "data", "model", "generation", "figures", "training", "tuning"},
 }
 MAX_MODULE_LINES = 500

@@ -1,4 +1,5 @@
-"""Pieces of the training loop that need no cluster: the LR schedule and the gradient guard."""
+"""Pieces of the training loop that need no cluster: the LR schedule, the gradient guard and the
+settings they read."""
 
 import math
 
@@ -25,7 +26,8 @@ def test_constant_schedule_and_seed_preset_keep_the_original_training():
     assert seed.lr_schedule == "constant" and not seed.fit_sampler and seed.grad_clip == TrainConfig().grad_clip
 
 
-@pytest.mark.parametrize("bad", [dict(lr_schedule="step"), dict(grad_clip=0.5), dict(grad_clip=-1)])
+@pytest.mark.parametrize("bad", [dict(lr_schedule="step"), dict(grad_clip=0.5), dict(grad_clip=-1),
+                                 dict(cache="sometimes")])
 def test_bad_schedule_or_clip_is_rejected(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         TrainConfig(**bad)

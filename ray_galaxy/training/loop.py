@@ -35,6 +35,9 @@ from ray_galaxy.tracking import Tracker
 VAL_METRIC = "val_loss"
 # The cosine schedule ends at this fraction of the peak learning rate.
 LR_FLOOR = 0.05
+# Rows of the local shuffle buffer (at least; 4 batches when larger): two prepared shards, so
+# a streamed epoch mixes rows across shards, not only within one.
+SHUFFLE_BUFFER_ROWS = 256
 
 Autocast = Callable[[], ContextManager]
 
@@ -268,11 +271,15 @@ def setup_worker(loop_config: dict[str, Any]) -> WorkerState:
 
 
 def train_epoch(w: WorkerState, shard: Any, epoch: int, beta: float) -> list[float]:
-    """One pass over this worker's shard (D4-augmented): sums (n, loss, recon, kl) over all workers."""
+    """One pass over this worker's shard (D4-augmented): sums (n, loss, recon, kl) over all workers.
+
+    The rows arrive in the epoch's seeded order (ray_galaxy.streaming); the local shuffle buffer
+    and the augmentation are seeded by the seed, the epoch and the rank."""
     w.model.train()
     sums = [0.0, 0.0, 0.0, 0.0]
     for batch in shard.iter_torch_batches(
-            batch_size=w.batch_size, drop_last=False, local_shuffle_buffer_size=4 * w.batch_size,
+            batch_size=w.batch_size, drop_last=False,
+            local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, 4 * w.batch_size),
             local_shuffle_seed=w.cfg.seed + epoch * 101 + w.rank):
         x = augment_d4(to_images(batch, w.device), w.generator)
         step = train_step(w.model, w.optimizer, w.guard, x, beta, w.autocast)

@@ -1,5 +1,6 @@
-"""The Ray Train driver: data read once with Ray Data, a ``TorchTrainer`` whose workers run
-:func:`~ray_galaxy.training.loop.train_loop_per_worker`, and the export of the best checkpoint."""
+"""The Ray Train driver: the datasets (:mod:`ray_galaxy.streaming`: streamed or cached), a
+``TorchTrainer`` whose workers run :func:`~ray_galaxy.training.loop.train_loop_per_worker`, and the
+export of the best checkpoint."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from ray.train.torch import TorchTrainer
 from ray_galaxy.checkpoint import METRICS_FILE, ModelDirError
 from ray_galaxy.config import TrainConfig
 from ray_galaxy.console import fmt_seconds, log
-from ray_galaxy.data import DataError, DataStats, load_datasets
-from ray_galaxy.runtime import ensure_ray, ray_log_dir, storage_path
+from ray_galaxy.data import DataError
+from ray_galaxy.runtime import ClusterError, ensure_ray, ray_log_dir, storage_path
 from ray_galaxy.storage import exists, join, read_bytes, write_bytes
+from ray_galaxy.streaming import DataStats, load_datasets
 from ray_galaxy.tracking import Tracker, resolve_uri, ui_command
 from ray_galaxy.training.export import export_model, fit_sampler_into
 from ray_galaxy.training.loop import VAL_METRIC, train_loop_per_worker
@@ -47,11 +49,16 @@ def _quiet(run_config: RunConfig) -> RunConfig:
 
 
 def _ingest_config() -> DataConfig:
-    """Ray Train's default ingest options, spelled out: its default copies the deprecated
-    ``exclude_resources`` and so warns in every run."""
+    """Ray Train's default ingest options, spelled out (its default copies the deprecated
+    ``exclude_resources`` and so warns in every run), with rows delivered in order.
+
+    Ray Data's parallel tasks finish in varying order; in order, the seeded file and block
+    shuffles (:mod:`ray_galaxy.streaming`) and the seeded local shuffle buffer fix what a worker
+    sees, so one worker on CPU repeats a run exactly. It costs little here: the decode tasks
+    still run in parallel, and a finished block waits only for the ones before it."""
     options = DataContext.get_current().execution_options
     return DataConfig(execution_options=ExecutionOptions(
-        resource_limits=options.resource_limits, preserve_order=options.preserve_order,
+        resource_limits=options.resource_limits, preserve_order=True,
         verbose_progress=options.verbose_progress))
 
 
@@ -78,7 +85,7 @@ def make_trainer(cfg: TrainConfig, train_ds: Any, val_ds: Any, extra_loop_config
         train_loop_config={"config": cfg.to_dict(), **(extra_loop_config or {})},
         scaling_config=scaling,
         run_config=_quiet(run_config),
-        datasets={"train": train_ds.randomize_block_order(), "val": val_ds},
+        datasets={"train": train_ds, "val": val_ds},
         dataset_config=_ingest_config(),
     )
 
@@ -92,9 +99,15 @@ def _header(cfg: TrainConfig) -> str:
 
 
 def _data_lines(stats: DataStats) -> None:
-    """What was read, and a few of the skipped files."""
-    log(f"data: {stats.train_images} train / {stats.val_images} val images from {stats.files} files "
-        f"in {stats.seconds:.1f}s; skipped {stats.skipped} {stats.skipped_by_reason or ''}")
+    """What was read, and a few of the skipped files (when streaming: what the first epoch met)."""
+    if not stats.complete:
+        split = stats.files_per_split
+        log(f"data: {split.get('train', 0)} train / {split.get('val', 0)} val files of {stats.files}; "
+            "unreadable ones are skipped and counted as the first epoch reads them")
+        return
+    took = f" in {stats.seconds:.1f}s" if stats.cache == "on" else ", streamed"
+    log(f"data: {stats.train_images} train / {stats.val_images} val images from {stats.files} files"
+        f"{took}; skipped {stats.skipped} {stats.skipped_by_reason or ''}")
     for example in stats.skipped_examples[:5]:
         log(f"  skipped {example}")
 
@@ -143,9 +156,14 @@ def record_model(tracker: Tracker, model_dir: str) -> None:
 
 
 def _train(cfg: TrainConfig, tracker: Tracker, t0: float) -> TrainResult:
-    train_ds, val_ds, stats = load_datasets(cfg.data, cfg.image_size, cfg.crop, cfg.val_fraction)
+    train_ds, val_ds, stats = load_datasets(cfg.data, cfg.image_size, cfg.crop, cfg.val_fraction,
+                                            cache=cfg.cache, seed=cfg.seed)
     _data_lines(stats)
     best, latest = _fit(make_trainer(cfg, train_ds, val_ds, {"tracking": tracker.spec()}), cfg)
+    if not stats.complete:  # streamed: the first epoch has now met every file
+        stats.finish()
+        _data_lines(stats)
+        stats.check()
     run_dir = join(storage_path(cfg.storage), cfg.name)
     model_dir = join(run_dir, "model")
     metrics = export_model(best, latest, model_dir, cfg, stats.to_dict())
@@ -180,7 +198,7 @@ def main_entry(cfg: TrainConfig) -> int:
     """Entry point shared by jobs: run, print errors as one line, return an exit code."""
     try:
         train(cfg)
-    except (DataError, ModelDirError) as e:
+    except (ClusterError, DataError, ModelDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
