@@ -83,7 +83,7 @@ def test_job_submit_places_two_workers_on_two_nodes(two_nodes, tiny_folder, tmp_
          "python", "jobs/train.py", "--data", str(tiny_folder), "--storage", str(storage), "--name", "mn",
          "--epochs", "2", "--num-workers", "2", "--placement-strategy", "STRICT_SPREAD",
          "--cpus-per-worker", "1", "--image-size", "32", "--channels", "8,16,32,32", "--latent-dim", "4",
-         "--batch-size", "8", "--no-fit-sampler"],
+         "--batch-size", "8", "--no-fit-sampler", "--no-tracking"],
         env=env, capture_output=True, text=True, timeout=480)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "succeeded" in r.stdout + r.stderr

@@ -305,13 +305,15 @@ def test_job_reports_bad_config_and_missing_data_in_one_line(ray_address, tmp_pa
 
 RESUME_YAML = """\
 search_space:
-  lr: {grid: [3e-3, 1e-3, 3e-4]}
+  lr: {grid: [3e-3, 1e-3]}
   latent_dim: 4
   kl_warmup_epochs: 0
 """
-RESUME = ["--num-samples", "1", "--epochs", "3", "--grace-period", "1", "--image-size", "32",
+# Two trials that run side by side, --no-tracking: this test is about resuming (tracking of a
+# sweep is the sweep fixture's); every job here costs tens of seconds of start-up.
+RESUME = ["--num-samples", "1", "--epochs", "3", "--grace-period", "3", "--image-size", "32",
           "--channels", "8,16,32,32", "--batch-size", "8", "--max-concurrent-trials", "2",
-          "--num-workers", "1", "--cpus-per-worker", "0.5"]
+          "--num-workers", "1", "--cpus-per-worker", "0.5", "--no-tracking"]
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -357,9 +359,9 @@ def test_killed_sweep_resumes_and_a_finished_one_is_published_again(ray_address,
     assert "resuming from checkpoint after epoch" in second.stdout  # a trial's Train run continued
     rows = _rows(run_dir)
     ids = [row["trial_id"] for row in rows]
-    assert len(ids) == 3 and len(set(ids)) == 3, rows
+    assert len(ids) == 2 and len(set(ids)) == 2, rows
     assert reported <= set(ids), (reported, ids)
-    assert {float(row["lr"]) for row in rows} == {3e-3, 1e-3, 3e-4}
+    assert {float(row["lr"]) for row in rows} == {3e-3, 1e-3}
     assert all(row["status"] in ("completed", "stopped") for row in rows), rows
     for row in rows:  # the table holds every epoch each trial's Train run finished, before or after
         states = sorted((run_dir / "trials" / row["trial_id"]).glob("checkpoint_epoch_*/state.json"))
@@ -378,7 +380,7 @@ def test_killed_sweep_resumes_and_a_finished_one_is_published_again(ray_address,
     (run_dir / "trials.csv").unlink()
     third = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stdout[-6000:] + third.stderr[-6000:]
-    assert "sweep 'resume' already finished (3 trials)" in third.stdout
+    assert "sweep 'resume' already finished (2 trials)" in third.stdout
     assert "Trial status" not in third.stdout and "data:" not in third.stdout  # no Tuner, no data read
     assert _rows(run_dir) == rows
     assert f"model directory: {run_dir / 'model'}" in third.stdout
