@@ -26,10 +26,17 @@ import ray
 import ray.data
 from ray.exceptions import GetTimeoutError, RayError, WorkerCrashedError
 from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+from ray._private.ray_logging import global_worker_stdstream_dispatcher
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
 from ray_galaxy.console import log
 from ray_galaxy.storage import absolute
+
+
+# Lines Ray 2.60 prints on every Train run that no user can act on: an internal actor's restart
+# caveat (ray-project/ray#53727) and the raylet's note that small machines start workers slowly.
+RAY_NOISE = ("has constructor arguments in the object store and max_restarts > 0",
+             "PYTHON worker processes have been started on node")
 
 
 def export_cluster_address() -> None:
@@ -69,6 +76,9 @@ def quiet_ray() -> None:
     ctx.print_on_execution_start = False
     # Disabling the bars logs a warning that says so, once per process: it is our choice.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # Ray 2.60 turns token auth on for every local instance and warns about it each time; the
+    # token lives in ~/.ray/auth_token and docs/cluster.md says when `ray job submit` needs it.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     quiet_loggers("ray.data")
     # data.py filters rows with Python predicates (paths hashed to the validation split), which
     # Ray Data's expressions cannot say; Ray warns on every such filter call.
@@ -191,7 +201,7 @@ def _first_line(e: BaseException) -> str:
 def _connect(address: str, runtime_env: dict[str, Any]) -> None:
     """``ray.init`` on the cluster at ``address``; its errors as one :class:`ClusterError`."""
     try:
-        ray.init(log_to_driver=True, runtime_env=runtime_env)
+        ray.init(log_to_driver=True, runtime_env=runtime_env, logging_level=logging.WARNING)
     except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError, bare Exception
         ray.shutdown()
         causes, cause = [], e
@@ -265,7 +275,7 @@ def _start_local(num_cpus: int | None) -> None:
         # address="local": without it ray.init joins the cluster `ray start` left in
         # /tmp/ray/ray_current_cluster, and then refuses num_cpus.
         ray.init(address="local", num_cpus=num_cpus or max(4, cores + 2), include_dashboard=True,
-                 runtime_env=ray_runtime_env(pythonpath))
+                 runtime_env=ray_runtime_env(pythonpath), logging_level=logging.WARNING)
     except Exception as e:  # noqa: BLE001 - Ray raises RuntimeError, ValueError, bare Exception
         ray.shutdown()
         raise ClusterError(f"cannot start a local Ray: {_first_line(e)}") from e
@@ -295,6 +305,24 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         _join(address)
     else:
         _start_local(num_cpus)
+    filter_worker_output()
+
+
+def _drop_noise(handler: Any) -> Any:
+    def filtered(batch: dict[str, Any]) -> None:
+        lines = [line for line in batch.get("lines", []) if not any(n in line for n in RAY_NOISE)]
+        if lines:
+            handler({**batch, "lines": lines})
+    return filtered
+
+
+def filter_worker_output() -> None:
+    """Drop :data:`RAY_NOISE` from the worker output Ray streams to this driver (Ray's log
+    folder keeps every line). Ray has no public hook for this, hence its private dispatcher."""
+    for name, handler in list(global_worker_stdstream_dispatcher.handlers):
+        if name == "ray_print_logs":
+            global_worker_stdstream_dispatcher.remove_handler(name)
+            global_worker_stdstream_dispatcher.add_handler(name, _drop_noise(handler))
 
 
 def storage_path(storage: str) -> str:

@@ -55,22 +55,24 @@ def _checkpoints_all_load(run_dir: Path) -> None:
 
 def test_killed_worker_is_survived_and_a_killed_job_started_again_resumes(ray_address, tiny_folder, tmp_path):
     """One run, two faults (one job's start-up cost, which dominates at this size): a Train worker
-    SIGKILLed at epoch 2 is replaced from the last checkpoint; the job itself SIGKILLed after
+    SIGKILLed at epoch 3 is replaced from the last checkpoint; the job itself SIGKILLed after
     that, then started again with the same command, resumes instead of restarting."""
-    args = ["--data", str(tiny_folder), "--storage", str(tmp_path), "--name", "kill", "--epochs", "6",
+    args = ["--data", str(tiny_folder), "--storage", str(tmp_path), "--name", "kill", "--epochs", "7",
             "--max-failures", "2", *ARGS]
     proc = _start(args)
     lines: list[str] = []
     try:
-        assert _read_until(proc, "epoch 2/6", lines), "".join(lines[-50:])
+        # Epoch 3: Ray Train restores the checkpoint its controller has registered, which may lag
+        # the worker's last report by a poll; two epochs back is surely registered.
+        assert _read_until(proc, "epoch 3/7", lines), "".join(lines[-50:])
         victims = _train_worker_pids()
         assert len(victims) == 2
         os.kill(victims[1], signal.SIGKILL)
         assert _read_until(proc, "resuming from checkpoint after epoch", lines), "".join(lines[-50:])
         resumed = int(re.search(r"resuming from checkpoint after epoch (\d+)", lines[-1]).group(1))
-        assert resumed < 5, "".join(lines[-50:])  # room left for the second fault
+        assert resumed < 6, "".join(lines[-50:])  # room left for the second fault
         # Kill the job as soon as the replacement worker group has finished one more epoch.
-        assert _read_until(proc, f"epoch {resumed + 1}/6", lines), "".join(lines[-50:])
+        assert _read_until(proc, f"epoch {resumed + 1}/7", lines), "".join(lines[-50:])
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
@@ -81,9 +83,9 @@ def test_killed_worker_is_survived_and_a_killed_job_started_again_resumes(ray_ad
                            capture_output=True, text=True, timeout=400)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert "resuming from checkpoint after epoch" in again.stdout
-    assert "epoch 1/6" not in again.stdout and "epoch 6/6" in again.stdout
+    assert "epoch 1/7" not in again.stdout and "epoch 7/7" in again.stdout
     metrics = json.loads((tmp_path / "kill" / "model" / "metrics.json").read_text())
-    assert [h["epoch"] for h in metrics["history"]] == list(range(1, 7))
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, 8))
     _checkpoints_all_load(tmp_path / "kill")
     load_model_dir(str(tmp_path / "kill" / "model"))
 
