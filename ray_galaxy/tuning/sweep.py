@@ -210,9 +210,11 @@ def _prepare(cfg: TuneConfig) -> Sweep:
 
 
 def _load_data(sweep: Sweep) -> tuple[Any, Any, dict[str, Any]]:
-    """The train and val datasets, read and decoded once for all trials, and their counts."""
+    """The train and val datasets, read and decoded once for all trials (cached: trials share it;
+    each epoch's order seeded by the base config's seed), and their counts."""
     base = sweep.base
-    train_ds, val_ds, stats = load_datasets(base.data, base.image_size, base.crop, base.val_fraction)
+    train_ds, val_ds, stats = load_datasets(base.data, base.image_size, base.crop, base.val_fraction,
+                                            cache="on", seed=base.seed)
     log(f"data: {stats.train_images} train / {stats.val_images} val images from {stats.files} files "
         f"in {stats.seconds:.1f}s; skipped {stats.skipped} {stats.skipped_by_reason or ''}")
     return train_ds, val_ds, stats.to_dict()
