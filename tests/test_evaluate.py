@@ -186,6 +186,16 @@ def test_evaluate_job_end_to_end(tiny, tmp_path):
     assert np.isfinite(m["means_only"]["power_deficit_dex"])
     # the detail adds structure-band power the means lack
     assert m["sharpness"]["power_deficit_dex"] > m["means_only"]["power_deficit_dex"]
+    # The means' morphology distances and high-pass sharpness sit next to the samples', in the
+    # JSON and in the report's tables.
+    from ray_galaxy.evaluation.morphology import STATS
+
+    assert set(m["morphology"]["distance_means"]) == set(STATS)
+    assert m["morphology"]["mean_distance_means"] == pytest.approx(m["means_only"]["morphology_mean_distance"])
+    hp = m["sharpness"]["highpass"]
+    assert np.isfinite(hp["median"]["means"]) and np.isfinite(hp["distance"]["means"])
+    assert "| means mean ± sd | means W/sd |" in report and "## High-pass sharpness" in report
+    assert re.search(r"\| means \| -?\d\.\d{4} \| \d+\.\d{3} \| \d+\.\d%", report)
 
     # A model without an MLflow run of its own: the evaluation is a new run in the store asked for.
     import mlflow  # imported where used: seconds of import the other tests here need not pay
@@ -201,8 +211,22 @@ def test_evaluate_job_end_to_end(tiny, tmp_path):
     # Without training data the memorisation check is skipped, and said to be.
     out2 = tmp_path / "eval2"
     cfg = EvaluateConfig(model=tiny["model"], data=str(tiny["val"]), out=str(out2), n=8, max_images=8,
-                           iwae_k=2, train_data="none", tracking=False)
+                           iwae_k=2, train_data="none", tracking=False, detail=False)
     m2 = E.evaluate(cfg)
     assert m2["memorisation"]["ratio"] is None and "skipped" in m2["memorisation"]["skipped"]
     assert "nearest_neighbours.png" not in m2["figures"]
     assert "skipped (--train-data none)" in (out2 / "report.md").read_text()
+    assert m2["detail"] is False and "means W/sd" not in (out2 / "report.md").read_text()  # no means column
+    assert m2["sharpness"]["highpass"]["median"]["means"] is None
+    assert "| means |" not in (out2 / "report.md").read_text()
+
+
+def test_morphology_scores_put_the_means_next_to_the_samples():
+    rng = np.random.default_rng(0)
+    real = {k: rng.normal(size=200) for k in ("concentration", "gini")}
+    gen = {k: rng.normal(size=200) for k in real}
+    means = {k: rng.normal(2.0, 1.0, 200) for k in real}
+    m = M.morphology_scores(real, gen, seed=0, m_means=means)
+    assert all(m["distance_means"][k] > 1.5 > 0.3 > m["distance"][k] for k in real)
+    assert m["failed_fraction"]["means"] == 0.0 and m["summary"]["means"]["gini"]["mean"] == pytest.approx(2, abs=0.2)
+    assert "distance_means" not in M.morphology_scores(real, gen, seed=0)

@@ -27,10 +27,10 @@ def test_shapes_for_every_size(size, blocks):
 def test_seed_preset_is_four_stride2_convs_without_pooling():
     cfg = ModelConfig(image_size=256, latent_dim=4, likelihood="bce", blocks_per_stage=0)
     m = ConvVAE(cfg)
-    convs = [l for l in m.encoder if isinstance(l, torch.nn.Conv2d)]
+    convs = [layer for layer in m.encoder if isinstance(layer, torch.nn.Conv2d)]
     assert [c.stride for c in convs] == [(2, 2)] * 4
     assert [c.out_channels for c in convs] == list(cfg.channels)
-    assert not any(isinstance(l, (torch.nn.MaxPool2d, torch.nn.AvgPool2d)) for l in m.modules())
+    assert not any(isinstance(layer, (torch.nn.MaxPool2d, torch.nn.AvgPool2d)) for layer in m.modules())
     assert m.fc_mu.out_features == m.fc_logvar.out_features == 4
 
 

@@ -23,12 +23,12 @@ from ray_galaxy.checkpoint import ModelDirError
 from ray_galaxy.config import ConfigError
 from ray_galaxy.console import fmt_seconds, log
 from ray_galaxy.data import DataError
-from ray_galaxy.evaluation import morphology
+from ray_galaxy.evaluation import morphology, sharpness
 from ray_galaxy.evaluation.config import EvaluateConfig
 from ray_galaxy.evaluation.metrics import (clean, likelihood_bounds, memorisation, morphology_scores,
                                            nearest_training_images, power_spectrum, reconstruct,
                                            reconstruction_scores, sharpness_scores)
-from ray_galaxy.evaluation.report import (Figures, morphology_chart, power_spectrum_chart, report_markdown,
+from ray_galaxy.evaluation.report import (Figures, fmt, morphology_chart, power_spectrum_chart, report_markdown,
                                           training_curves_chart)
 from ray_galaxy.evaluation.tracked import record_evaluation
 from ray_galaxy.figures import traversal_figure
@@ -131,14 +131,15 @@ def generate(cfg: EvaluateConfig, gen: Generator) -> tuple[np.ndarray, np.ndarra
     return images, gen.images(cfg.n, cfg.seed, cfg.sampler, cfg.temperature, detail=False)
 
 
-def score_means(cfg: EvaluateConfig, means: np.ndarray, inputs: Inputs, m_real: dict[str, np.ndarray]
-                ) -> dict[str, Any]:
-    """The decoder means' own morphology, sharpness and memorisation: what the detail adds."""
+def score_means(cfg: EvaluateConfig, means: np.ndarray, inputs: Inputs, m_real: dict[str, np.ndarray],
+                m_means: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The decoder means' own morphology, sharpness and memorisation: what the detail adds.
+    (Per-statistic morphology distances and high-pass sharpness of the means sit next to the
+    samples' in the morphology and sharpness sections.)"""
     real = inputs.real
-    m_means = morphology.wasserstein_table(m_real, morphology.measure_all(means), cfg.seed)
+    table = morphology.wasserstein_table(m_real, m_means, cfg.seed)
     k, p_real = radial_power_spectrum(luminance(real))
-    out = {"morphology_mean_distance": float(np.nanmean([v["distance"] for v in m_means.values()])),
-           "morphology_distance": {name: v["distance"] for name, v in m_means.items()},
+    out = {"morphology_mean_distance": float(np.nanmean([v["distance"] for v in table.values()])),
            "power_deficit_dex": power_deficit_dex(k, power_spectrum(means), p_real, real.shape[1]),
            "memorisation_ratio": (memorisation(means, real, inputs.train)["ratio"]
                                   if inputs.train is not None else None)}
@@ -147,13 +148,19 @@ def score_means(cfg: EvaluateConfig, means: np.ndarray, inputs: Inputs, m_real: 
     return out
 
 
-def score_generated(cfg: EvaluateConfig, generated: np.ndarray, recon: np.ndarray, inputs: Inputs,
-                    m_real: dict[str, np.ndarray], m_gen: dict[str, np.ndarray]) -> tuple[dict, dict, dict]:
-    """Morphology, sharpness and memorisation of the generated images."""
-    morph = morphology_scores(m_real, m_gen, cfg.seed)
+def score_generated(cfg: EvaluateConfig, generated: np.ndarray, means: np.ndarray | None, recon: np.ndarray,
+                    inputs: Inputs, m: dict[str, dict[str, np.ndarray] | None]) -> tuple[dict, dict, dict]:
+    """Morphology, sharpness and memorisation of the generated images (and of their decoder
+    means, when given: ``m`` holds the real, generated and means morphology)."""
+    morph = morphology_scores(m["real"], m["generated"], cfg.seed, m["means"])
     log(f"morphology: mean normalised distance {morph['mean_distance']:.3f} (floor {morph['mean_floor']:.3f})")
     sharp = sharpness_scores(inputs.real, generated, recon, cfg.seed)
-    log(f"sharpness: structure-band power {sharp['power_deficit_dex']:+.3f} dex vs real")
+    hp = sharpness.scores({"real": sharpness.measure_all(inputs.real), "generated": sharpness.measure_all(generated),
+                           "means": sharpness.measure_all(means) if means is not None else None}, cfg.seed)
+    sharp["highpass"] = hp
+    log(f"sharpness: structure-band power {sharp['power_deficit_dex']:+.3f} dex vs real; high-pass median "
+        f"real {fmt(hp['median']['real'], 4)}, generated {fmt(hp['median']['generated'], 4)} "
+        f"(W/sd {fmt(hp['distance']['generated'])})")
     if inputs.train is not None:
         mem = memorisation(generated, inputs.real, inputs.train, recon)
         log(f"memorisation: NN distance ratio {mem['ratio']:.3f}")
@@ -226,8 +233,10 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     lik, rec, recon = score_real(cfg, gen, inputs.real)
     generated, means = generate(cfg, gen)
     m_real, m_gen = morphology.measure_all(inputs.real), morphology.measure_all(generated)
-    means_only = score_means(cfg, means, inputs, m_real) if means is not None else None
-    morph, sharp, mem = score_generated(cfg, generated, recon, inputs, m_real, m_gen)
+    m_means = morphology.measure_all(means) if means is not None else None
+    means_only = score_means(cfg, means, inputs, m_real, m_means) if means is not None else None
+    morph, sharp, mem = score_generated(cfg, generated, means, recon, inputs,
+                                        {"real": m_real, "generated": m_gen, "means": m_means})
 
     figs = Figures(out)
     sample_figures(figs, cfg, gen, generated, means, lik["kl_per_dim"])

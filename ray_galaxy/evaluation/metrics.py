@@ -7,7 +7,8 @@
   posterior-mean reconstructions.
 * **morphology**: CAS, Gini/M20, size, shape and colour (:mod:`.morphology`) of generated vs
   held-out galaxies, as normalised 1-D Wasserstein distances with a noise floor.
-* **sharpness**: radially averaged power spectra; the power deficit in the structure band.
+* **sharpness**: radially averaged power spectra; the power deficit in the structure band; and
+  per image the noise-corrected high-pass power in the galaxy's segment (:mod:`.sharpness`).
 * **memorisation**: median nearest-neighbour distance generated -> training set, divided by
   the same for held-out -> training set.
 """
@@ -33,6 +34,8 @@ METRIC_KEYS = (
     *(f"morphology.floor.{s}" for s in morphology.STATS),
     "morphology.mean_distance", "morphology.mean_floor",
     "sharpness.power_deficit_dex", "sharpness.floor_dex", "sharpness.reconstruction_dex",
+    "sharpness.highpass.median.real", "sharpness.highpass.median.generated",
+    "sharpness.highpass.distance.generated", "sharpness.highpass.floor",
     "memorisation.ratio", "memorisation.ratio_vs_reconstructions",
 )
 
@@ -120,19 +123,28 @@ def _mean_std(v: np.ndarray) -> dict[str, float]:
     return {"mean": float(np.nanmean(v)) if ok else math.nan, "std": float(np.nanstd(v)) if ok else math.nan}
 
 
-def morphology_scores(m_real: dict[str, np.ndarray], m_gen: dict[str, np.ndarray], seed: int = 0
-                      ) -> dict[str, Any]:
+def morphology_scores(m_real: dict[str, np.ndarray], m_gen: dict[str, np.ndarray], seed: int = 0,
+                      m_means: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Distances real vs generated per statistic, their noise floors, means, summaries and the
-    fraction of images whose measurement failed (:func:`morphology.measure_all` outputs)."""
+    fraction of images whose measurement failed (:func:`morphology.measure_all` outputs).
+
+    With ``m_means`` (the same codes' decoder means), their distances to real sit next to the
+    samples' (``distance_means``, ``mean_distance_means``) and their summary with the others.
+    """
     table = morphology.wasserstein_table(m_real, m_gen, seed)
     dist = {k: v["distance"] for k, v in table.items()}
     floor = {k: v["floor"] for k, v in table.items()}
-    sets = (("real", m_real), ("generated", m_gen))
-    return {"distance": dist, "floor": floor,
-            "mean_distance": float(np.nanmean(list(dist.values()))),
-            "mean_floor": float(np.nanmean(list(floor.values()))),
-            "summary": {name: {k: _mean_std(v) for k, v in vals.items()} for name, vals in sets},
-            "failed_fraction": {name: float(np.mean(~np.isfinite(vals["concentration"]))) for name, vals in sets}}
+    sets = (("real", m_real), ("generated", m_gen)) + ((("means", m_means),) if m_means is not None else ())
+    out = {"distance": dist, "floor": floor,
+           "mean_distance": float(np.nanmean(list(dist.values()))),
+           "mean_floor": float(np.nanmean(list(floor.values()))),
+           "summary": {name: {k: _mean_std(v) for k, v in vals.items()} for name, vals in sets},
+           "failed_fraction": {name: float(np.mean(~np.isfinite(vals["concentration"]))) for name, vals in sets}}
+    if m_means is not None:
+        means = {k: v["distance"] for k, v in morphology.wasserstein_table(m_real, m_means, seed).items()}
+        out["distance_means"] = means
+        out["mean_distance_means"] = float(np.nanmean(list(means.values())))
+    return out
 
 
 def power_spectrum(images: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ray_galaxy import plots
 from ray_galaxy.evaluation.morphology import LABELS, STATS
+from ray_galaxy.evaluation.sharpness import SETS
 from ray_galaxy.images import png_bytes
 
 # --------------------------------------------------------------------------- figure files
@@ -132,6 +133,8 @@ def _summary(m: dict[str, Any]) -> list[str]:
         f"{band[0]:g}-{band[1]:g} cycles/image; negative = missing detail; floor {fmt(sh['floor_dex'], 3)} |",
         f"| structure-band power of reconstructions | {fmt(sh['reconstruction_dex'], 3)} dex | "
         "the decoder's own blur, for reference |",
+        f"| high-pass sharpness (W/sd) | {fmt(sh['highpass']['distance']['generated'])} | "
+        f"noise-corrected fine structure in the galaxy; floor {fmt(sh['highpass'].get('floor'))} |",
         f"| memorisation ratio | {fmt(mem.get('ratio'))} | "
         + ("median NN distance to the training set, generated / held-out; ~1 is healthy, "
            "< 1 copies or blur |" if mem.get("ratio") is not None else f"{mem.get('skipped')} |"),
@@ -161,30 +164,58 @@ def _residual_detail(m: dict[str, Any]) -> list[str]:
         f"| morphology distance (mean W/sd) | {fmt(mo['mean_distance'])} | {fmt(means['morphology_mean_distance'])} |",
         f"| structure-band power vs real | {fmt(sh['power_deficit_dex'], 3)} dex | "
         f"{fmt(means['power_deficit_dex'], 3)} dex |",
+        f"| high-pass sharpness (W/sd) | {fmt(sh['highpass']['distance']['generated'])} | "
+        f"{fmt(sh['highpass']['distance'].get('means'))} |",
         f"| memorisation ratio | {fmt(mem.get('ratio'))} | {fmt(means.get('memorisation_ratio'))} |", "",
     ]
 
 
 def _morphology(mo: dict[str, Any]) -> list[str]:
+    means = mo.get("distance_means")
+    failed = ", ".join(f"{k} {v:.1%}" for k, v in mo["failed_fraction"].items())
     lines = [
         "## Morphology", "",
         "Normalised 1-D Wasserstein distance between the real and generated distributions (divided by "
-        "the real standard deviation), next to the same distance between two halves of the real set. "
-        f"Failed measurements: real {mo['failed_fraction']['real']:.1%}, "
-        f"generated {mo['failed_fraction']['generated']:.1%}.", "",
-        "| statistic | real mean ± sd | generated mean ± sd | W/sd | floor |", "|---|---|---|---|---|",
+        "the real standard deviation), next to the same distance between two halves of the real set"
+        + (" and the decoder means' distance (the same codes without the residual detail)" if means else "")
+        + f". Failed measurements: {failed}.", "",
+        "| statistic | real mean ± sd | generated mean ± sd | W/sd | floor |"
+        + (" means mean ± sd | means W/sd |" if means else ""),
+        "|---|---|---|---|---|" + ("---|---|" if means else ""),
     ]
     for s in STATS:
         r, g = mo["summary"]["real"][s], mo["summary"]["generated"][s]
-        lines.append(f"| {LABELS[s]} | {fmt(r['mean'])} ± {fmt(r['std'])} | "
-                     f"{fmt(g['mean'])} ± {fmt(g['std'])} | {fmt(mo['distance'][s])} | {fmt(mo['floor'][s])} |")
+        row = (f"| {LABELS[s]} | {fmt(r['mean'])} ± {fmt(r['std'])} | "
+               f"{fmt(g['mean'])} ± {fmt(g['std'])} | {fmt(mo['distance'][s])} | {fmt(mo['floor'][s])} |")
+        if means:
+            e = mo["summary"]["means"][s]
+            row += f" {fmt(e['mean'])} ± {fmt(e['std'])} | {fmt(means[s])} |"
+        lines.append(row)
     return lines
+
+
+def _highpass(hp: dict[str, Any]) -> list[str]:
+    lines = [
+        "## High-pass sharpness", "",
+        f"Power of each galaxy minus its Gaussian-smoothed copy (sigma {hp['sigma_px']:g} px) in its segment, "
+        "less the power its sky noise gives, over the segment's squared mean brightness: fine structure "
+        "that pixel noise cannot fake. W/sd as for morphology (floor: two halves of the real set, "
+        f"{fmt(hp.get('floor'))}).", "",
+        "| images | median | W/sd vs real | failed |", "|---|---|---|---|",
+    ]
+    for name in SETS:
+        if hp["median"].get(name) is None and hp["failed_fraction"].get(name) is None:
+            continue  # no decoder means in this evaluation
+        failed = hp["failed_fraction"][name]
+        lines.append(f"| {name} | {fmt(hp['median'][name], 4)} | {fmt(hp['distance'].get(name))} | "
+                     f"{'n/a' if failed is None else f'{failed:.1%}'} |")
+    return lines + [""]
 
 
 def report_markdown(m: dict[str, Any], files: list[tuple[str, str, str]]) -> str:
     """The human-readable report: headline table, residual detail, morphology table, figures."""
     lines = _header(m) + _summary(m) + _residual_detail(m) + _morphology(m["morphology"])
-    lines += ["", "## Figures", ""]
+    lines += [""] + _highpass(m["sharpness"]["highpass"]) + ["## Figures", ""]
     for name, title, caption in files:
         lines += [f"### {title}", "", f"![{title}]({name})", "", caption, ""]
     lines += ["Definitions and caveats: docs/model.md of ray-galaxy, section \"Evaluation\".", ""]
