@@ -67,6 +67,13 @@ def quiet_loggers(*names: str) -> None:
             handler.setLevel(max(handler.level, logging.WARNING))
 
 
+class _NoCpuWarning(logging.Filter):
+    """Drops Ray Data's "does not have any available CPUs" warning (see :func:`quiet_ray`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "does not have any available CPUs" not in record.getMessage()
+
+
 def quiet_ray() -> None:
     """Keep Ray Data's progress bars and its "Starting execution" / "execution finished" lines
     out of this process's terminal. Call before any dataset is made: a dataset carries the
@@ -80,6 +87,12 @@ def quiet_ray() -> None:
     # token lives in ~/.ray/auth_token and docs/cluster.md says when `ray job submit` needs it.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     quiet_loggers("ray.data")
+    # Ray Data warns that "the Dataset job will hang" whenever Train workers hold every CPU at
+    # the moment a dataset starts; ours give the workers fractional CPUs so data tasks always
+    # find one, and a real shortage still shows as no progress (and in ray-data.log).
+    dataset_logger = logging.getLogger("ray.data.dataset")
+    if not any(isinstance(f, _NoCpuWarning) for f in dataset_logger.filters):
+        dataset_logger.addFilter(_NoCpuWarning())
     # data.py filters rows with Python predicates (paths hashed to the validation split), which
     # Ray Data's expressions cannot say; Ray warns on every such filter call.
     warnings.filterwarnings("ignore", message="Use 'expr' instead of 'fn'", category=UserWarning)

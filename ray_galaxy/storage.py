@@ -81,3 +81,12 @@ def location_key(location: str) -> str:
 def filesystem_of(location: str) -> Any:
     """Just the pyarrow FileSystem of ``location`` (for Ray Data's ``filesystem=``)."""
     return resolve(location)[0]
+
+
+def copy_folder(source: str, destination: str) -> None:
+    """Copy every file under ``source`` to ``destination`` (paths or URIs, either kind), replacing
+    files of the same name there."""
+    src_fs, src = resolve(source)
+    dst_fs, dst = resolve(destination)
+    dst_fs.create_dir(dst, recursive=True)
+    pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)

@@ -168,7 +168,10 @@ def test_evaluate_job_end_to_end(tiny, tmp_path):
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert sorted(linked) == pngs
     assert {"samples.png", "traversal.png", "interpolations.png", "reconstructions.png", "morphology.png",
-            "power_spectrum.png", "training_curves.png", "nearest_neighbours.png", "samples_means.png"} <= set(pngs)
+            "power_spectrum.png", "training_curves.png", "nearest_neighbours.png", "samples_means.png",
+            "side_by_side.png"} <= set(pngs)
+    with Image.open(out / "side_by_side.png") as img:  # three titled panels of 2 x 8 galaxies, one above the other
+        assert img.height > img.width / 8 * 3 * 2 * 0.8
     m = json.loads((out / "metrics.json").read_text())
     for key in M.METRIC_KEYS:
         v = M.get_metric(m, key)

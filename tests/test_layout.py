@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ray_galaxy"
 # Each group may import itself and the groups listed for it (and, through them, nothing else).
 GROUPS = {
     "base": ("config", "console", "storage", "images", "plots", "runtime", "tracking"),
-    "data": ("data", "prepare", "imageset", "builtin", "shards", "streaming"),
+    "data": ("data", "prepare", "imageset", "builtin", "shards", "streaming", "labels"),
     "model": ("model", "checkpoint"),
     "generation": ("generation",),
     "figures": ("figures",),
@@ -34,7 +34,7 @@ ALLOWED = {
     "serve": {"base", "data", "model", "generation", "figures", "serve"},
     "evaluation": {"base", "data", "model", "generation", "figures", "evaluation"},
     "catalogue": {"base", "data", "model", "generation", "figures", "catalogue"},
-    "tuning": {"base", "data", "model", "generation", "figures", "training", "tuning"},
+    "tuning": {"base", "data", "model", "generation", "figures", "training", "evaluation", "tuning"},
 }
 MAX_MODULE_LINES = 500
 

@@ -136,6 +136,39 @@ def test_plot_has_one_panel_per_searched_parameter():
         assert img.size[0] > 0
 
 
+def test_ranking_by_morphology_scores_completed_trials_and_orders_by_their_samples(models, tmp_path):
+    import numpy as np
+    from tiny_model import SIZE, make_tiny
+
+    from ray_galaxy.evaluation import morphology
+    from ray_galaxy.imageset import load_images
+    from ray_galaxy.storage import copy_folder
+    from ray_galaxy.tuning.ranking import candidates_dir, rank_by_morphology, sample_distance
+
+    tiny = make_tiny(tmp_path / "tiny")
+    real = morphology.measure_all(load_images(str(tiny["val"]), SIZE, 1.0)[0])
+    source = {"t1": tiny["model"], "t2": models.b}
+    exported = []
+
+    def export(row, where):
+        exported.append(row["trial_id"])
+        copy_folder(source[row["trial_id"]], where)
+
+    rows = [{"trial_id": "t1", "best_val_bpd": 5.0, "status": "completed"},
+            {"trial_id": "t3", "best_val_bpd": 5.5, "status": "stopped"},  # fewer epochs: not ranked
+            {"trial_id": "t2", "best_val_bpd": 6.0, "status": "completed"}]
+    out = rank_by_morphology(rows, export, real, str(tmp_path / "run"), n=32, seed=0)
+    assert exported == ["t1", "t2"]
+    d = {r["trial_id"]: r["morphology_distance"] for r in out}
+    assert d["t3"] is None and all(d[t] >= 0 for t in ("t1", "t2"))
+    assert d["t1"] == pytest.approx(sample_distance(candidates_dir(str(tmp_path / "run"), "t1"), real, 32, 0))
+    assert [r["trial_id"] for r in out] == sorted(("t1", "t2"), key=d.get) + ["t3"]
+    # B's prior samples, from a few steps of training, hold no measurable galaxy: ranked last
+    assert np.isfinite(d["t1"]) and d["t1"] < d["t2"]
+    assert [r["rank_morphology"] for r in out] == [1, 2, None]
+    assert {r["trial_id"]: r["rank_val_bpd"] for r in out} == {"t1": 1, "t3": 2, "t2": 3}
+
+
 # --------------------------------------------------------------------------- tiny real sweep
 
 TINY = ["--num-samples", "1", "--epochs", "3", "--grace-period", "1", "--reduction-factor", "2",
@@ -376,14 +409,24 @@ def test_killed_sweep_resumes_and_a_finished_one_is_published_again(ray_address,
     assert json.loads((run_dir / "model" / "config.json").read_text())["tune"]["trial_id"] == rows[0]["trial_id"]
     assert md.model.config.image_size == 32 and torch.isfinite(md.model.decode(prior_latents(md.model_config.latent_dim, 2, seed=0))).all()
 
-    # 3. Run again: nothing to run, the same results are published again.
+    # 3. Run again, ranked by the samples' morphology: nothing to train; the same trials, each
+    # exported, sampled and scored against the validation galaxies, and the winner published.
     (run_dir / "trials.csv").unlink()
-    third = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
+    third = subprocess.run([*cmd, "--metric", "morphology", "--rank-samples", "48"], cwd=REPO, env=job_env(),
+                           capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stdout[-6000:] + third.stderr[-6000:]
     assert "sweep 'resume' already finished (2 trials)" in third.stdout
     assert "Trial status" not in third.stdout and "data:" not in third.stdout  # no Tuner, no data read
-    assert _rows(run_dir) == rows
+    ranked = _rows(run_dir)
+    assert [{k: r[k] for k in rows[0]} for r in sorted(ranked, key=lambda r: int(r["rank_val_bpd"]))] == rows
+    assert [float(r["morphology_distance"]) for r in ranked] == sorted(float(r["morphology_distance"]) for r in ranked)
+    assert third.stdout.count("ranking by morphology: trial ") == 2
     assert f"model directory: {run_dir / 'model'}" in third.stdout
+    published = json.loads((run_dir / "model" / "config.json").read_text())["tune"]
+    assert published["trial_id"] == ranked[0]["trial_id"] and published["ranked_by"] == "morphology"
+    assert (run_dir / "model" / "model.pt").read_bytes() == \
+        (run_dir / "candidates" / ranked[0]["trial_id"] / "model.pt").read_bytes()
+    assert "Ranked by `morphology_distance`" in (run_dir / "trials.md").read_text()
     load_model_dir(str(run_dir / "model"))
 
     # 4. Other settings under the same name are refused, naming what changed.

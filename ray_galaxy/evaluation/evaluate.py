@@ -29,7 +29,7 @@ from ray_galaxy.evaluation.metrics import (clean, likelihood_bounds, memorisatio
                                            nearest_training_images, power_spectrum, reconstruct,
                                            reconstruction_scores, sharpness_scores)
 from ray_galaxy.evaluation.report import (Figures, fmt, morphology_chart, power_spectrum_chart, report_markdown,
-                                          training_curves_chart)
+                                          side_by_side_chart, training_curves_chart)
 from ray_galaxy.evaluation.tracked import record_evaluation
 from ray_galaxy.figures import traversal_figure
 from ray_galaxy.generation.fit import fit_sampler
@@ -172,15 +172,21 @@ def score_generated(cfg: EvaluateConfig, generated: np.ndarray, means: np.ndarra
 # --------------------------------------------------------------------------- figures
 
 
-def sample_figures(figs: Figures, cfg: EvaluateConfig, gen: Generator, generated: np.ndarray,
+def sample_figures(figs: Figures, cfg: EvaluateConfig, gen: Generator, real: np.ndarray, generated: np.ndarray,
                    means: np.ndarray | None, kl_per_dim: list[float]) -> None:
-    """Samples (and their means), the latent traversal and slerp interpolations."""
+    """Samples (and their means) alone and beside real galaxies, the latent traversal and slerp
+    interpolations."""
     figs.image("samples.png", grid(generated[:64]), "Samples",
                f"64 generated galaxies ({cfg.sampler} sampler{' with residual detail' if means is not None else ''}, "
                f"seed {cfg.seed}, temperature {cfg.temperature}).")
     if means is not None:
         figs.image("samples_means.png", grid(means[:64]), "Samples: decoder means",
                    "The same 64 latent codes decoded to their means, without the residual detail.")
+    figs.chart("side_by_side.png", side_by_side_chart([("real held-out galaxies", real), ("samples", generated),
+                                                        ("decoder means of the same codes", means)]),
+               "Real and generated, side by side",
+               "The same size and scale: held-out galaxies, samples, and the samples' decoder means (no "
+               "residual detail). Look at cores, edges and the sky.")
     trav = traversal_figure(gen, kl_per_dim)
     if trav is not None:
         (d0, d1) = trav[1]
@@ -239,7 +245,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                                         {"real": m_real, "generated": m_gen, "means": m_means})
 
     figs = Figures(out)
-    sample_figures(figs, cfg, gen, generated, means, lik["kl_per_dim"])
+    sample_figures(figs, cfg, gen, inputs.real, generated, means, lik["kl_per_dim"])
     charts = {"morphology": morphology_chart(m_real, m_gen, morph["distance"]),
               "power_spectrum": power_spectrum_chart(sharp), "band": sharp["band_cycles_per_image"]}
     data_figures(figs, gen, inputs, recon, generated, mem, charts)

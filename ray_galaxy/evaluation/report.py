@@ -14,7 +14,7 @@ from matplotlib.ticker import MaxNLocator
 from ray_galaxy import plots
 from ray_galaxy.evaluation.morphology import LABELS, STATS
 from ray_galaxy.evaluation.sharpness import SETS
-from ray_galaxy.images import png_bytes
+from ray_galaxy.images import grid, png_bytes
 
 # --------------------------------------------------------------------------- figure files
 
@@ -54,6 +54,18 @@ def morphology_chart(m_real: dict[str, np.ndarray], m_gen: dict[str, np.ndarray]
     for ax in axes[len(STATS):]:
         ax.set_visible(False)
     fig.suptitle("Morphology: held-out (real) vs generated")
+    return plots.png(fig)
+
+
+def side_by_side_chart(sets: list[tuple[str, np.ndarray]], per_row: int = 8, rows: int = 2) -> bytes:
+    """Real and generated galaxies at the same size, one titled panel per set (``rows`` x
+    ``per_row`` images each, pixels shown 1:1 scaled up without smoothing), as PNG."""
+    sets = [(name, imgs[:per_row * rows]) for name, imgs in sets if imgs is not None and len(imgs)]
+    fig, axes = plots.figure(len(sets), 1, panel=(1.2 * per_row, 1.2 * rows + 0.4))
+    for ax, (name, imgs) in zip(axes, sets):
+        ax.imshow(grid(imgs, ncols=per_row), interpolation="nearest")
+        ax.set_title(name)
+        ax.set_axis_off()
     return plots.png(fig)
 
 

@@ -19,6 +19,9 @@ from ray_galaxy.tuning.space import (DEFAULT_SEARCH_SPACE, DISTRIBUTIONS, Search
 # kl_weight being searched, so trials with different weights are compared on one scale.
 TUNE_METRIC = "val_bpd"
 TUNE_MODE = "min"
+# How the published model is chosen once the trials have ended (ASHA always uses TUNE_METRIC):
+# val_bpd, or the morphology of its samples (ray_galaxy/tuning/ranking.py).
+RANK_METRICS = ("val_bpd", "morphology")
 
 SWEEP_FILE = "sweep.json"  # in <storage>/<name>/: the settings a resumed sweep must repeat
 
@@ -56,6 +59,10 @@ class TuneConfig:
         "TrainConfig fields to search, each {distribution: args} with distribution one of "
         + ", ".join(DISTRIBUTIONS) + "; a plain value fixes the field. Set it in the YAML file.",
         default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SEARCH_SPACE.items()})
+    metric: str = _h("How the published model is chosen: val_bpd (best validation bits/dim, what ASHA "
+                     "stops by) or morphology (samples closest to the validation galaxies; each "
+                     "completed trial is exported and sampled, docs/tune.md).", default="val_bpd")
+    rank_samples: int = _h("With --metric morphology: galaxies drawn per completed trial.", default=500)
     seed: int = _h("Seed of the search-space sampling (training seeds come from the base config).",
                    default=0)
     tracking: bool = _h("Record the sweep in MLflow: a parent run, one child run per trial; "
@@ -66,7 +73,10 @@ class TuneConfig:
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
-        for key in ("num_samples", "epochs", "max_concurrent_trials", "num_workers", "grace_period"):
+        if self.metric not in RANK_METRICS:
+            raise ConfigError(f"metric must be one of {', '.join(RANK_METRICS)}, got {self.metric!r}")
+        for key in ("num_samples", "epochs", "max_concurrent_trials", "num_workers", "grace_period",
+                    "rank_samples"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.grace_period > self.epochs:
@@ -153,7 +163,8 @@ def check_search_space(space: SearchSpace, base: TrainConfig) -> None:
 def sweep_settings(cfg: TuneConfig, space: SearchSpace, base: TrainConfig) -> dict[str, Any]:
     """What a rerun must repeat to resume a sweep: the sweep config and the resolved base
     training config (storage and name locate the sweep, so they are left out)."""
-    where = ("storage", "name", *TRACKING_KEYS)
+    # metric and rank_samples only choose among ended trials: a finished sweep can be ranked again.
+    where = ("storage", "name", "metric", "rank_samples", *TRACKING_KEYS)
     sweep = {k: v for k, v in cfg.to_dict().items() if k not in where}
     sweep["search_space"] = space.to_spec()
     train = {k: v for k, v in base.to_dict().items() if k not in where and k not in sweep}

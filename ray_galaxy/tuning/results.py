@@ -150,6 +150,10 @@ def rows_markdown(rows: list[dict[str, Any]], cfg: TuneConfig, space: SearchSpac
     ]
     if space.fixed:
         lines.append("Fixed: " + ", ".join(f"`{k}`={fmt(v)}" for k, v in space.fixed.items()))
+    if cfg.metric == "morphology":
+        lines.append("Ranked by `morphology_distance`: the mean normalised Wasserstein distance of "
+                     f"{cfg.rank_samples} samples of each completed trial to the validation galaxies "
+                     "(lower is better); `rank_val_bpd` is the ranking by val_bpd alone.")
     if rows and rows[0]["best_val_bpd"] is not None:
         lines.append(f"Best: `{rows[0]['trial_id']}` (first row), exported to `{model_dir}`.")
     lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -246,19 +250,20 @@ def train_history(train_run: str) -> list[dict[str, Any]]:
 
 def export_best(cfg: TuneConfig, base: TrainConfig, best: dict[str, Any], space: SearchSpace,
                 results_params: dict[str, Any], n_trials: int, data_stats: dict[str, Any],
-                run_dir: str) -> str:
-    """Export the best trial's best checkpoint as ``<run_dir>/model``; returns its URI."""
+                model_dir: str) -> str:
+    """Export a trial's best checkpoint (by val_bpd) as a model directory with its sampler at
+    ``model_dir``; returns ``model_dir``. The config records the sweep and how the trial ranked."""
     trial_id = best["trial_id"]
     train_run = join(trials_storage(cfg), trial_id)
     result = _train_result(train_run)
     checkpoint = result.get_best_checkpoint(metric=TUNE_METRIC, mode=TUNE_MODE) or result.checkpoint
     if checkpoint is None:
-        raise RuntimeError(f"best trial {trial_id} left no checkpoint in {train_run}")
+        raise RuntimeError(f"trial {trial_id} left no checkpoint in {train_run}")
     trial_cfg = trial_train_config(base, results_params, name=trial_id)
-    model_dir = join(run_dir, "model")
     extra = {"tune": {
         "sweep": cfg.name, "trial_id": trial_id, "train_run": train_run,
         "metric": TUNE_METRIC, "mode": TUNE_MODE, "best_val_bpd": best["best_val_bpd"],
+        "ranked_by": cfg.metric,
         "best_epoch": best["best_epoch"], "params": {p: results_params.get(p) for p in space.names},
         "trials": n_trials, "config": {**cfg.to_dict(), "search_space": space.to_spec()},
         "scheduler": {"type": "ASHA", "time_attr": "epoch", "grace_period": cfg.grace_period,

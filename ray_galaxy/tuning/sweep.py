@@ -11,6 +11,7 @@ Afterwards the driver writes, under ``<storage>/<name>/``:
     trials.csv / trials.md   every trial: hyperparameters, best/final val_bpd, epochs, early stop
     trials.png               best val_bpd against each searched hyperparameter
     model/                   the best trial's best checkpoint as a model directory
+    candidates/<trial_id>/   with --metric morphology: each completed trial's model, as ranked
     trials/<trial_id>/       each trial's Ray Train run (checkpoints)
     sweep.json               the settings the sweep started with, and the data counts
 
@@ -39,13 +40,14 @@ from ray_galaxy.console import fmt_seconds, log
 from ray_galaxy.data import DataError
 from ray_galaxy.plots import png
 from ray_galaxy.runtime import ClusterError, ensure_ray, storage_path
-from ray_galaxy.storage import StorageError, exists, join, read_bytes, write_bytes
+from ray_galaxy.storage import StorageError, copy_folder, exists, join, read_bytes, write_bytes
 from ray_galaxy.streaming import load_datasets
 from ray_galaxy.tracking import Tracker
 from ray_galaxy.training.trainer import make_trainer
 from ray_galaxy.tuning.config import (SWEEP_FILE, TUNE_METRIC, TUNE_MODE, TuneConfig, base_train_config,
                                       check_search_space, run_dir, settings_differences, sweep_settings,
                                       trial_train_config, trials_storage)
+from ray_galaxy.tuning.ranking import candidates_dir, rank_by_morphology, validation_morphology
 from ray_galaxy.tuning.results import (export_best, fmt, plot_trials, rows_csv, rows_markdown,
                                        train_history, trial_rows, trial_states)
 from ray_galaxy.tuning.space import SearchSpace, parse_search_space
@@ -288,29 +290,50 @@ def _summarise(sweep: Sweep, rows: list[dict[str, Any]], model_dir: str, t0: flo
         log(f"the sweep is unfinished ({len(rows)} of {sweep.n_trials} trials created, "
             f"{n['interrupted']} interrupted): run the same command again to resume it")
     best = rows[0]
+    morph = (f", morphology distance {best['morphology_distance']:.3f} (rank {best['rank_val_bpd']} by "
+             f"{TUNE_METRIC})" if best.get("morphology_distance") is not None else "")
     log(f"best trial {best['trial_id']}: {TUNE_METRIC} {best['best_val_bpd']:.4f} at epoch "
-        f"{best['best_epoch']} (" + ", ".join(f"{p}={fmt(best[p])}" for p in sweep.space.names) + ")")
+        f"{best['best_epoch']}{morph} (" + ", ".join(f"{p}={fmt(best[p])}" for p in sweep.space.names) + ")")
     log(f"model directory: {model_dir}")
+
+
+def _rank(sweep: Sweep, rows: list[dict[str, Any]], params_by_trial: dict[str, dict[str, Any]],
+          stats: dict[str, Any], model_dir: str) -> list[dict[str, Any]]:
+    """Export the best trial as ``model_dir``: by val_bpd (rows as they are), or with
+    ``--metric morphology`` after ranking the completed trials by their samples' morphology."""
+    cfg, base = sweep.cfg, sweep.base
+
+    def export(row: dict[str, Any], where: str) -> None:
+        export_best(cfg, base, row, sweep.space, params_by_trial[row["trial_id"]], len(rows), stats, where)
+
+    if cfg.metric == "morphology":
+        real = validation_morphology(cfg.data, base.image_size, base.crop, base.val_fraction, base.seed)
+        rows = rank_by_morphology(rows, export, real, sweep.run_dir, cfg.rank_samples, base.seed)
+        if rows[0]["morphology_distance"] is not None:
+            copy_folder(candidates_dir(sweep.run_dir, rows[0]["trial_id"]), model_dir)
+            return rows
+        log("ranking by morphology: no trial completed every epoch; publishing the best by val_bpd")
+    export(rows[0], model_dir)
+    return rows
 
 
 def _publish(sweep: Sweep, plan: ResumePlan, results: Any, stats: dict[str, Any], t0: float,
              tracker: Tracker) -> TuneResult:
-    """Write the trials table and plot, export the best trial's model, record the sweep in
+    """Export the best trial's model, write the trials table and plot, record the sweep in
     MLflow, say what happened."""
     rows, histories = _rows(sweep, plan, results)
     params_by_trial = {tid: dict(r.config or {}) for r, (tid, _) in zip(results, trial_states(results))}
     model_dir = join(sweep.run_dir, "model")
-    _write_tables(sweep, rows, model_dir)
     if not rows or rows[0]["best_val_bpd"] is None:
+        _write_tables(sweep, rows, model_dir)
         errors = "; ".join(f"{r['trial_id']}: {r['error']}" for r in rows if r["error"])[:2000]
         raise RuntimeError(f"sweep {sweep.cfg.name!r}: no trial reported {TUNE_METRIC} "
                            f"({errors or 'no trials'})")
-    best = rows[0]
-    export_best(sweep.cfg, sweep.base, best, sweep.space, params_by_trial[best["trial_id"]], len(rows),
-                stats, sweep.run_dir)
+    rows = _rank(sweep, rows, params_by_trial, stats, model_dir)
+    _write_tables(sweep, rows, model_dir)
     record_sweep(tracker, sweep.cfg, rows, params_by_trial, histories, sweep.run_dir, model_dir)
     _summarise(sweep, rows, model_dir, t0)
-    return TuneResult(run_dir=sweep.run_dir, model_dir=model_dir, best=best, trials=rows)
+    return TuneResult(run_dir=sweep.run_dir, model_dir=model_dir, best=rows[0], trials=rows)
 
 
 def tune(cfg: TuneConfig) -> TuneResult:

@@ -17,7 +17,7 @@ from ray_galaxy.tuning.config import TUNE_METRIC, TuneConfig
 from ray_galaxy.tuning.space import SearchSpace
 
 SWEEP_FILES = ("trials.png", "trials.md", "trials.csv")
-ROW_NUMBERS = ("best_val_bpd", "best_epoch", "final_val_bpd", "final_val_psnr", "epochs_run")
+ROW_NUMBERS = ("best_val_bpd", "best_epoch", "final_val_bpd", "final_val_psnr", "epochs_run", "morphology_distance")
 
 
 def start_sweep(cfg: TuneConfig, space: SearchSpace) -> Tracker:
