@@ -1,6 +1,7 @@
 """Fit the two-stage GMM latent sampler of a model directory (writes sampler.pt, sampler.json).
 
     python jobs/fit_sampler.py --model runs/galaxy-vae/model [--train-data URI] [--components 40]
+    python jobs/fit_sampler.py --model runs/galaxy-vae/model --labels path/to/gz2/labels.csv  # per label
 
 Then: python jobs/evaluate.py --model runs/galaxy-vae/model --sampler gmm ...
 """
@@ -26,6 +27,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="model directory written by jobs/train.py")
     p.add_argument("--train-data", default=None,
                    help="training images (default: train.data from the model's config.json, its training split)")
+    p.add_argument("--labels", default=None,
+                   help="CSV of class labels of the training images (first column: file name or stem; class: "
+                        "the column named label, class or morphology, else the last): fits the sampler per "
+                        "label so jobs can draw one class (default: the CSV training recorded, else labels "
+                        "stored in prepared shards)")
     p.add_argument("--components", type=int, default=GMM_COMPONENTS,
                    help=f"mixture components (default {GMM_COMPONENTS})")
     p.add_argument("--orientations", type=int, default=SAMPLER_ORIENTATIONS,
@@ -62,6 +68,8 @@ def describe(meta: dict, model: str) -> str:
             + (f" and the residual detail model (gain {detail['gain']:.2f}: structure-band power "
                f"{detail['power_deficit_dex_at_gain_1']:+.3f} -> {detail['power_deficit_dex']:+.3f} "
                "dex against the training images)" if detail else "")
+            + (f"; per label: {', '.join(f'{k} ({v} images)' for k, v in meta['label_counts'].items())}"
+               if meta.get("labels") else "")
             + f"; wrote sampler.pt and sampler.json in {model}")
 
 
@@ -72,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meta = fit_sampler(args.model, args.train_data, args.components, args.covariance, args.seed,
                            args.crop, args.max_images, detail=not args.no_detail,
-                           orientations=args.orientations, bandwidth=args.bandwidth)
+                           orientations=args.orientations, bandwidth=args.bandwidth, labels=args.labels)
     except (ModelDirError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

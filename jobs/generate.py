@@ -2,6 +2,7 @@
 
     python jobs/generate.py --model runs/galaxy-vae/model --n 100000 --out catalogue/ --num-workers 4
     python jobs/generate.py --model s3://bucket/model --n 1000000 --out s3://bucket/cat --use-gpu
+    python jobs/generate.py --model runs/galaxy-vae/model --n 1000 --out spirals/ --label spiral
 
 Rerunning the same command resumes: only missing shards are generated (docs/generate.md).
 """
@@ -14,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ray_galaxy.catalogue import CatalogueConfig, CatalogueError, generate_catalogue  # noqa: E402
 from ray_galaxy.checkpoint import ModelDirError  # noqa: E402
 from ray_galaxy.config import parse_config  # noqa: E402
+from ray_galaxy.generation.generator import LabelError  # noqa: E402
 from ray_galaxy.storage import StorageError  # noqa: E402
 
 
@@ -22,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_config(CatalogueConfig, argv, __doc__)
     try:
         manifest = generate_catalogue(cfg)
-    except (ModelDirError, CatalogueError, StorageError, OSError) as e:
+    except (ModelDirError, CatalogueError, LabelError, StorageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"catalogue: {cfg.out} ({manifest['n']} galaxies, {len(manifest['shards'])} shard(s))")

@@ -1,6 +1,7 @@
 """Prepare raw galaxy pictures into Parquet shards for training (local folders or s3://).
 
     python jobs/prepare_data.py --input path/to/gz2/train --output data/gz2-256 --crop 0.5 --dedupe
+    python jobs/prepare_data.py ... --labels path/to/gz2/labels.csv   # store each image's class too
     python jobs/train.py --data data/gz2-256 --image-size 64
 """
 

@@ -1,6 +1,7 @@
 """Write new galaxies from a trained model directory (local path or s3:// URI).
 
     python jobs/sample.py --model runs/galaxy-vae/model --n 64 --out samples/ --grid
+    python jobs/sample.py --model runs/galaxy-vae/model --n 64 --out spirals/ --grid --label spiral
 """
 
 import argparse
@@ -11,11 +12,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ray_galaxy.checkpoint import ModelDirError  # noqa: E402
 from ray_galaxy.figures import write_samples  # noqa: E402
-from ray_galaxy.generation.generator import SAMPLERS, Generator  # noqa: E402
+from ray_galaxy.generation.generator import SAMPLERS, Generator, LabelError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the flags, load the model directory once and write the PNGs; 2 on a bad model."""
+    """Parse the flags, load the model directory once and write the PNGs; 2 on a bad model or label."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory written by jobs/train.py")
     p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="latent sampler: N(0, I) prior or the model's fitted Gaussian mixture "
                         "(jobs/fit_sampler.py; gmm also adds its residual detail); auto (default): "
                         "gmm when the model directory has a sampler, else prior")
+    p.add_argument("--label", default=None,
+                   help="only galaxies of this class (a model whose sampler was fitted with --labels; an "
+                        "unknown class lists the valid ones); default: any class")
     p.add_argument("--no-detail", action="store_true",
                    help="with --sampler gmm: write the decoder's means, without the residual detail")
     args = p.parse_args(argv)
@@ -36,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gen = Generator.load(args.model)
         paths = write_samples(gen, args.out, args.n, args.seed, args.temperature, args.grid,
-                              sampler=args.sampler, detail=not args.no_detail)
-    except ModelDirError as e:
+                              sampler=args.sampler, detail=not args.no_detail, label=args.label)
+    except (ModelDirError, LabelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {len(paths)} files to {args.out}")

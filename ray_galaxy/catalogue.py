@@ -1,6 +1,6 @@
 """Bulk galaxy catalogues with Ray Data (``jobs/generate.py``).
 
-A catalogue is galaxies 0 .. n-1 of one (model, sampler, seed): galaxy i is exactly what
+A catalogue is galaxies 0 .. n-1 of one (model, sampler, seed, label): galaxy i is exactly what
 ``Generator.load(model).images(...)`` gives for index i (and so what Serve and
 ``jobs/sample.py`` give), because every galaxy is drawn and decoded by the
 :class:`~ray_galaxy.generation.generator.Generator`. The indices are cut into shards of
@@ -83,8 +83,8 @@ class CatalogueConfig:
     use_gpu: bool = _h("Give each actor a GPU and decode on it.", default=False)
     shard_size: int = _h(f"Galaxies per shard: a multiple of {SEED_BLOCK} or a divisor of it (the "
                          "unit of work and of resuming).", default=1024)
-    # Issue 20 item 2: a --label (conditional generation) field goes here; until then the
-    # parquet 'label' column is null and settings.json records label None.
+    label: str | None = _h("Only galaxies of this class (a model whose sampler was fitted with --labels; "
+                           "docs/generate.md, \"Conditional generation\"); default: any class.", default=None)
 
     def __post_init__(self) -> None:
         for key in ("model", "out"):
@@ -120,6 +120,7 @@ class Plan:
     detail: bool
     format: str
     shard_size: int
+    label: str | None = None
 
     @property
     def shards(self) -> int:
@@ -133,7 +134,7 @@ class Plan:
         """What the galaxies in ``out`` are: files written under other settings differ."""
         return {"catalogue_format": CATALOGUE_FORMAT, "model_version": self.version, "sampler": self.sampler,
                 "seed": self.seed, "temperature": self.temperature, "detail": self.detail,
-                "label": None, "format": self.format, "shard_size": self.shard_size}
+                "label": self.label, "format": self.format, "shard_size": self.shard_size}
 
 
 def shard_name(k: int) -> str:
@@ -155,7 +156,7 @@ def catalogue_rows(gen: Generator, plan: Plan, indices: range) -> pa.Table:
     start = indices.start
     while start < indices.stop:
         k = min(indices.stop - start, SEED_BLOCK - start % SEED_BLOCK)
-        z = gen.latents(k, plan.seed, plan.sampler, plan.temperature, start=start)
+        z = gen.latents(k, plan.seed, plan.sampler, plan.temperature, start=start, label=plan.label)
         pngs += [png_bytes(img) for img in gen.decode_uint8(z, detail_seed, offset=start)]
         latents.append(z.numpy().astype(np.float32))
         start += k
@@ -168,7 +169,7 @@ def catalogue_rows(gen: Generator, plan: Plan, indices: range) -> pa.Table:
         "seed": pa.array(np.full(rows, plan.seed, dtype=np.int64)),
         "latent": pa.ListArray.from_arrays(offsets, pa.array(z.ravel())),
         "sampler": pa.array([plan.sampler] * rows, pa.string()),
-        "label": pa.nulls(rows, pa.string()),
+        "label": pa.array([plan.label] * rows, pa.string()),
         "model_version": pa.array([plan.version] * rows, pa.string()),
     })
 
@@ -198,7 +199,7 @@ def write_shard(gen: Generator, plan: Plan, k: int) -> int:
         sink = pa.BufferOutputStream()
         # PNG bytes do not compress: only the small columns are worth zstd's time.
         pq.write_table(table, sink, compression={c: "zstd" if c != "image" else "none" for c in COLUMNS},
-                       use_dictionary=["sampler", "model_version"])
+                       use_dictionary=["sampler", "label", "model_version"])
         write_atomic(fs, join(root, SHARDS_DIR, shard_name(k)), sink.getvalue().to_pybytes())
     return table.num_rows
 
@@ -345,12 +346,13 @@ def plan_of(cfg: CatalogueConfig) -> tuple[Plan, Generator]:
     bad model directory fails here, before any actor starts."""
     model = absolute(cfg.model)
     gen = Generator.load(model, weights=False)
-    gen.latents(1, cfg.seed, cfg.sampler, cfg.temperature)  # raises when the sampler is unusable
+    # Raises when the sampler is unusable or the label unknown (LabelError lists the valid ones).
+    gen.latents(1, cfg.seed, cfg.sampler, cfg.temperature, label=cfg.label)
     sampler = gen.resolve(cfg.sampler)
     detail = gen.detail_seed(sampler, cfg.detail, cfg.seed) is not None
     plan = Plan(model=model, version=gen.version, out=absolute(cfg.out), n=cfg.n, seed=cfg.seed,
                 sampler=sampler, temperature=float(cfg.temperature), detail=detail,
-                format=cfg.format, shard_size=cfg.shard_size)
+                format=cfg.format, shard_size=cfg.shard_size, label=cfg.label)
     return plan, gen
 
 
@@ -363,7 +365,7 @@ def generate_catalogue(cfg: CatalogueConfig) -> dict[str, Any]:
     start_output(plan)
     todo = sorted(set(range(plan.shards)) - complete_shards(plan))
     log(f"catalogue of {plan.n} galaxies from {cfg.model} (version {plan.version}, sampler {plan.sampler}, "
-        f"seed {plan.seed}) -> {cfg.out}: {plan.shards} shard(s) of {plan.shard_size}, "
+        f"seed {plan.seed}{f', label {plan.label}' if plan.label else ''}) -> {cfg.out}: {plan.shards} shard(s) of {plan.shard_size}, "
         f"{plan.shards - len(todo)} already written, {len(todo)} to generate")
     if todo:
         run_shards(plan, todo, cfg)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Type, TypeVar, get_type_hints
+from typing import Any, Callable, Mapping, Type, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -100,6 +101,10 @@ class TrainConfig:
     kl_weight: float = _h("Weight (beta) of the KL term.", default=0.1)
     kl_warmup_epochs: int = _h("Epochs over which the KL weight ramps linearly from 0.", default=5)
     likelihood: str = _h("Reconstruction likelihood: 'gaussian' (learned sigma) or 'bce'.", default="gaussian")
+    labels: str | None = _h("CSV of class labels of the training images (key: file name or stem; class: the "
+                            "column named label, class or morphology, else the last): the sampler is then "
+                            "fitted per label and jobs can draw one class (docs/generate.md, \"Conditional "
+                            "generation\"). Not needed for prepared shards that store labels.", default=None)
     fit_sampler: bool = _h("After training, fit the two-stage sampler (a Gaussian mixture on the training "
                            "codes plus the residual detail model) into the model directory; samples.png "
                            "then shows its draws instead of N(0, I) decodes.", default=True)
@@ -207,6 +212,11 @@ def field_names(cls: Type[Any]) -> list[str]:
 
 def _coerce(name: str, typ: Any, value: Any) -> Any:
     """Convert a YAML/CLI value to the field's declared type, with a clear error."""
+    if get_origin(typ) in (Union, types.UnionType):  # an optional field: None, or its other type
+        if value is None:
+            return None
+        inner = [a for a in get_args(typ) if a is not type(None)]
+        return _coerce(name, inner[0], value) if len(inner) == 1 else value
     try:
         if typ is bool:
             if isinstance(value, bool):

@@ -10,7 +10,8 @@ Output layout (local or s3://)::
 
     <output>/manifest.json              written last: the output is finished iff it exists
     <output>/shards-<run id>/*.parquet  columns: image (raw bytes of an (S, S, 3) uint8 array),
-                                        path (relative to the input), hash, width, height
+                                        path (relative to the input), hash, width, height, and
+                                        with ``labels`` a CSV: label (the class, null if none)
 
 Files are read and shards written in the order of the train/val split key of each path
 (:func:`ray_galaxy.data.split_key`), about ``rows_per_shard`` rows each; the manifest records each
@@ -43,6 +44,7 @@ from scipy.fft import dctn
 from ray_galaxy.config import ConfigError, _h
 from ray_galaxy.console import log
 from ray_galaxy.data import MANIFEST, SHARDS_FORMAT, BadImage, DataError, decode_image, list_images, split_key
+from ray_galaxy.labels import LabelTable, describe_labels, label_counts, label_of, labels_for, read_labels
 from ray_galaxy.storage import absolute, join, resolve
 
 COMPRESSIONS = ("zstd", "none", "lz4", "snappy")
@@ -74,6 +76,9 @@ class PrepareConfig:
     compression: str = _h("Parquet compression of the shards: zstd (default: reads ~9x faster than "
                           "decoding JPEGs, files ~0.55x of raw pixels), none (fastest to read, "
                           "largest), lz4 or snappy.", default="zstd")
+    labels: str | None = _h("CSV of class labels (key: file name or stem; class: the column named label, "
+                            "class or morphology, else the last): each image's class is stored in the shards' "
+                            "label column, so training and jobs/fit_sampler.py need no CSV.", default=None)
 
     def __post_init__(self) -> None:
         if not self.input or not self.output:
@@ -209,6 +214,12 @@ def _duplicate_paths(meta: list[dict[str, Any]]) -> set[str]:
     return {good[i]["path"] for i in find_duplicates([bytes.fromhex(r["hash"]) for r in good])}
 
 
+def _with_labels(ds: ray.data.Dataset, table: LabelTable) -> ray.data.Dataset:
+    """Add each row's class (null when its file has none) as a ``label`` column."""
+    return ds.map_batches(lambda t: t.append_column("label", pa.array(
+        [label_of(p, table) for p in t["path"].to_pylist()], pa.string())), batch_format="pyarrow")
+
+
 def _relative_paths(ds: ray.data.Dataset, in_root: str) -> ray.data.Dataset:
     """Paths relative to the input: the split by path hash must not depend on the bucket or mount."""
     root = in_root.rstrip("/") + "/"
@@ -253,7 +264,8 @@ def _write_shard(table: pa.Table, shard_uri: str, compression: str) -> pa.Table:
     # Pixels barely compress, and Parquet's default (snappy, with a dictionary attempt per
     # value) made reading the shards slower than decoding the JPEGs: benchmarks/README.md.
     pq.write_table(table.take(pa.array(order)), join(folder, name), filesystem=fs,
-                   compression=compression, use_dictionary=["path", "hash"])
+                   compression=compression, use_dictionary=[c for c in ("path", "hash", "label")
+                                                            if c in table.column_names])
     return pa.table({"name": [name], "rows": [len(keys)], "lo": [float(keys[0])], "hi": [float(keys[-1])]})
 
 
@@ -293,12 +305,23 @@ def _publish(fs: pafs.FileSystem, out_root: str, shard_dir: str, manifest: dict[
             _delete_dir(fs, info.path)
 
 
+def _labels_entry(meta: list[dict[str, Any]], drop_paths: set[str], table: LabelTable) -> dict[str, Any]:
+    """The manifest's ``labels``: the CSV, the classes and images per class of the kept images."""
+    kept = [r["path"] for r in meta if not r["error"] and r["path"] not in drop_paths]
+    labels = labels_for(kept, table)
+    log(describe_labels(labels, table.source))
+    counts = label_counts(labels)
+    return {"source": table.source, "classes": list(counts), "counts": counts,
+            "unlabelled": sum(label is None for label in labels)}
+
+
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the preparation; returns the manifest it wrote."""
     t0 = time.time()
     paths = list_images(cfg.input)
     in_fs, in_root = resolve(cfg.input)
     out_fs, out_root = resolve(cfg.output)
+    table = read_labels(cfg.labels) if cfg.labels else None  # a bad CSV fails before any image is read
     log(f"preparing {len(paths)} files from {cfg.input} -> {cfg.output} "
         f"({cfg.image_size}px, crop {cfg.crop}, dedupe {'on' if cfg.dedupe else 'off'})")
     # Read in split-key order, kept in order: consecutive rows then make each shard (_write_shards).
@@ -313,6 +336,9 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         dropped["duplicate"] = len(drop_paths)
     keep = ds.filter(lambda r: not r["error"] and r["path"] not in drop_paths).drop_columns(["error"])
     keep = _relative_paths(keep, in_root)
+    labels = _labels_entry(meta, drop_paths, table) if table is not None else None
+    if table is not None:
+        keep = _with_labels(keep, table)
 
     shard_dir = _start_output(out_fs, out_root)
     n_written = keep.count()
@@ -333,6 +359,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         "dropped": dropped,
         "dropped_examples": examples,
         **split_manifest(shards, out_root),
+        **({"labels": labels} if labels else {}),
         "seconds": round(time.time() - t0, 2),
     }
     _publish(out_fs, out_root, shard_dir, manifest)

@@ -8,6 +8,10 @@ decodes them through it, so the same (sampler, seed) gives the same bytes by con
 A galaxy is ``decode(latents(n, seed))``: codes from the prior N(0, I) or the fitted sampler,
 decoded to the decoder's mean and, for the sampler's draws, with residual detail drawn from
 p(x | z) (:mod:`ray_galaxy.generation.detail`) by the same seed.
+
+Conditional generation: a sampler fitted with labels (``jobs/fit_sampler.py --labels CSV``)
+draws galaxies of one class (``label=``); galaxy i then depends on (model, sampler, seed, i,
+label). :meth:`Generator.check_label` says why a label cannot be used (:class:`LabelError`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from ray_galaxy.checkpoint import ModelDir, ModelDirError, load_model_dir
 from ray_galaxy.config import ModelConfig
 from ray_galaxy.generation.detail import add_detail
 from ray_galaxy.generation.latents import SEED_BLOCK, most_active_dims, prior_latents, seeded_rows
-from ray_galaxy.generation.sampler import SAMPLER_FILE, MixtureSampler, SamplerError, read_sampler
+from ray_galaxy.generation.sampler import SAMPLER_FILE, LabelError, MixtureSampler, SamplerError, read_sampler
 from ray_galaxy.model import ConvVAE, to_uint8
 
 SAMPLERS = ("auto", "prior", "gmm")
@@ -81,6 +85,30 @@ class Generator:
     def detail(self) -> dict[str, torch.Tensor] | None:
         return self.sampler.detail if self.sampler is not None else None
 
+    @property
+    def labels(self) -> list[str]:
+        """The classes galaxies can be drawn from (sorted), empty when the sampler has none."""
+        return self.sampler.labels if self.sampler is not None else []
+
+    def check_label(self, label: str | None, sampler: str = "auto") -> None:
+        """Raise :class:`LabelError` (a ValueError) when galaxies of class ``label`` cannot be
+        drawn with ``sampler``; ``label`` None (any class) always can."""
+        if label is None:
+            return
+        if sampler == "prior":
+            raise LabelError(f"label {label!r} needs the fitted sampler: the prior N(0, I) has no classes; "
+                             "use sampler 'gmm' or 'auto'")
+        if self.sampler is None:
+            raise LabelError(f"{self.uri} has no usable sampler ({self.sampler_problem}); sampling by class "
+                             f"needs one fitted with labels: python jobs/fit_sampler.py --model {self.uri} "
+                             "--labels CSV")
+        if not self.labels:
+            raise LabelError(f"{self.uri} was trained without labels; retrain with --labels CSV to sample by "
+                             f"class (or refit its sampler: python jobs/fit_sampler.py --model {self.uri} "
+                             "--labels CSV)")
+        if label not in self.labels:
+            raise LabelError(f"unknown label {label!r}; valid labels are: {', '.join(self.labels)}")
+
     def dims_by_activity(self) -> list[int]:
         """Latent dimensions, most used first: by the sampler's per-dimension variance when there
         is one, else by the validation KL per dimension (an inactive dimension carries ~0 KL and
@@ -109,16 +137,18 @@ class Generator:
         return sampler
 
     def latents(self, n: int, seed: int = 0, sampler: str = "auto", temperature: float = 1.0,
-                start: int = 0) -> torch.Tensor:
+                start: int = 0, label: str | None = None) -> torch.Tensor:
         """(n, latent_dim) codes of galaxies ``start`` .. ``start + n - 1`` of ``seed``: galaxy i
-        depends only on (model, sampler, seed, i, temperature), not on n (:data:`SEED_BLOCK`)."""
+        depends only on (model, sampler, seed, i, temperature, label), not on n
+        (:data:`SEED_BLOCK`). ``label``: only galaxies of that class (:meth:`check_label`)."""
+        self.check_label(label, sampler)
         if self.resolve(sampler) == "prior":
             return prior_latents(self.model_config.latent_dim, n, seed, temperature, start)
         if self.sampler is None:
             raise SamplerError(f"{self.uri}: no usable sampler ({self.sampler_problem}); fit one with "
                                f"`python jobs/fit_sampler.py --model {self.uri}` or use the prior")
         mixture = self.sampler
-        return seeded_rows(lambda s: mixture.latents(SEED_BLOCK, s, temperature), n, seed, start)
+        return seeded_rows(lambda s: mixture.latents(SEED_BLOCK, s, temperature, label), n, seed, start)
 
     def detail_seed(self, sampler: str, detail: bool, seed: int) -> int | None:
         """The noise seed of residual detail for a request, None for the decoder's means: only the
@@ -145,15 +175,17 @@ class Generator:
         return torch.cat(parts)
 
     def generate(self, n: int, seed: int = 0, sampler: str = "auto", temperature: float = 1.0,
-                 detail: bool = True, start: int = 0, batch_size: int = 256) -> torch.Tensor:
-        """Galaxies ``start`` .. ``start + n - 1`` of ``seed``, (n, 3, S, S) floats in [0, 1]."""
-        z = self.latents(n, seed, sampler, temperature, start)
+                 detail: bool = True, start: int = 0, batch_size: int = 256,
+                 label: str | None = None) -> torch.Tensor:
+        """Galaxies ``start`` .. ``start + n - 1`` of ``seed`` (of class ``label`` when given),
+        (n, 3, S, S) floats in [0, 1]."""
+        z = self.latents(n, seed, sampler, temperature, start, label)
         return self.decode(z, self.detail_seed(sampler, detail, seed), offset=start, batch_size=batch_size)
 
     def images(self, n: int, seed: int = 0, sampler: str = "auto", temperature: float = 1.0,
-               detail: bool = True, start: int = 0) -> np.ndarray:
+               detail: bool = True, start: int = 0, label: str | None = None) -> np.ndarray:
         """Like :meth:`generate`, as (n, S, S, 3) uint8: what a PNG of them holds."""
-        return to_uint8(self.generate(n, seed, sampler, temperature, detail, start)).numpy()
+        return to_uint8(self.generate(n, seed, sampler, temperature, detail, start, label=label)).numpy()
 
     def decode_uint8(self, z: np.ndarray | torch.Tensor, detail_seed: int | None = None,
                      offset: int = 0, batch_size: int = 256) -> np.ndarray:

@@ -15,6 +15,13 @@ galaxies whose decodes are blends; kernels stay near codes the decoder was train
 the bandwidth keeps samples as far from the training images as new galaxies are
 (docs/model.md, "Two-stage sampler").
 
+Fitted per label (conditional generation): when the training images have classes
+(:mod:`ray_galaxy.labels`), every kernel carries its image's class (``kernel_label``, an index
+into ``meta["labels"]``; -1 unlabelled), and a draw for a class picks its kernel uniformly among
+that class's kernels only: the class's own kernel density, each kernel shaped by the shared
+mixture. Without kernels (bandwidth 0) a draw for a class picks a random code of that class and
+draws from that code's component. Unconditional draws are the same with or without labels.
+
 On disk, next to the model: ``sampler.pt`` (tensors only) and ``sampler.json`` (written last).
 """
 
@@ -23,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +59,10 @@ KERNEL_BANDWIDTH = 0.45
 
 class SamplerError(ModelDirError):
     """The requested sampler is missing from the model directory or does not match it."""
+
+
+class LabelError(ValueError):
+    """A class was asked of a sampler (or model) that does not have it; the message lists the valid ones."""
 
 
 def fit_mixture(x: np.ndarray, components: int = 10, covariance: str = "full", seed: int = 0,
@@ -87,10 +98,19 @@ class MixtureSampler:
     def __post_init__(self) -> None:
         # Factorised once per load: every draw needs them (40 x 64 x 64 on GZ2).
         self._chol = torch.linalg.cholesky(self.tensors["covariances"].double())
+        # The kernels (codes) of each class, found once: a draw for a class picks among them.
+        kl = self.tensors.get("kernel_label")
+        self._rows = {name: torch.nonzero(kl == i)[:, 0] for i, name in enumerate(self.labels)} \
+            if kl is not None else {}
 
     @property
     def latent_dim(self) -> int:
         return int(self.tensors["means"].shape[1])
+
+    @property
+    def labels(self) -> list[str]:
+        """The classes it can draw from (sorted), empty when fitted without labels."""
+        return list(self.meta.get("labels") or [])
 
     @property
     def detail(self) -> dict[str, torch.Tensor] | None:
@@ -98,13 +118,26 @@ class MixtureSampler:
         d = {k[len("detail_"):]: v for k, v in self.tensors.items() if k.startswith("detail_")}
         return d or None
 
-    def latents(self, n: int, seed: int = 0, temperature: float = 1.0) -> torch.Tensor:
+    def latents(self, n: int, seed: int = 0, temperature: float = 1.0, label: str | None = None) -> torch.Tensor:
         """(n, D) codes by seed: a uniformly chosen training code plus noise shaped by its
         component's covariance times the bandwidth (with kernels), else a component by weight
-        plus noise shaped by its covariance. ``temperature`` scales the noise."""
+        plus noise shaped by its covariance. ``temperature`` scales the noise. With ``label``
+        the code is chosen among that class's codes only (without kernels: the component of
+        such a code); raises :class:`LabelError` for a class it does not have."""
         t = self.tensors
         g = torch.Generator().manual_seed(int(seed))
-        if "kernel_codes" in t:
+        if label is not None:
+            if label not in self._rows:
+                raise LabelError(f"unknown label {label!r}; valid labels are: {', '.join(self.labels)}"
+                                 if self.labels else "this sampler was fitted without labels")
+            rows = self._rows[label]
+            pick = rows[torch.randint(len(rows), (n,), generator=g)]
+            comp = t["kernel_component"][pick]
+            if "kernel_codes" in t:
+                centre, scale = t["kernel_codes"][pick].double(), temperature * float(t["kernel_bandwidth"])
+            else:
+                centre, scale = t["means"].double()[comp], temperature
+        elif "kernel_codes" in t:
             codes = t["kernel_codes"]  # index first, so a request converts only its own rows
             pick = torch.randint(len(codes), (n,), generator=g)
             comp, centre = t["kernel_component"][pick], codes[pick].double()
@@ -130,7 +163,8 @@ class MixtureSampler:
 
     def summary(self) -> dict[str, Any]:
         """What a person wants to know about it (Serve's /info, reports)."""
-        return {k: self.meta.get(k) for k in ("kind", "components", "covariance", "kernels", "bandwidth")}
+        return {**{k: self.meta.get(k) for k in ("kind", "components", "covariance", "kernels", "bandwidth")},
+                "labels": self.labels}
 
 
 @torch.no_grad()
@@ -145,31 +179,57 @@ def encode_means(model: ConvVAE, images: np.ndarray, batch_size: int = 64) -> np
     return np.concatenate(out)
 
 
+def _label_tensors(labels: Sequence[str | None], n_images: int, orientations: int
+                   ) -> tuple[torch.Tensor, list[str], dict[str, int]]:
+    """Per-code class index (-1: unlabelled; the codes are the images in each orientation in
+    turn), the sorted classes and images per class."""
+    if len(labels) != n_images:
+        raise ValueError(f"labels must give one class (or None) per image: {len(labels)} for {n_images} images")
+    classes = sorted({label for label in labels if label is not None})
+    if not classes:
+        raise ValueError("labels were given but no image has one")
+    index = {c: i for i, c in enumerate(classes)}
+    per_image = torch.tensor([index[label] if label is not None else -1 for label in labels], dtype=torch.int64)
+    counts = {c: sum(label == c for label in labels) for c in classes}
+    return per_image.repeat(orientations), classes, counts
+
+
 def fit_codes(model: ConvVAE, images: np.ndarray, components: int = GMM_COMPONENTS,
               covariance: str = "full", seed: int = 0, orientations: int = SAMPLER_ORIENTATIONS,
-              bandwidth: float = KERNEL_BANDWIDTH, batch_size: int = 64
+              bandwidth: float = KERNEL_BANDWIDTH, batch_size: int = 64,
+              labels: Sequence[str | None] | None = None
               ) -> tuple[dict[str, torch.Tensor], dict[str, Any], np.ndarray]:
     """Fit the mixture (and kernels) to the codes of ``images`` in their first ``orientations``
-    D4 elements. Returns the tensors, their description and the orientation-0 codes (N, D)."""
+    D4 elements. Returns the tensors, their description and the orientation-0 codes (N, D).
+
+    ``labels`` (one class or None per image) makes it a per-label sampler: every code keeps its
+    image's class (``kernel_label``), ``meta["labels"]`` lists the classes. The mixture is
+    fitted to all codes either way, so unconditional draws do not change."""
     if not 1 <= orientations <= len(D4):
         raise ValueError(f"orientations must be in 1..{len(D4)}, got {orientations}")
     if not (bandwidth >= 0 and math.isfinite(bandwidth)):
         raise ValueError(f"bandwidth must be a finite number >= 0, got {bandwidth}")
+    labelled = _label_tensors(labels, len(images), orientations) if labels is not None else None
     mu = encode_means(model, images, batch_size)
     codes = np.concatenate([mu] + [encode_means(model, orient(images, o), batch_size)
                                    for o in range(1, orientations)])  # (orientations * N, D)
     gmm = fit_mixture(codes, components, covariance, seed)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(gmm[k])) for k in ("weights", "means", "covariances")}
+    if bandwidth > 0 or labelled is not None:  # a class's draws need each code's component
+        tensors["kernel_component"] = torch.from_numpy(gmm["component"].astype(np.int64))
     if bandwidth > 0:
         tensors.update({"kernel_codes": torch.from_numpy(np.ascontiguousarray(codes, np.float32)),
-                        "kernel_component": torch.from_numpy(gmm["component"].astype(np.int64)),
                         "kernel_bandwidth": torch.tensor(float(bandwidth), dtype=torch.float64)})
+    if labelled is not None:
+        tensors["kernel_label"] = labelled[0]
     meta = {"format": 2, "kind": "gmm", "components": int(len(gmm["weights"])), "covariance": covariance,
             "kernels": "codes" if bandwidth > 0 else "components", "bandwidth": float(bandwidth),
             "seed": seed, "train_images": int(len(images)), "orientations": orientations,
             "codes": int(len(codes)), "mean_log_likelihood": gmm["log_likelihood"],
             "iterations": gmm["iterations"], "converged": gmm["converged"],
-            "latent_dim": int(codes.shape[1])}
+            "latent_dim": int(codes.shape[1]),
+            "labels": labelled[1] if labelled else [], "label_counts": labelled[2] if labelled else {},
+            "unlabelled_images": sum(label is None for label in labels) if labelled else None}
     return tensors, meta, mu
 
 

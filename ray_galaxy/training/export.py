@@ -79,8 +79,9 @@ def _sampler_line(meta: dict[str, Any], seconds: float) -> str:
     kernels = (f", drawing from kernels on the codes (bandwidth {meta['bandwidth']:g})"
                if meta.get("kernels") == "codes" else "")
     detail = f" + residual detail (gain {meta['detail']['gain']:.2f})" if meta.get("detail") else ""
+    labels = f", per label ({', '.join(meta['labels'])})" if meta.get("labels") else ""
     return (f"sampler: {meta['components']}-component GMM on the codes of {meta['train_images']} training "
-            f"images in {meta['orientations']} orientations{kernels}{detail} in {seconds:.1f}s; "
+            f"images in {meta['orientations']} orientations{kernels}{labels}{detail} in {seconds:.1f}s; "
             "samples.png and traversal.png redrawn from it")
 
 
@@ -96,7 +97,7 @@ def fit_sampler_into(model_dir: str, cfg: TrainConfig) -> dict[str, Any] | None:
     log("fitting the two-stage sampler (codes of the training images in 8 orientations, a Gaussian "
         "mixture, the residual detail model)...")
     try:
-        meta = fit_sampler(model_dir, cfg.data, seed=cfg.seed, crop=cfg.crop)
+        meta = fit_sampler(model_dir, cfg.data, seed=cfg.seed, crop=cfg.crop, labels=cfg.labels)
         files, _ = _figures(Generator.load(model_dir), None, cfg.seed)
         for name, data in files.items():
             write_bytes(join(model_dir, name), data)
