@@ -225,8 +225,9 @@ class _ParseShards:
     Reading the files as bytes and parsing them here is ~4x faster than ``read_parquet`` for
     these shards (a few large binary values per row; benchmarks/README.md, "Ingest")."""
 
-    def __init__(self, stored_size: int, columns: tuple[str, ...] = ("image", "path")) -> None:
-        self.stored, self.columns = stored_size, columns
+    def __init__(self, stored_size: int, columns: tuple[str, ...] = ("image", "path"),
+                 resize: "Resize | None" = None) -> None:
+        self.stored, self.columns, self.resize = stored_size, columns, resize
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {c: [] for c in self.columns}
@@ -235,7 +236,10 @@ class _ParseShards:
             for c in self.columns:
                 values = table.column(c).to_numpy(zero_copy_only=False)
                 out[c].append(shard_images(values, self.stored) if c == "image" else values)
-        return {c: np.concatenate(v) for c, v in out.items()}
+        rows = {c: np.concatenate(v) for c, v in out.items()}
+        if self.resize is not None:
+            rows["image"] = self.resize(rows)["image"]
+        return rows
 
 
 class Resize:
@@ -253,14 +257,20 @@ class Resize:
 
 
 def read_shards(files: list[str], filesystem: Any, stored_size: int,
-                columns: tuple[str, ...] = ("image", "path"), shuffle: Any = None) -> ray.data.Dataset:
+                columns: tuple[str, ...] = ("image", "path"), shuffle: Any = None,
+                resize: "Resize | None" = None) -> ray.data.Dataset:
     """A dataset of the rows of prepared shard files: ``image`` as (S, S, 3) uint8, ``path``.
 
     One read task per shard (the unit a streamed epoch is shuffled and scheduled in);
-    ``shuffle`` is ``read_binary_files``' file-order shuffle (a ``FileShuffleConfig``)."""
+    ``shuffle`` is ``read_binary_files``' file-order shuffle (a ``FileShuffleConfig``).
+    ``resize`` (a :class:`Resize`) runs in the same task as the parsing: as a separate
+    ``map_batches`` of another batch size it is not fused with the read, and Ray Data then
+    read most shards before resizing any, so the first batch of a streamed epoch waited for
+    a share of the whole data set (8-12 s for 20,000 images against 1 s for 2,000;
+    benchmarks/README.md, "Streaming cost against data size")."""
     return ray.data.read_binary_files(files, filesystem=filesystem, shuffle=shuffle,
                                       override_num_blocks=len(files)).map_batches(
-        _ParseShards(stored_size, columns), batch_size=1, batch_format="numpy")
+        _ParseShards(stored_size, columns, resize), batch_size=1, batch_format="numpy")
 
 
 def shard_splits(manifest: dict[str, Any], val_fraction: float) -> dict[str, list[int]] | None:

@@ -308,8 +308,7 @@ def _split_shards(files: list[str], rows: list[int], splits: dict[str, list[int]
         streamed = None
         if whole_shards:
             shuffle = file_shuffle(seed) if split == "train" else None
-            streamed = read_shards(whole_shards, fs, stored, ("image",), shuffle=shuffle).map_batches(
-                resize, batch_size=64, batch_format="numpy")
+            streamed = read_shards(whole_shards, fs, stored, ("image",), shuffle=shuffle, resize=resize)
         out[split] = _union(streamed, mixed[split])
     stats.train_images, stats.val_images = counts["train"], counts["val"]
     return out

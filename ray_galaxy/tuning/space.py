@@ -31,9 +31,10 @@ INT_DISTRIBUTIONS = ("randint", "lograndint")
 LOG_DISTRIBUTIONS = ("loguniform", "qloguniform", "lograndint")
 
 # TrainConfig fields that are the same for every trial of a sweep, so not searchable: the
-# sweep sets them (TuneConfig), or, for preset, they were applied with the base config.
+# sweep sets them (TuneConfig), or, for preset, they were applied with the base config; labels
+# describe the data, not the model.
 SWEEP_FIELDS = ("data", "storage", "name", "epochs", "num_workers", "use_gpu", "cpus_per_worker",
-                "preset")
+                "preset", "labels")
 
 DEFAULT_SEARCH_SPACE: dict[str, Any] = {
     "latent_dim": {"choice": [16, 32, 64, 128]},
