@@ -56,6 +56,15 @@ class ResBlock(nn.Module):
         return x + self.body(x)
 
 
+DECODE_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def decode_dtype(device: torch.device | str) -> torch.dtype:
+    """The precision :meth:`ConvVAE.decode` runs in by default: float64 on a CPU (byte-reproducible
+    whatever the batching), float32 on an accelerator (float64 is a small fraction of its rate)."""
+    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+
+
 class ConvVAE(nn.Module):
     """Fully convolutional VAE: stride-2 encoder, upsample+conv decoder, Gaussian latent."""
 
@@ -182,30 +191,33 @@ class ConvVAE(nn.Module):
         return self.fc_mu.weight.device
 
     @torch.inference_mode()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Latent codes (B, latent_dim) -> mean images (B, 3, S, S) in [0, 1].
 
-        Runs in float64: float32 conv kernels round differently depending on batch size and
-        threads, which flips the odd 8-bit pixel. In float64 the same latent gives the same
-        bytes however requests are batched (samples and served PNGs are byte-reproducible).
+        ``dtype`` None is :func:`decode_dtype` of the model's device. On a CPU that is float64:
+        float32 conv kernels round differently depending on batch size and threads, which flips
+        the odd 8-bit pixel, while in float64 the same latent gives the same bytes however
+        requests are batched (samples and served PNGs are byte-reproducible). On a GPU float64
+        runs at a small fraction of float32's rate, so there it is float32 (docs/model.md,
+        "Decoding precision").
         """
-        fc, dec = self._float64_decoder()
-        h = fc(z.to(self._device()).double()).view(-1, self.config.channels[-1], self.bottom, self.bottom)
-        return ((torch.tanh(dec(h)) + 1) / 2).float()
+        dtype = dtype or decode_dtype(self._device())
+        fc, dec = self._decoder_in(dtype)
+        h = fc(z.to(self._device(), dtype)).view(-1, self.config.channels[-1], self.bottom, self.bottom)
+        return ((torch.tanh(dec(h).float()) + 1) / 2).float()
 
-    def _float64_decoder(self) -> tuple[nn.Module, nn.Module]:
-        """A float64 copy of the decoder, rebuilt only when a weight has changed since."""
+    def _decoder_in(self, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
+        """A copy of the decoder in ``dtype``, rebuilt only when a weight has changed since."""
         params = list(self.fc_dec.parameters()) + list(self.decoder.parameters())
-        key = (str(self._device()),) + tuple((id(p), p._version) for p in params)
-        cached = getattr(self, "_f64_cache", None)
+        key = (str(self._device()), str(dtype)) + tuple((id(p), p._version) for p in params)
+        cached = getattr(self, "_decoder_cache", None)
         if cached is None or cached[0] != key:
-            fc, dec = copy.deepcopy(self.fc_dec).double(), copy.deepcopy(self.decoder).double()
+            fc, dec = copy.deepcopy(self.fc_dec).to(dtype), copy.deepcopy(self.decoder).to(dtype)
             # Stored outside nn.Module bookkeeping: not a submodule, not in the state dict.
-            object.__setattr__(self, "_f64_cache", (key, fc, dec))
-            cached = self._f64_cache
+            object.__setattr__(self, "_decoder_cache", (key, fc, dec))
+            cached = self._decoder_cache
         return cached[1], cached[2]
 
-    @torch.inference_mode()
     @torch.inference_mode()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Decode the posterior mean: (B, 3, S, S) in [0, 1] -> (B, 3, S, S) in [0, 1]."""
