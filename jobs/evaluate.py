@@ -1,9 +1,11 @@
 """Evaluate a trained model directory on held-out galaxies: likelihood, reconstructions,
-morphology and sharpness of generated galaxies, memorisation; writes report.md, metrics.json
-and figures.
+morphology and sharpness of generated galaxies, memorisation and, for a model whose sampler
+has labels, whether conditional samples come out as their class; writes report.md,
+metrics.json and figures.
 
     python jobs/evaluate.py --model runs/galaxy-vae/model --data /data/gz2/val --crop 0.5 --out eval/
     python jobs/evaluate.py --model M --data D --out eval-gmm/ --sampler gmm --fit-sampler
+    python jobs/evaluate.py --model M --data path/to/gz2/val --labels path/to/gz2/labels.csv --out eval/
 
 Definitions and caveats: docs/model.md, section "Evaluation".
 """

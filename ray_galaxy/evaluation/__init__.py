@@ -4,6 +4,7 @@
 * :mod:`.metrics`: likelihood bounds, reconstruction scores, nearest neighbours, memorisation,
   and the metric keys of metrics.json;
 * :mod:`.morphology`: CAS, Gini/M20, size, shape and colour of galaxy images;
+* :mod:`.classes`: whether conditional samples come out as the class asked for;
 * :mod:`.report`: the charts and report.md;
 * :mod:`.evaluate`: the steps of one evaluation, in order.
 

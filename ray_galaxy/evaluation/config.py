@@ -37,6 +37,13 @@ class EvaluateConfig:
     gmm_covariance: str = _h("Covariance of a sampler fitted here: 'full' or 'diag'.", default="full")
     gmm_bandwidth: float = _h("Kernel bandwidth of a sampler fitted here (draws around the training codes); "
                               "0 draws from the mixture's components.", default=KERNEL_BANDWIDTH)
+    labels: str = _h("CSV of class labels of the training and held-out images for the classes check of a "
+                     "model whose sampler has labels (docs/model.md, \"Classes\"); default: the CSV the "
+                     "sampler was fitted with, else the model's train.labels.", default="")
+    n_per_class: int = _h("Conditional samples drawn per class for the classes check; 0 = n // classes.",
+                          default=0)
+    class_train: int = _h("At most this many labelled training images fit the classes check's classifier "
+                          "(morphology costs ~15 ms an image).", default=2000)
     iwae_k: int = _h("Importance samples per image for the IWAE bound.", default=32)
     temperature: float = _h("Scale of the sampler's noise (1 = as fitted).", default=1.0)
     seed: int = _h("Random seed (subsets, samples, IWAE noise); the same seed gives the same report.",
@@ -61,6 +68,9 @@ class EvaluateConfig:
         for key in ("n", "max_images", "max_train", "gmm_components", "iwae_k", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+        if self.n_per_class < 0 or self.class_train < 2:
+            raise ConfigError(f"n-per-class must be >= 0 and class-train >= 2, got {self.n_per_class} "
+                              f"and {self.class_train}")
         if self.n < 4 or self.max_images < 4:
             raise ConfigError("n and max_images must be at least 4 (distributions need a few images)")
         if self.temperature <= 0:

@@ -23,7 +23,7 @@ from ray_galaxy.checkpoint import ModelDirError
 from ray_galaxy.config import ConfigError
 from ray_galaxy.console import fmt_seconds, log
 from ray_galaxy.data import DataError
-from ray_galaxy.evaluation import morphology, sharpness
+from ray_galaxy.evaluation import classes, morphology, sharpness
 from ray_galaxy.evaluation.config import EvaluateConfig
 from ray_galaxy.evaluation.metrics import (clean, likelihood_bounds, memorisation, morphology_scores,
                                            nearest_training_images, power_spectrum, reconstruct,
@@ -37,7 +37,8 @@ from ray_galaxy.generation.generator import Generator
 from ray_galaxy.generation.latents import slerp
 from ray_galaxy.generation.sampler import SAMPLER_FILE, SAMPLER_META, SamplerError
 from ray_galaxy.images import grid, luminance, pairs, power_deficit_dex, radial_power_spectrum
-from ray_galaxy.imageset import load_images, recorded_train_data, same_source
+from ray_galaxy.imageset import read_image_set, recorded_train_data, same_source
+from ray_galaxy.labels import LabelTable
 from ray_galaxy.storage import exists, join
 
 
@@ -52,6 +53,9 @@ class Inputs:
     train_info: dict[str, Any] | None = None
     train_uri: str | None = None
     skip_reason: str | None = None
+    labels_source: str | None = None  # the labels CSV read, if any
+    real_labels: list[str | None] | None = None  # per held-out image, None when nothing is labelled
+    train_labels: list[str | None] | None = None
 
 
 # --------------------------------------------------------------------------- steps
@@ -71,9 +75,10 @@ def choose_sampler(cfg: EvaluateConfig, gen: Generator) -> EvaluateConfig:
     return cfg
 
 
-def load_inputs(cfg: EvaluateConfig, gen: Generator) -> Inputs:
+def load_inputs(cfg: EvaluateConfig, gen: Generator, table: LabelTable | None = None) -> Inputs:
     """Held-out images (the validation split when they are the model's own training source) and
-    the training images (its training split) unless they are unavailable or turned off."""
+    the training images (its training split) unless they are unavailable or turned off; with
+    their classes from ``table`` (or prepared shards) for the classes check."""
     tcfg = gen.model_dir.train_config
     size, crop = gen.model_config.image_size, cfg.crop or float(tcfg.get("crop", 1.0))
     val_fraction = float(tcfg.get("val_fraction", 0.1))
@@ -81,14 +86,16 @@ def load_inputs(cfg: EvaluateConfig, gen: Generator) -> Inputs:
     def split_of(uri: str, own: str) -> str | None:
         return own if tcfg.get("data") and same_source(uri, tcfg["data"]) else None
 
-    real, real_info = load_images(cfg.data, size, crop, cfg.max_images, split_of(cfg.data, "val"),
-                                  val_fraction, cfg.seed)
-    log(f"held-out: {len(real)} images from {cfg.data} ({real_info['split']}), {size}px, crop {crop}")
-    inputs = Inputs(real, real_info, crop)
+    found = read_image_set(cfg.data, size, crop, cfg.max_images, split_of(cfg.data, "val"), val_fraction, cfg.seed)
+    log(f"held-out: {len(found.images)} images from {cfg.data} ({found.info['split']}), {size}px, crop {crop}")
+    inputs = Inputs(found.images, found.info, crop, real_labels=classes.image_labels(found, table),
+                    labels_source=table.source if table else found.info.get("labels_source"))
     inputs.train_uri = None if cfg.train_data == "none" else (cfg.train_data or recorded_train_data(tcfg))
     if inputs.train_uri:
-        inputs.train, inputs.train_info = load_images(inputs.train_uri, size, crop, cfg.max_train,
-                                                      split_of(inputs.train_uri, "train"), val_fraction, cfg.seed)
+        found = read_image_set(inputs.train_uri, size, crop, cfg.max_train, split_of(inputs.train_uri, "train"),
+                               val_fraction, cfg.seed)
+        inputs.train, inputs.train_info = found.images, found.info
+        inputs.train_labels = classes.image_labels(found, table)
         log(f"training set: {len(inputs.train)} images from {inputs.train_uri} ({inputs.train_info['split']})")
     else:
         inputs.skip_reason = ("skipped (--train-data none)" if cfg.train_data == "none" else
@@ -99,13 +106,16 @@ def load_inputs(cfg: EvaluateConfig, gen: Generator) -> Inputs:
 
 def ensure_sampler(cfg: EvaluateConfig, gen: Generator, inputs: Inputs) -> Generator:
     """With ``--sampler gmm`` and no usable sampler: fit one to the training images already
-    read (``--fit-sampler``), store it in the model directory and reload the generator."""
+    read (``--fit-sampler``; per label when they have classes), store it in the model directory
+    and reload the generator."""
     if cfg.sampler != "gmm" or gen.sampler is not None:
         return gen
     if inputs.train is None:
         raise SamplerError("--fit-sampler needs the training images; pass --train-data")
+    labelled = inputs.train_labels is not None  # then per label, as jobs/fit_sampler.py would
     meta = fit_sampler(cfg.model, inputs.train_uri, cfg.gmm_components, cfg.gmm_covariance, cfg.seed,
-                       inputs.crop, images=inputs.train, batch_size=cfg.batch_size, bandwidth=cfg.gmm_bandwidth)
+                       inputs.crop, images=inputs.train, batch_size=cfg.batch_size, bandwidth=cfg.gmm_bandwidth,
+                       labels=inputs.labels_source if labelled else None, image_labels=inputs.train_labels)
     log(f"fitted a {meta['components']}-component {meta['covariance']} GMM sampler "
         f"({meta['iterations']} EM iterations) and stored it in {gen.uri}")
     return Generator.load(cfg.model)
@@ -234,7 +244,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     gen = Generator.load(cfg.model)
     cfg = choose_sampler(cfg, gen)
-    inputs = load_inputs(cfg, gen)
+    inputs = load_inputs(cfg, gen, classes.read_table(classes.labels_uri(cfg.labels, gen), bool(cfg.labels)))
     gen = ensure_sampler(cfg, gen, inputs)
     lik, rec, recon = score_real(cfg, gen, inputs.real)
     generated, means = generate(cfg, gen)
@@ -243,6 +253,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     means_only = score_means(cfg, means, inputs, m_real, m_means) if means is not None else None
     morph, sharp, mem = score_generated(cfg, generated, means, recon, inputs,
                                         {"real": m_real, "generated": m_gen, "means": m_means})
+    by_class = classes.score_classes(cfg, gen, m_real, inputs.real_labels, inputs.train, inputs.train_labels,
+                                     m_gen, inputs.labels_source)
 
     figs = Figures(out)
     sample_figures(figs, cfg, gen, inputs.real, generated, means, lik["kl_per_dim"])
@@ -258,7 +270,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "detail": means is not None, "means_only": means_only,
         "n_generated": int(len(generated)), "seed": cfg.seed, "temperature": cfg.temperature,
         "likelihood": lik, "reconstruction": rec, "morphology": morph, "sharpness": sharp,
-        "memorisation": mem, "figures": figs.names, "config": cfg.to_dict(),
+        "memorisation": mem, "classes": by_class, "figures": figs.names, "config": cfg.to_dict(),
         "seconds": round(time.time() - t0, 1),
     })
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))

@@ -224,10 +224,35 @@ def _highpass(hp: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _classes(c: dict[str, Any] | None) -> list[str]:
+    if not c:
+        return []
+    if c.get("skipped"):
+        return ["## Classes", "", f"Skipped: {c['skipped']}.", ""]
+    held = c["held_out"]
+    lines = [
+        "## Classes", "",
+        f"A classifier ({c['classifier']}) fitted to {c['train_images']} labelled training images "
+        f"({c['train_dropped']} left out: a statistic failed), classes from `{c['labels_source']}`. Its accuracy "
+        f"on {held['images']} labelled held-out images: {fmt(held['accuracy'])} (balanced "
+        f"{fmt(held['balanced_accuracy'])}). Per class: the share of {c['n_per_class']} conditional samples it "
+        "assigns to the class asked for, next to its recall on real held-out galaxies of that class (what "
+        "samples like real ones would score); and the morphology distance (mean W/sd over the statistics) from the class's held-out "
+        "galaxies to its conditional samples and to the unconditional ones.", "",
+        "| class | training | held-out | real assigned to class | conditional assigned to class | W/sd conditional | "
+        "W/sd unconditional | floor |", "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in c["per_class"]:
+        lines.append(f"| {r['label']} | {r['train']} | {r['held_out']} | {fmt(r['held_out_recall'])} | "
+                     f"{fmt(r['conditional_share'])} | {fmt(r['distance_conditional'])} | "
+                     f"{fmt(r['distance_unconditional'])} | {fmt(r['distance_floor'])} |")
+    return lines + [""]
+
+
 def report_markdown(m: dict[str, Any], files: list[tuple[str, str, str]]) -> str:
-    """The human-readable report: headline table, residual detail, morphology table, figures."""
+    """The human-readable report: headline table, residual detail, morphology table, classes, figures."""
     lines = _header(m) + _summary(m) + _residual_detail(m) + _morphology(m["morphology"])
-    lines += [""] + _highpass(m["sharpness"]["highpass"]) + ["## Figures", ""]
+    lines += [""] + _highpass(m["sharpness"]["highpass"]) + _classes(m.get("classes")) + ["## Figures", ""]
     for name, title, caption in files:
         lines += [f"### {title}", "", f"![{title}]({name})", "", caption, ""]
     lines += ["Definitions and caveats: docs/model.md of ray-galaxy, section \"Evaluation\".", ""]

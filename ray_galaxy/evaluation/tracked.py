@@ -11,7 +11,8 @@ from ray_galaxy.evaluation.config import EvaluateConfig
 from ray_galaxy.tracking import Tracker, resolve_uri
 
 # The sections of the evaluation's metrics.json that hold its results (the rest describes inputs).
-RESULT_SECTIONS = ("likelihood", "reconstruction", "morphology", "sharpness", "memorisation", "means_only")
+RESULT_SECTIONS = ("likelihood", "reconstruction", "morphology", "sharpness", "memorisation", "means_only",
+                   "classes")  # classes: its summary numbers (per-class rows are a list, left out)
 LOCAL_STORAGE = "./runs"  # where the local store is when the model has no run: jobs/train.py's default
 
 
