@@ -94,6 +94,18 @@ def test_train_config_records_a_labels_csv():
     assert train_config(labels="path/labels.csv").to_dict()["labels"] == "path/labels.csv"
 
 
+def test_training_refuses_a_bad_labels_csv_before_it_starts(tmp_path, capsys):
+    from ray_galaxy.training.trainer import main_entry
+
+    bad = tmp_path / "labels.csv"
+    bad.write_text("id\n")  # a header and no rows
+    for labels in (str(bad), str(tmp_path / "missing.csv")):
+        assert main_entry(train_config(labels=labels, storage=str(tmp_path), epochs=1)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and labels in err and "Traceback" not in err
+        assert not (tmp_path / "galaxy-vae").exists()  # nothing trained, no run folder
+
+
 # --------------------------------------------------------------------------- the per-label sampler
 
 

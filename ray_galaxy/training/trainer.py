@@ -19,6 +19,7 @@ from ray_galaxy.checkpoint import METRICS_FILE, ModelDirError
 from ray_galaxy.config import TrainConfig
 from ray_galaxy.console import fmt_seconds, log
 from ray_galaxy.data import DataError
+from ray_galaxy.labels import read_labels
 from ray_galaxy.runtime import ClusterError, ensure_ray, ray_log_dir, storage_path
 from ray_galaxy.storage import exists, join, read_bytes, write_bytes
 from ray_galaxy.streaming import DataStats, load_datasets
@@ -181,6 +182,10 @@ def _train(cfg: TrainConfig, tracker: Tracker, t0: float) -> TrainResult:
 def train(cfg: TrainConfig) -> TrainResult:
     """Run a whole training job: data, Ray Train, export, its MLflow run. Returns where the
     model went."""
+    if cfg.labels:  # a bad CSV fails now, not after training when the sampler is fitted
+        table = read_labels(cfg.labels)
+        log(f"labels: {len(table.by_key)} images in {len(table.classes)} classes ({', '.join(table.classes)}) "
+            f"from {cfg.labels}; the sampler is fitted per class after training")
     ensure_ray()
     t0 = time.time()
     log(_header(cfg))
