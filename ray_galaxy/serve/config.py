@@ -25,6 +25,7 @@ MAX_ABS_LATENT = 100.0      # |z_i| bound for latent vectors sent by clients
 MAX_INTERP_STEPS = 32
 MAX_TRAVERSE_STEPS = 16
 MAX_TRAVERSE_RANGE = 10.0
+MAX_LABEL_CHARS = 200      # a class name (``label=``); the model's labels are checked after
 # The explorer page sets this cookie from ``GET /?token=...``: a browser cannot send a bearer
 # header when it loads a page, its script and its images.
 TOKEN_COOKIE = "ray_galaxy_token"

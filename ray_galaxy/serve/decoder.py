@@ -96,6 +96,8 @@ class Decoder:
         if z.ndim != 2 or z.shape[1] != latent_dim:
             return self._mismatch(f"expected (k, {latent_dim}) latents, got {z.shape}")
         step = self.config.max_batch_size
+        if len(z) <= step:  # one chunk (every single-galaxy request): no task for gather to wrap
+            return {"images": await self._decode_batch((z, seed, offset)), "version": self.version}
         parts = await asyncio.gather(*(self._decode_batch((z[i:i + step], seed, offset + i))
                                        for i in range(0, len(z), step)))
         return {"images": np.concatenate(parts), "version": self.version}

@@ -25,7 +25,7 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from ray_galaxy.config import ModelConfig
-from ray_galaxy.generation.generator import Generator
+from ray_galaxy.generation.generator import Generator, LabelError
 from ray_galaxy.generation.latents import most_active_dims, prior_latents
 from ray_galaxy.serve.config import DECODER_RETRY_S, INGRESS, MAX_N, ServeConfig, Token
 from ray_galaxy.serve.errors import ApiError
@@ -101,16 +101,20 @@ class GalaxyAPI:
 
     # ------------------------------------------------------------------ codes
     def latents(self, cfg: ModelConfig, n: int, seed: int, temperature: float,
-                sampler: str = "auto") -> np.ndarray:
+                sampler: str = "auto", label: str | None = None) -> np.ndarray:
         """(n, latent_dim) codes of ``cfg``'s model for ``seed``, from the prior or the sampler:
-        the codes of jobs/sample.py's first ``n`` galaxies of that seed."""
+        the codes of jobs/sample.py's first ``n`` galaxies of that seed (of class ``label``)."""
         if self.gen.resolve(sampler) == "gmm" and self.gen.sampler is None:
             raise ApiError(422, f"sampler: this model has no GMM sampler ({self.gen.sampler_problem}); "
                                 "use 'prior' or fit one with jobs/fit_sampler.py", "sampler")
+        try:
+            self.gen.check_label(label, sampler)
+        except LabelError as e:
+            raise ApiError(422, f"label: {e}", "label") from None
         if cfg == self.model_config:
-            return self.gen.latents(n, seed, sampler, temperature).numpy()
+            return self.gen.latents(n, seed, sampler, temperature, label=label).numpy()
         # Mid-swap, rebuilt for the decoder's new model: its sampler is not loaded here.
-        if sampler == "gmm":
+        if sampler == "gmm" or label is not None:
             raise ApiError(503, "sampler: the model is being replaced; retry", "sampler")
         return prior_latents(cfg.latent_dim, n, seed, temperature).numpy()
 
@@ -139,10 +143,12 @@ class GalaxyAPI:
         if method != "decode":
             return [await self._call(method, data, deadline)]
         step = self.config.max_batch_size
-        return await asyncio.gather(*(
-            self._call("decode", data[i:i + step] if noise is None else
-                       {"z": data[i:i + step], "detail_seed": noise, "offset": i}, deadline)
-            for i in range(0, len(data), step)))
+        calls = [self._call("decode", data[i:i + step] if noise is None else
+                            {"z": data[i:i + step], "detail_seed": noise, "offset": i}, deadline)
+                 for i in range(0, len(data), step)]
+        if len(calls) == 1:  # a single galaxy: no task for gather to wrap it in
+            return [await calls[0]]
+        return await asyncio.gather(*calls)
 
     def _rebuild(self, build: Build, answer: Mapping[str, Any], cfg: ModelConfig
                  ) -> tuple[np.ndarray | None, ModelConfig]:
@@ -200,6 +206,7 @@ class GalaxyAPI:
             "dims_by_activity": self.gen.dims_by_activity(),
             "samplers": self.gen.samplers,
             "sampler": sampler.summary() if sampler is not None else None,
+            "labels": self.gen.labels,
             "serving": {
                 "max_batch_size": self.config.max_batch_size,
                 "batch_wait_timeout_s": self.config.batch_wait_timeout_s,

@@ -29,20 +29,23 @@ from ray_galaxy.serve.errors import ApiError, install_error_handlers
 from ray_galaxy.serve.explorer import EXPLORER_FILES, explorer_file, explorer_page
 from ray_galaxy.serve.middleware import add_middleware
 from ray_galaxy.serve.schemas import (PNG, SAMPLE_FORMATS, UPLOAD_DOC, CenterQuery, CropQuery, DecodeRequest,
-                                      DetailQuery, DimsQuery, InterpolateRequest, RangeQuery, SampleRequest,
-                                      SamplerQuery, SeedQuery, TemperatureQuery, TraverseStepsQuery)
+                                      DetailQuery, DimsQuery, InterpolateRequest, LabelQuery, RangeQuery,
+                                      SampleRequest, SamplerQuery, SeedQuery, TemperatureQuery, TraverseStepsQuery)
 
 API_DESCRIPTION = ("Galaxy images from a convolutional VAE. Errors are JSON "
                    '`{"error": ..., "field": ...}`. Send `Authorization: Bearer <token>` when '
                    "the server was started with a token (every route but /healthz).")
 
 
-def _service(request: Request) -> Any:
+# The dependencies are ``async def`` although they never await: FastAPI runs a plain ``def``
+# dependency in its thread pool, two thread hand-offs per request for a dict lookup
+# (benchmarks/README.md, single-galaxy requests).
+async def _service(request: Request) -> Any:
     """The ingress replica (``ray_galaxy.serve.ingress.GalaxyAPI``) that serves this app."""
     return request.app.state.svc
 
 
-def _known_query(request: Request) -> None:
+async def _known_query(request: Request) -> None:
     """422 naming a query parameter the route does not take (a typo would else be ignored)."""
     allowed = [p.alias for p in request.scope["route"].dependant.query_params]
     for key in request.query_params:
@@ -147,10 +150,12 @@ async def info(svc: Svc) -> dict[str, Any]:
 
 
 @router.get("/sample", response_class=Response, responses={200: PNG}, dependencies=KNOWN_QUERY,
-            summary="One galaxy from the prior (same seed + model: byte-identical PNG)")
+            summary="One galaxy from the prior or sampler, of any class or one "
+                    "(same seed + model: byte-identical PNG)")
 async def sample_one(svc: Svc, seed: SeedQuery = 0, temperature: TemperatureQuery = 1.0,
-                     sampler: SamplerQuery = "auto", detail: DetailQuery = True) -> Response:
-    images, version = await svc.run(lambda cfg: svc.latents(cfg, 1, seed, temperature, sampler),
+                     sampler: SamplerQuery = "auto", detail: DetailQuery = True,
+                     label: LabelQuery = None) -> Response:
+    images, version = await svc.run(lambda cfg: svc.latents(cfg, 1, seed, temperature, sampler, label),
                                     detail_seed=lambda cfg: svc.detail_seed(cfg, sampler, detail, seed))
     return _png(images[0], version)
 
@@ -159,7 +164,7 @@ async def sample_one(svc: Svc, seed: SeedQuery = 0, temperature: TemperatureQuer
              summary="n galaxies as a PNG grid, a zip of PNGs, or a .npy array")
 async def sample_many(svc: Svc, req: Annotated[SampleRequest, Body()]) -> Response:
     images, version = await svc.run(
-        lambda cfg: svc.latents(cfg, req.n, req.seed, req.temperature, req.sampler),
+        lambda cfg: svc.latents(cfg, req.n, req.seed, req.temperature, req.sampler, req.label),
         detail_seed=lambda cfg: svc.detail_seed(cfg, req.sampler, req.detail, req.seed))
     if req.format == "grid":
         return _png(grid(images), version)
@@ -175,7 +180,7 @@ async def sample_many(svc: Svc, req: Annotated[SampleRequest, Body()]) -> Respon
 async def interpolate(svc: Svc, req: Annotated[InterpolateRequest, Body()]) -> Response:
     def build(cfg: ModelConfig) -> np.ndarray:
         def draw(seed: int) -> np.ndarray:
-            return svc.latents(cfg, 1, seed, req.temperature, req.sampler)[0]
+            return svc.latents(cfg, 1, seed, req.temperature, req.sampler, req.label)[0]
 
         z0, z1 = (endpoint_latent(cfg, v, f, draw) for v, f in ((req.from_, "from"), (req.to, "to")))
         return slerp(z0, z1, req.steps).numpy()
@@ -203,10 +208,10 @@ async def traverse(svc: Svc, dims: DimsQuery = None, steps: TraverseStepsQuery =
 
 @router.get("/latent", summary="The latent code a seed draws (what GET /sample decodes)", dependencies=KNOWN_QUERY)
 async def latent(svc: Svc, seed: SeedQuery = 0, temperature: TemperatureQuery = 1.0,
-                 sampler: SamplerQuery = "auto") -> dict[str, Any]:
-    z = svc.latents(svc.model_config, 1, seed, temperature, sampler)[0]
+                 sampler: SamplerQuery = "auto", label: LabelQuery = None) -> dict[str, Any]:
+    z = svc.latents(svc.model_config, 1, seed, temperature, sampler, label)[0]
     return {"z": [float(v) for v in z], "seed": seed, "temperature": temperature,
-            "sampler": svc.gen.resolve(sampler), "version": svc.version}
+            "sampler": svc.gen.resolve(sampler), "label": label, "version": svc.version}
 
 
 @router.post("/decode", response_class=Response, responses={200: PNG},

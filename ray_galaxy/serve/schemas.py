@@ -8,25 +8,29 @@ from typing import Annotated, Literal, Union
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from ray_galaxy.serve.config import (MAX_ABS_LATENT, MAX_INTERP_STEPS, MAX_N, MAX_SEED, MAX_TEMPERATURE,
-                                     MAX_TRAVERSE_RANGE, MAX_TRAVERSE_STEPS)
+from ray_galaxy.serve.config import (MAX_ABS_LATENT, MAX_INTERP_STEPS, MAX_LABEL_CHARS, MAX_N, MAX_SEED,
+                                     MAX_TEMPERATURE, MAX_TRAVERSE_RANGE, MAX_TRAVERSE_STEPS)
 
 SAMPLER_DOC = ("prior: N(0, T^2 I); gmm: the model's two-stage sampler (see /info samplers); "
                "auto (default): gmm when the model has one, else prior")
 DETAIL_DOC = ("with the gmm sampler: draw from p(x|z), the decoded mean plus the sampler's residual "
               "detail (seeded by seed); false: the decoder's mean")
+LABEL_DOC = ("only galaxies of this class (one of /info labels; needs a sampler fitted with labels); "
+             "default: any class")
 
 Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
 Temperature = Annotated[float, Field(ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)]
 LatentValue = Annotated[float, Field(ge=-MAX_ABS_LATENT, le=MAX_ABS_LATENT, allow_inf_nan=False)]
 Endpoint = Union[Seed, list[LatentValue]]
 SamplerName = Literal["auto", "prior", "gmm"]
+Label = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS)]
 
 # Query parameters.
 SeedQuery = Annotated[int, Query(ge=0, le=MAX_SEED)]
 TemperatureQuery = Annotated[float, Query(ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)]
 SamplerQuery = Annotated[SamplerName, Query(description=SAMPLER_DOC)]
 DetailQuery = Annotated[bool, Query(description=DETAIL_DOC)]
+LabelQuery = Annotated[str | None, Query(min_length=1, max_length=MAX_LABEL_CHARS, description=LABEL_DOC)]
 DimsQuery = Annotated[str | None, Query(description="two latent indices, e.g. 0,1 "
                                                     "(default: the training run's traversal dims)")]
 TraverseStepsQuery = Annotated[int, Query(ge=2, le=MAX_TRAVERSE_STEPS)]
@@ -49,6 +53,7 @@ class SampleRequest(BaseModel):
         "grid", description="grid: one PNG mosaic; zip: one PNG per galaxy; npy: (n, S, S, 3) uint8")
     sampler: SamplerName = Field("auto", description=SAMPLER_DOC)
     detail: bool = Field(True, description=DETAIL_DOC)
+    label: Label | None = Field(None, description=LABEL_DOC)
 
 
 class InterpolateRequest(BaseModel):
@@ -60,6 +65,7 @@ class InterpolateRequest(BaseModel):
     steps: int = Field(8, ge=2, le=MAX_INTERP_STEPS)
     temperature: Temperature = Field(1.0, description="prior scale for seed endpoints")
     sampler: SamplerName = Field("auto", description="sampler of seed endpoints: " + SAMPLER_DOC)
+    label: Label | None = Field(None, description="class of seed endpoints: " + LABEL_DOC)
 
 
 class DecodeRequest(BaseModel):

@@ -135,9 +135,23 @@ function setCode(z) {
   scheduleDecode();
 }
 
+// The class a seed's code is drawn from: "" (any) unless the model's sampler was fitted with
+// labels and is the one in use (the prior has no classes).
+function labelParam() {
+  const select = $("label");
+  return !select.disabled && select.value ? { label: select.value } : {};
+}
+
+function syncLabelBox() {
+  const labels = state.info.labels || [], prior = $("sampler").value === "prior";
+  $("label").disabled = !labels.length || prior;
+  $("label-note").textContent = !labels.length ? "this model was trained without labels"
+    : prior ? "classes need the GMM sampler" : "";
+}
+
 async function loadSeed(seed) {
   const params = new URLSearchParams({ seed: String(seed), temperature: $("temperature").value,
-                                       sampler: $("sampler").value });
+                                       sampler: $("sampler").value, ...labelParam() });
   const body = await (await api(`latent?${params}`)).json();
   $("seed").value = String(body.seed);
   setCode(body.z);
@@ -204,6 +218,7 @@ function showInfo(info) {
   const rows = [
     ["name", info.name], ["version", info.version], ["latent dim", info.latent_dim],
     ["image size", `${info.image_size} px`], ["samplers", info.samplers.join(", ")],
+    ["classes", (info.labels || []).join(", ") || "none"],
     ["best epoch", info.metrics?.best_epoch ?? "–"], ["epochs run", info.metrics?.epochs_run ?? "–"],
   ];
   for (const [k, v] of Object.entries(best)) if (k !== "epoch") rows.push([k, Number(v).toPrecision(4)]);
@@ -233,6 +248,8 @@ async function start() {
   fillSelect($("sampler"), info.samplers, (s) => (s === "gmm" ? "GMM (fitted to training codes)" : "prior N(0, I)"),
              info.samplers.includes("gmm") ? "gmm" : "prior");
   $("sampler-box").hidden = info.samplers.length < 2;
+  fillSelect($("label"), [""].concat(info.labels || []), (l) => l || "any class", "");
+  syncLabelBox();
   if (info.latent_dim > DEFAULT_SLIDERS) {
     const counts = [DEFAULT_SLIDERS, 24, 48].filter((c) => c < info.latent_dim).concat([info.latent_dim]);
     fillSelect($("dimcount"), counts, (c) => (c === info.latent_dim ? `all ${c}` : `first ${c}`), DEFAULT_SLIDERS);
@@ -249,7 +266,8 @@ async function start() {
 
   $("dimcount").addEventListener("change", buildSliders);
   $("random").addEventListener("click", () => report(loadSeed(Math.floor(Math.random() * 1e9))));
-  for (const id of ["seed", "temperature", "sampler"]) {
+  $("sampler").addEventListener("change", syncLabelBox);
+  for (const id of ["seed", "temperature", "sampler", "label"]) {
     $(id).addEventListener("change", () => report(loadSeed(Math.max(0, Math.floor(Number($("seed").value) || 0)))));
   }
   $("apply-z").addEventListener("click", () => {
@@ -285,7 +303,8 @@ async function start() {
   });
 
   // First view: seed 0, an interpolation from it to seed 1, the traversal around it.
-  state.b = (await (await api(`latent?seed=1&sampler=${$("sampler").value}`)).json()).z;
+  const first = new URLSearchParams({ seed: "1", sampler: $("sampler").value, ...labelParam() });
+  state.b = (await (await api(`latent?${first}`)).json()).z;
   state.a = await loadSeed(Number($("seed").value) || 0);
   await Promise.all([drawInterpolation(), drawTraversal()]);
 }
