@@ -149,7 +149,7 @@ def score_means(cfg: EvaluateConfig, means: np.ndarray, inputs: Inputs, m_real: 
     real = inputs.real
     table = morphology.wasserstein_table(m_real, m_means, cfg.seed)
     k, p_real = radial_power_spectrum(luminance(real))
-    out = {"morphology_mean_distance": float(np.nanmean([v["distance"] for v in table.values()])),
+    out = {"morphology_mean_distance": morphology.mean_distance(v["distance"] for v in table.values()),
            "power_deficit_dex": power_deficit_dex(k, power_spectrum(means), p_real, real.shape[1]),
            "memorisation_ratio": (memorisation(means, real, inputs.train)["ratio"]
                                   if inputs.train is not None else None)}

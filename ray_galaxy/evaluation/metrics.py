@@ -136,14 +136,14 @@ def morphology_scores(m_real: dict[str, np.ndarray], m_gen: dict[str, np.ndarray
     floor = {k: v["floor"] for k, v in table.items()}
     sets = (("real", m_real), ("generated", m_gen)) + ((("means", m_means),) if m_means is not None else ())
     out = {"distance": dist, "floor": floor,
-           "mean_distance": float(np.nanmean(list(dist.values()))),
-           "mean_floor": float(np.nanmean(list(floor.values()))),
+           "mean_distance": morphology.mean_distance(dist.values()),
+           "mean_floor": morphology.mean_distance(floor.values()),
            "summary": {name: {k: _mean_std(v) for k, v in vals.items()} for name, vals in sets},
            "failed_fraction": {name: float(np.mean(~np.isfinite(vals["concentration"]))) for name, vals in sets}}
     if m_means is not None:
         means = {k: v["distance"] for k, v in morphology.wasserstein_table(m_real, m_means, seed).items()}
         out["distance_means"] = means
-        out["mean_distance_means"] = float(np.nanmean(list(means.values())))
+        out["mean_distance_means"] = morphology.mean_distance(means.values())
     return out
 
 

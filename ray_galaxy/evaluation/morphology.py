@@ -466,6 +466,13 @@ def measure_all(images: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- distributions
 
 
+def mean_distance(distances: Iterable[float]) -> float:
+    """Mean of the finite distances (a statistic that failed on every image is NaN), NaN when
+    none is finite: the one summary every report and ranking uses."""
+    v = np.asarray(list(distances), dtype=np.float64)
+    return float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else math.nan
+
+
 def wasserstein_table(real: dict[str, np.ndarray], generated: dict[str, np.ndarray],
                       seed: int = 0, splits: int = 5) -> dict[str, dict[str, float]]:
     """Per statistic: 1-D Wasserstein distance real vs generated / std(real), and the floor.

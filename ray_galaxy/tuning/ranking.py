@@ -50,7 +50,7 @@ def sample_distance(model_dir: str, real: dict[str, np.ndarray], n: int, seed: i
     if not any(np.isfinite(v).any() for v in measured.values()):
         return math.inf  # not one sample has a measurable central galaxy: the worst there is
     table = morphology.wasserstein_table(real, measured, seed)
-    return float(np.nanmean([v["distance"] for v in table.values()]))
+    return morphology.mean_distance(v["distance"] for v in table.values())
 
 
 def rank_by_morphology(rows: list[dict[str, Any]], export: Callable[[dict[str, Any], str], None],
