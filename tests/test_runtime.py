@@ -156,3 +156,24 @@ except ClusterError as e:
     assert "ERROR a worker of the cluster died as it started, most likely unable to import ray_galaxy" in r.stdout
     assert "`ray job submit --working-dir .`" in r.stdout and "INITIALIZED False" in r.stdout
     assert f"local module '{REPO / 'ray_galaxy'}'" not in r.stderr  # no py_modules next to the working_dir
+
+
+def test_quiet_ray_drops_only_ray_datas_misleading_no_cpu_warning():
+    import logging
+
+    from ray_galaxy.runtime import quiet_ray
+
+    quiet_ray()
+    quiet_ray()  # idempotent: one filter, not two
+    logger = logging.getLogger("ray.data.dataset")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        logger.warning("Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will hang")
+        logger.warning("something else")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["something else"]
+    assert sum(type(f).__name__ == "_NoCpuWarning" for f in logger.filters) == 1
