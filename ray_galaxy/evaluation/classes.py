@@ -29,7 +29,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ray_galaxy.console import log
-from ray_galaxy.evaluation import morphology
+from ray_galaxy.evaluation import distances, morphology
 from ray_galaxy.evaluation.config import EvaluateConfig
 from ray_galaxy.evaluation.morphology import STATS
 from ray_galaxy.generation.generator import Generator
@@ -151,7 +151,7 @@ def subset(stats: Stats, mask: np.ndarray) -> Stats:
 
 def mean_distance(real: Stats, other: Stats, seed: int) -> tuple[float | None, float | None]:
     """(mean normalised Wasserstein distance over STATS, its noise floor): None when too few images."""
-    table = morphology.wasserstein_table(real, other, seed)
+    table = distances.wasserstein_table(real, other, seed)
     d = [v["distance"] for v in table.values() if math.isfinite(v["distance"])]
     f = [v["floor"] for v in table.values() if math.isfinite(v["floor"])]
     return (float(np.mean(d)) if d else None), (float(np.mean(f)) if f else None)

@@ -23,7 +23,7 @@ from ray_galaxy.checkpoint import ModelDirError
 from ray_galaxy.config import ConfigError
 from ray_galaxy.console import fmt_seconds, log
 from ray_galaxy.data import DataError
-from ray_galaxy.evaluation import classes, morphology, sharpness
+from ray_galaxy.evaluation import classes, distances, morphology, sharpness
 from ray_galaxy.evaluation.config import EvaluateConfig
 from ray_galaxy.evaluation.metrics import (clean, likelihood_bounds, memorisation, morphology_scores,
                                            nearest_training_images, power_spectrum, reconstruct,
@@ -147,9 +147,9 @@ def score_means(cfg: EvaluateConfig, means: np.ndarray, inputs: Inputs, m_real: 
     (Per-statistic morphology distances and high-pass sharpness of the means sit next to the
     samples' in the morphology and sharpness sections.)"""
     real = inputs.real
-    table = morphology.wasserstein_table(m_real, m_means, cfg.seed)
+    table = distances.wasserstein_table(m_real, m_means, cfg.seed)
     k, p_real = radial_power_spectrum(luminance(real))
-    out = {"morphology_mean_distance": morphology.mean_distance(v["distance"] for v in table.values()),
+    out = {"morphology_mean_distance": distances.mean_distance(v["distance"] for v in table.values()),
            "power_deficit_dex": power_deficit_dex(k, power_spectrum(means), p_real, real.shape[1]),
            "memorisation_ratio": (memorisation(means, real, inputs.train)["ratio"]
                                   if inputs.train is not None else None)}

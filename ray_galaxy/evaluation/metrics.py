@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 
-from ray_galaxy.evaluation import morphology
+from ray_galaxy.evaluation import distances, morphology
 from ray_galaxy.images import (D4, luminance, orient, power_deficit_dex, radial_power_spectrum,
                                structure_band)
 from ray_galaxy.model import LOG_2PI, ConvVAE, to_uint8
@@ -131,19 +131,19 @@ def morphology_scores(m_real: dict[str, np.ndarray], m_gen: dict[str, np.ndarray
     With ``m_means`` (the same codes' decoder means), their distances to real sit next to the
     samples' (``distance_means``, ``mean_distance_means``) and their summary with the others.
     """
-    table = morphology.wasserstein_table(m_real, m_gen, seed)
+    table = distances.wasserstein_table(m_real, m_gen, seed)
     dist = {k: v["distance"] for k, v in table.items()}
     floor = {k: v["floor"] for k, v in table.items()}
     sets = (("real", m_real), ("generated", m_gen)) + ((("means", m_means),) if m_means is not None else ())
     out = {"distance": dist, "floor": floor,
-           "mean_distance": morphology.mean_distance(dist.values()),
-           "mean_floor": morphology.mean_distance(floor.values()),
+           "mean_distance": distances.mean_distance(dist.values()),
+           "mean_floor": distances.mean_distance(floor.values()),
            "summary": {name: {k: _mean_std(v) for k, v in vals.items()} for name, vals in sets},
            "failed_fraction": {name: float(np.mean(~np.isfinite(vals["concentration"]))) for name, vals in sets}}
     if m_means is not None:
-        means = {k: v["distance"] for k, v in morphology.wasserstein_table(m_real, m_means, seed).items()}
+        means = {k: v["distance"] for k, v in distances.wasserstein_table(m_real, m_means, seed).items()}
         out["distance_means"] = means
-        out["mean_distance_means"] = morphology.mean_distance(means.values())
+        out["mean_distance_means"] = distances.mean_distance(means.values())
     return out
 
 

@@ -23,7 +23,8 @@ from typing import Iterable
 import numpy as np
 from scipy import ndimage
 
-from ray_galaxy.evaluation.morphology import MIN_SKY_PIXELS, blank_sky, segment, sky, wasserstein_table
+from ray_galaxy.evaluation.distances import wasserstein_table
+from ray_galaxy.evaluation.morphology import MIN_SKY_PIXELS, blank_sky, segment, sky
 from ray_galaxy.images import luminance
 
 STAT = "highpass"
@@ -91,7 +92,7 @@ def measure_all(images: Iterable[np.ndarray]) -> np.ndarray:
 def scores(values: dict[str, np.ndarray | None], seed: int = 0) -> dict[str, object]:
     """Medians of the sets in :data:`SETS` (None when a set is absent), the normalised
     Wasserstein distance of generated and of means to real with the real halves' floor
-    (:func:`morphology.wasserstein_table`), and the failed fractions."""
+    (:func:`distances.wasserstein_table`), and the failed fractions."""
     real = values["real"]
     out: dict[str, object] = {"sigma_px": SIGMA, "median": {}, "distance": {}, "failed_fraction": {}}
     for name in SETS:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ray_galaxy.console import log
-from ray_galaxy.evaluation import morphology
+from ray_galaxy.evaluation import distances, morphology
 from ray_galaxy.generation.generator import Generator
 from ray_galaxy.imageset import load_images
 from ray_galaxy.storage import join
@@ -49,8 +49,8 @@ def sample_distance(model_dir: str, real: dict[str, np.ndarray], n: int, seed: i
     measured = morphology.measure_all(gen.images(n, seed))
     if not any(np.isfinite(v).any() for v in measured.values()):
         return math.inf  # not one sample has a measurable central galaxy: the worst there is
-    table = morphology.wasserstein_table(real, measured, seed)
-    return morphology.mean_distance(v["distance"] for v in table.values())
+    table = distances.wasserstein_table(real, measured, seed)
+    return distances.mean_distance(v["distance"] for v in table.values())
 
 
 def rank_by_morphology(rows: list[dict[str, Any]], export: Callable[[dict[str, Any], str], None],
