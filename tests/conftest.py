@@ -144,6 +144,35 @@ def server(ray_address, models):
     serve.shutdown()
 
 
+@pytest.fixture(scope="session")
+def labelled_server(server, models, tmp_path_factory) -> dict:
+    """Model A copied, its sampler refitted on 48 galaxies of two classes (``serving.CLASSES``),
+    served as ``/labelled`` beside the session's apps; shared by the Serve and explorer tests.
+    Gives its ``url`` and its ``gen`` (a Generator of the copy, for byte-exact comparisons)."""
+    import shutil
+
+    import numpy as np
+    from ray import serve
+    from serving import CLASSES, SIZE, SMALL
+    from synthetic import galaxy
+
+    from ray_galaxy.generation.fit import fit_sampler
+    from ray_galaxy.generation.generator import Generator
+    from ray_galaxy.serve.app import build_app
+
+    uri = str(tmp_path_factory.mktemp("labelled") / "model")
+    shutil.copytree(models.a, uri)
+    rng = np.random.default_rng(5)
+    fit_sampler(uri, images=np.stack([galaxy(SIZE, rng) for _ in range(48)]),
+                image_labels=[CLASSES[i % 2] for i in range(48)], components=2)
+    serve.run(build_app({**server.args, "model": uri}, SMALL, token=None), name="labelled",
+              route_prefix="/labelled")
+    try:
+        yield {"url": server.base + "/labelled", "gen": Generator.load(uri)}
+    finally:
+        serve.delete("labelled")
+
+
 def job_env(extra: dict | None = None) -> dict:
     """Environment for a job subprocess: joins the shared cluster, imports this checkout."""
     env = dict(os.environ)

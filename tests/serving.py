@@ -1,7 +1,7 @@
 """Shared pieces of the Serve tests: tiny trained models and the expected decoder output.
 
-The ``models`` and ``server`` fixtures (conftest.py) build on these; one Serve instance on a
-loopback port serves every Serve, explorer and load test of the session.
+The ``models``, ``server`` and ``labelled_server`` fixtures (conftest.py) build on these; one Serve
+instance on a loopback port serves every Serve, explorer and load test of the session.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import numpy as np
 
 TOKEN = "tok-" + "7f3a9c21e4b8d05f"
 SIZE, LATENT, MAX_BATCH = 32, 4, 8
+CLASSES = ["non_spiral", "spiral"]  # of the ``labelled_server`` fixture's sampler (conftest.py)
 BODY_LIMIT = 64 * 1024
 # Small replicas: the shared test cluster has 4 logical CPUs on 2 cores.
 SMALL = {"GalaxyAPI": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}},

@@ -234,3 +234,59 @@ def test_page_with_a_token(browser, server, models):
         assert w.errors == []
     finally:
         ctx.close()
+
+
+def latent_queries(w: Watched) -> list[dict[str, str]]:
+    """The query of every GET /latent the page makes from now on (filled in as it requests)."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    seen: list[dict[str, str]] = []
+    w.page.on("request", lambda r: seen.append(dict(parse_qsl(urlsplit(r.url).query)))
+              if urlsplit(r.url).path.endswith("/latent") else None)
+    return seen
+
+
+def test_class_selector_draws_the_chosen_class(watched, labelled_server):
+    """A model fitted with labels: the selector lists its classes, and choosing one redraws the
+    seed's code from that class (``label=`` on /latent), as the Generator draws it."""
+    from serving import CLASSES
+
+    gen, page = labelled_server["gen"], watched.page
+    seen = latent_queries(watched)
+    open_explorer(watched, labelled_server["url"] + "/")
+    assert page.eval_on_selector_all("#label option", "els => els.map(e => e.value)") == ["", *CLASSES]
+    assert not page.is_disabled("#label") and page.inner_text("#label-note") == ""
+    assert "spiral" in page.inner_text("#info")  # the classes row of the model panel
+    assert seen and all("label" not in q for q in seen)  # "any class" sends none
+    seed, unconditional = int(page.input_value("#seed")), code(watched)
+    np.testing.assert_allclose(unconditional, gen.latents(1, seed, "gmm")[0].numpy(), atol=1e-6)
+    before = shown_png(watched)
+
+    seen.clear()
+    page.select_option("#label", "spiral")
+    page.wait_for_function("JSON.parse(document.getElementById('zvec').value)[0] !== %r" % unconditional[0])
+    idle(watched)
+    assert seen == [{"seed": str(seed), "temperature": "1", "sampler": "gmm", "label": "spiral"}]
+    z = code(watched)
+    np.testing.assert_allclose(z, gen.latents(1, seed, "gmm", label="spiral")[0].numpy(), atol=1e-6)
+    png = shown_png(watched)
+    assert png == png_of(gen.model, z) != before
+
+    # The prior has no classes: the selector is switched off and the redraw sends no label.
+    seen.clear()
+    page.select_option("#sampler", "prior")
+    page.wait_for_function("JSON.parse(document.getElementById('zvec').value)[0] !== %r" % z[0])
+    idle(watched)
+    assert page.is_disabled("#label") and page.inner_text("#label-note") == "classes need the GMM sampler"
+    assert seen and all(q["sampler"] == "prior" and "label" not in q for q in seen)
+    assert watched.errors == []
+
+
+def test_class_selector_is_off_for_a_model_without_labels(watched, server):
+    seen = latent_queries(watched)
+    open_explorer(watched, server.url + "/")
+    page = watched.page
+    assert page.is_disabled("#label") and page.inner_text("#label-note") == "this model was trained without labels"
+    assert page.eval_on_selector_all("#label option", "els => els.map(e => e.value)") == [""]
+    assert seen and all("label" not in q for q in seen)
+    assert watched.errors == []

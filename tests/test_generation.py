@@ -1,13 +1,11 @@
 """The generation layer: D4, slerp, the mixture sampler (fit, kernels, staleness) and the Generator."""
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
 from scipy.stats import multivariate_normal
 from synthetic import galaxy
-from tiny_model import SIZE, make_tiny
+from tiny_model import SIZE, copy_fixture, tiny_fixture  # noqa: F401 (the tiny and copy fixtures)
 
 from ray_galaxy import figures
 from ray_galaxy.checkpoint import load_model_dir
@@ -18,19 +16,6 @@ from ray_galaxy.generation.latents import SEED_BLOCK, prior_latents, slerp
 from ray_galaxy.generation.sampler import (KERNEL_BANDWIDTH, SAMPLER_FILE, MixtureSampler, SamplerError,
                                            encode_means, fit_mixture)
 from ray_galaxy.images import D4, augment_d4, orient, orient_tensor
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("generation"))
-
-
-@pytest.fixture
-def copy(tiny, tmp_path):
-    """A copy of the tiny model directory that a test may fit samplers into."""
-    uri = str(tmp_path / "model")
-    shutil.copytree(tiny["model"], uri)
-    return uri
 
 
 # --------------------------------------------------------------------------- D4 and slerp

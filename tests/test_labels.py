@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from synthetic import galaxy
-from tiny_model import SIZE, make_tiny
+from tiny_model import SIZE, copy_fixture, tiny_fixture  # noqa: F401 (the tiny and copy fixtures)
 
 from conftest import REPO
 from ray_galaxy.checkpoint import load_model_dir
@@ -41,18 +41,6 @@ def write_tiny_labels(path, n: int = 48, missing: tuple[int, ...] = (5, 6)) -> N
     rows = ["id,split,morphology"] + [f"{f'g{i:03d}' if i % 2 == 0 else f'g{i:03d}.png'},train,{_class_of(i)}"
                                       for i in range(n) if i not in missing]
     path.write_text("\n".join(rows) + "\n")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("labels"))
-
-
-@pytest.fixture
-def copy(tiny, tmp_path):
-    uri = str(tmp_path / "model")
-    shutil.copytree(tiny["model"], uri)
-    return uri
 
 
 # --------------------------------------------------------------------------- the CSV

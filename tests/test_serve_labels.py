@@ -1,47 +1,22 @@
 """Serving galaxies of one class (``label=``) over real HTTP.
 
 A copy of model A with a sampler fitted on two classes is deployed beside the session's Serve
-apps (``/labelled``); the session's model A, whose sampler has no labels, answers the "trained
-without labels" case. Every image is compared byte for byte with the Generator in this process.
+apps (``/labelled``: the ``labelled_server`` fixture in conftest.py, shared with the explorer
+tests); the session's model A, whose sampler has no labels, answers the "trained without labels"
+case. Every image is compared byte for byte with the Generator in this process.
 """
 
 from __future__ import annotations
 
 import io
-import shutil
 import zipfile
 
 import numpy as np
 import pytest
 import requests
-from serving import SIZE, SMALL, pixels, tile
-from synthetic import galaxy
+from serving import CLASSES, pixels, tile
 
-from ray_galaxy.generation.fit import fit_sampler
-from ray_galaxy.generation.generator import Generator
 from ray_galaxy.images import grid, png_bytes
-
-CLASSES = ["non_spiral", "spiral"]
-
-
-@pytest.fixture(scope="module")
-def labelled(server, models, tmp_path_factory):
-    """Model A copied, its sampler refitted on 48 galaxies of two classes, served as ``/labelled``."""
-    from ray import serve
-
-    from ray_galaxy.serve.app import build_app
-
-    uri = str(tmp_path_factory.mktemp("labelled") / "model")
-    shutil.copytree(models.a, uri)
-    rng = np.random.default_rng(5)
-    fit_sampler(uri, images=np.stack([galaxy(SIZE, rng) for _ in range(48)]),
-                image_labels=[CLASSES[i % 2] for i in range(48)], components=2)
-    serve.run(build_app({**server.args, "model": uri}, SMALL, token=None), name="labelled",
-              route_prefix="/labelled")
-    try:
-        yield {"url": server.base + "/labelled", "gen": Generator.load(uri)}
-    finally:
-        serve.delete("labelled")
 
 
 def _error(r: requests.Response) -> str:
@@ -51,14 +26,14 @@ def _error(r: requests.Response) -> str:
     return body["error"]
 
 
-def test_info_lists_the_labels(labelled, server):
-    info = requests.get(labelled["url"] + "/info", timeout=30).json()
+def test_info_lists_the_labels(labelled_server, server):
+    info = requests.get(labelled_server["url"] + "/info", timeout=30).json()
     assert info["labels"] == CLASSES and info["sampler"]["labels"] == CLASSES
     assert requests.get(server.url + "/info", timeout=30).json()["labels"] == []  # fitted without labels
 
 
-def test_sample_by_label_equals_the_generator(labelled):
-    url, gen = labelled["url"], labelled["gen"]
+def test_sample_by_label_equals_the_generator(labelled_server):
+    url, gen = labelled_server["url"], labelled_server["gen"]
     spiral = requests.get(url + "/sample", params={"seed": 7, "label": "spiral"}, timeout=30)
     assert spiral.status_code == 200 and spiral.headers["content-type"] == "image/png"
     assert spiral.content == png_bytes(gen.images(1, 7, label="spiral")[0])
@@ -77,8 +52,8 @@ def test_sample_by_label_equals_the_generator(labelled):
         assert [zf.read(n) for n in sorted(zf.namelist())] == [png_bytes(im) for im in means]
 
 
-def test_latent_and_interpolate_by_label(labelled):
-    url, gen = labelled["url"], labelled["gen"]
+def test_latent_and_interpolate_by_label(labelled_server):
+    url, gen = labelled_server["url"], labelled_server["gen"]
     body = requests.get(url + "/latent", params={"seed": 4, "label": "spiral"}, timeout=30).json()
     assert body["label"] == "spiral" and body["sampler"] == "gmm"
     np.testing.assert_array_equal(np.float32(body["z"]), gen.latents(1, 4, label="spiral")[0].numpy())
@@ -95,13 +70,13 @@ def test_latent_and_interpolate_by_label(labelled):
     ("get", "/latent?seed=1&label=barred", {}),
     ("post", "/interpolate", {"json": {"from": 1, "to": 2, "label": "barred"}}),
 ], ids=["get-sample", "post-sample", "latent", "interpolate"])
-def test_unknown_label_is_422_listing_the_valid_ones(labelled, method, path, kwargs):
-    error = _error(requests.request(method, labelled["url"] + path, timeout=30, **kwargs))
+def test_unknown_label_is_422_listing_the_valid_ones(labelled_server, method, path, kwargs):
+    error = _error(requests.request(method, labelled_server["url"] + path, timeout=30, **kwargs))
     assert "'barred'" in error and "valid labels are: non_spiral, spiral" in error
 
 
-def test_label_needs_the_sampler_and_a_name(labelled):
-    url = labelled["url"]
+def test_label_needs_the_sampler_and_a_name(labelled_server):
+    url = labelled_server["url"]
     assert "needs the fitted sampler" in _error(requests.get(url + "/sample?label=spiral&sampler=prior", timeout=30))
     _error(requests.get(url + "/sample?label=", timeout=30))  # empty: not "any class"
     _error(requests.post(url + "/sample", json={"label": "x" * 201}, timeout=30))

@@ -1,11 +1,17 @@
 """A tiny trained model directory with recorded training data, for the evaluation and
-generation tests (plain torch, no Ray): 48 training and 24 held-out synthetic galaxies."""
+generation tests (plain torch, no Ray): 48 training and 24 held-out synthetic galaxies.
+
+The ``tiny`` (one model per test module) and ``copy`` (a copy a test may fit samplers into)
+fixtures are shared by importing them into a test module (see ``tiny_fixture``).
+"""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from synthetic import galaxy
@@ -53,3 +59,19 @@ def make_tiny(root: Path) -> dict:
                          extra_config={"train": {"data": str(root / "train"), "crop": 1.0, "val_fraction": 0.1}},
                          metrics={"history": history})
     return {"root": root, "model": uri, "train": root / "train", "val": root / "val"}
+
+
+# Fixtures named by ``name=`` so that a test module imports them without its parameters
+# shadowing the import (ruff F811): ``from tiny_model import copy_fixture, tiny_fixture``.
+@pytest.fixture(scope="module", name="tiny")
+def tiny_fixture(tmp_path_factory, request) -> dict:
+    """make_tiny's model, trained once per test module."""
+    return make_tiny(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]))
+
+
+@pytest.fixture(name="copy")
+def copy_fixture(tiny, tmp_path) -> str:
+    """A copy of the tiny model directory that a test may fit samplers into."""
+    uri = str(tmp_path / "model")
+    shutil.copytree(tiny["model"], uri)
+    return uri
