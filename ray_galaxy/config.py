@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -101,6 +102,10 @@ class TrainConfig:
     kl_weight: float = _h("Weight (beta) of the KL term.", default=0.1)
     kl_warmup_epochs: int = _h("Epochs over which the KL weight ramps linearly from 0.", default=5)
     likelihood: str = _h("Reconstruction likelihood: 'gaussian' (learned sigma) or 'bce'.", default="gaussian")
+    adv_weight: float = _h("Weight of the adversarial patch-critic term that sharpens the decoder (ray_galaxy/critic.py); "
+                           "it multiplies the adaptive weight, 0.5 as in Stable Diffusion's VAE. 0 = off.", default=0.0)
+    adv_start: float = _h("Fraction of the epochs trained on the likelihood alone before the critic starts "
+                          "(reconstruction converges first; a critic from the start diverged).", default=0.5)
     labels: str | None = _h("CSV of class labels of the training images (key: file name or stem; class: the "
                             "column named label, class or morphology, else the last): the sampler is then "
                             "fitted per label and jobs can draw one class (docs/generate.md, \"Conditional "
@@ -154,6 +159,9 @@ class TrainConfig:
         if self.grad_clip < 0 or (0 < self.grad_clip < 1):
             raise ConfigError(f"grad_clip must be 0 (off) or >= 1 (a multiple of the median norm), "
                               f"got {self.grad_clip}")
+        if not (self.adv_weight >= 0 and math.isfinite(self.adv_weight)) or not 0 <= self.adv_start < 1:
+            raise ConfigError(f"adv_weight must be a finite number >= 0 and adv_start in [0, 1), "
+                              f"got {self.adv_weight} and {self.adv_start}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.cache not in CACHE_MODES:

@@ -125,6 +125,11 @@ class ConvVAE(nn.Module):
         h = self.fc_dec(z).view(-1, self.config.channels[-1], self.bottom, self.bottom)
         return self.decoder(h)
 
+    def last_layer(self) -> nn.Parameter:
+        """The weight of the decoder's last convolution (the adversarial term's adaptive weight
+        compares gradients there)."""
+        return self.decoder[-1].weight
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (pre-tanh decoder output, mu, logvar) for a sampled z."""
         mu, logvar = self.encode(x)

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ray_galaxy"
 GROUPS = {
     "base": ("config", "console", "storage", "images", "plots", "runtime", "tracking"),
     "data": ("data", "prepare", "imageset", "builtin", "shards", "streaming", "labels"),
-    "model": ("model", "checkpoint"),
+    "model": ("model", "checkpoint", "critic"),
     "generation": ("generation",),
     "figures": ("figures",),
     "training": ("training",),

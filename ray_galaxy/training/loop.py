@@ -30,6 +30,7 @@ from ray_galaxy.images import augment_d4
 from ray_galaxy.model import ConvVAE
 from ray_galaxy.runtime import quiet_train_worker
 from ray_galaxy.tracking import Tracker
+from ray_galaxy.training.adversary import Adversary, start_epoch
 
 # The metric checkpoints are ranked by (Tune ranks trials by it too).
 VAL_METRIC = "val_loss"
@@ -114,21 +115,29 @@ def allreduce(values: list[float], device: Any) -> list[float]:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, guard: GradGuard,
-               x: torch.Tensor, beta: float, autocast: Autocast) -> tuple[float, float, float] | None:
-    """One optimiser step on images ``x``: (mean loss, summed recon, summed kl), or None when the
-    gradient guard skipped it."""
+               x: torch.Tensor, beta: float, autocast: Autocast,
+               adversary: Adversary | None = None) -> tuple[float, float, float] | None:
+    """One optimiser step on images ``x``: (mean likelihood loss, summed recon, summed kl), or None
+    when the gradient guard skipped it. With an ``adversary`` the decoder's images also get the
+    weighted critic term, and the critic then takes its own step on the same batch."""
     net = unwrap(model)
     with autocast():
         out_a, mu, logvar = model(x)
     recon = net.recon_nll(out_a, x)
     kl = net.kl(mu, logvar)
     loss = (recon + beta * kl).mean()
+    total, fake = loss, None
+    if adversary is not None:
+        fake = (torch.tanh(out_a.float()) + 1) / 2
+        total = loss + adversary.generator_term(net, loss, fake)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total.backward()
     if not guard(list(model.parameters())):
         optimizer.zero_grad(set_to_none=True)
         return None
     optimizer.step()
+    if adversary is not None:
+        adversary.critic_step(x, fake)
     return loss.item(), recon.sum().item(), kl.sum().item()
 
 
@@ -196,6 +205,7 @@ class WorkerState:
     optimizer: torch.optim.Optimizer
     guard: GradGuard
     generator: torch.Generator
+    adversary: Adversary | None = None
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     node_ids: list[str] = field(default_factory=list)
@@ -222,14 +232,16 @@ def _autocast_for(device: Any) -> Autocast:
     return contextlib.nullcontext
 
 
-def _resume(cfg: TrainConfig, model: ConvVAE, optimizer: torch.optim.Optimizer,
-            rank: int) -> tuple[int, list[dict[str, Any]]]:
-    """Load Ray Train's checkpoint into model and optimizer: (first epoch to run, history)."""
+def _resume(cfg: TrainConfig, model: ConvVAE, optimizer: torch.optim.Optimizer, rank: int,
+            adversary: Adversary | None) -> tuple[int, list[dict[str, Any]]]:
+    """Load Ray Train's checkpoint into model, optimizer (and critic): (first epoch to run, history)."""
     ckpt = ray.train.get_checkpoint()
     if not ckpt:
         return 0, []
     with ckpt.as_directory() as d:
         model_sd, opt_sd, state = load_checkpoint(d)
+        if adversary is not None:
+            adversary.load(d)
     saved_model = state.get("model_config")
     if saved_model and saved_model != cfg.model_config().to_dict():
         raise RuntimeError(
@@ -262,11 +274,12 @@ def setup_worker(loop_config: dict[str, Any]) -> WorkerState:
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
     model = ConvVAE(cfg.model_config())
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    start_epoch, history = _resume(cfg, model, optimizer, rank)
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * start_epoch)
+    adversary = Adversary.build(cfg, device) if cfg.adv_weight > 0 else None
+    first, history = _resume(cfg, model, optimizer, rank, adversary)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * first)
     return WorkerState(cfg=cfg, rank=rank, world=world, device=device, autocast=_autocast_for(device),
                        model=prepare_model(model), optimizer=optimizer, guard=GradGuard(cfg.grad_clip),
-                       generator=generator, start_epoch=start_epoch, history=history,
+                       generator=generator, adversary=adversary, start_epoch=first, history=history,
                        node_ids=_node_ids(world))
 
 
@@ -276,13 +289,14 @@ def train_epoch(w: WorkerState, shard: Any, epoch: int, beta: float) -> list[flo
     The rows arrive in the epoch's seeded order (ray_galaxy.streaming); the local shuffle buffer
     and the augmentation are seeded by the seed, the epoch and the rank."""
     w.model.train()
+    adversary = w.adversary if epoch >= start_epoch(w.cfg) else None
     sums = [0.0, 0.0, 0.0, 0.0]
     for batch in shard.iter_torch_batches(
             batch_size=w.batch_size, drop_last=False,
             local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, 4 * w.batch_size),
             local_shuffle_seed=w.cfg.seed + epoch * 101 + w.rank):
         x = augment_d4(to_images(batch, w.device), w.generator)
-        step = train_step(w.model, w.optimizer, w.guard, x, beta, w.autocast)
+        step = train_step(w.model, w.optimizer, w.guard, x, beta, w.autocast, adversary)
         if step is None:
             continue
         b = x.shape[0]
@@ -298,8 +312,16 @@ def _progress_line(cfg: TrainConfig, metrics: dict[str, Any], epoch_times: list[
     eta = (cfg.epochs - metrics["epoch"]) * float(np.mean(epoch_times[-5:]))
     return (f"epoch {metrics['epoch']}/{cfg.epochs}  train {metrics['train_loss']:.1f}  "
             f"val {metrics[VAL_METRIC]:.1f} (recon {metrics['val_recon']:.1f}, kl {metrics['val_kl']:.1f})  "
-            f"psnr {metrics['val_psnr']:.2f} dB  {metrics['images_per_s']:.0f} img/s  "
+            f"psnr {metrics['val_psnr']:.2f} dB  {_critic_part(metrics)}{metrics['images_per_s']:.0f} img/s  "
             f"{metrics['epoch_seconds']:.1f}s/epoch  ETA {fmt_seconds(eta)}")
+
+
+def _critic_part(metrics: dict[str, Any]) -> str:
+    """'critic 0.91 (x 12.3)  ' once the adversarial term is on: the critic's hinge loss (about 1
+    while it cannot tell real from decoded, towards 0 when it wins) and the adaptive weight."""
+    if "critic_loss" not in metrics:
+        return ""
+    return f"critic {metrics['critic_loss']:.2f} (x {metrics['adv_lambda']:.3g})  "
 
 
 def _report(w: WorkerState, epoch: int, metrics: dict[str, Any]) -> None:
@@ -310,6 +332,8 @@ def _report(w: WorkerState, epoch: int, metrics: dict[str, Any]) -> None:
         ray.train.report(reported)
         return
     with tempfile.TemporaryDirectory() as tmp:
+        if w.adversary is not None:
+            w.adversary.save(tmp)
         save_checkpoint(tmp, w.model, w.optimizer, {
             "epoch": epoch, "history": w.history, "metrics": {**metrics, "worker_node_ids": w.node_ids},
             "model_config": w.cfg.model_config().to_dict(), "config": w.cfg.to_dict()})
@@ -323,11 +347,14 @@ def run_epoch(w: WorkerState, epoch: int, train_shard: Any, val_shard: Any) -> d
     beta, lr = kl_weight_at(w.cfg, epoch), lr_at(w.cfg, epoch)
     for group in w.optimizer.param_groups:
         group["lr"] = lr
+    if w.adversary is not None:
+        w.adversary.set_lr(lr)
     clipped0, skipped0 = w.guard.clipped, w.guard.skipped
     sums = train_epoch(w, train_shard, epoch, beta)
     train_seconds = time.time() - t0
     n = max(sums[0], 1.0)
     val = eval_step(w.model, val_shard, w.cfg, w.device, w.batch_size, w.autocast)
+    critic = w.adversary.epoch_metrics() if w.adversary is not None else {}
     return {
         "epoch": epoch + 1,
         "train_loss": sums[1] / n,
@@ -343,6 +370,7 @@ def run_epoch(w: WorkerState, epoch: int, train_shard: Any, val_shard: Any) -> d
         "images_per_s": sums[0] / max(train_seconds, 1e-9),
         "epoch_seconds": time.time() - t0,
         "decoder_sigma": float(unwrap(w.model).log_sigma.clamp(min=-6).exp()),
+        **critic,
         **val,
     }
 
