@@ -15,6 +15,10 @@ TINY = ["--image-size", "32", "--channels", "8,16,32,32", "--latent-dim", "4", "
         "--lr", "3e-3", "--kl-warmup-epochs", "0"]
 
 
+# The adversarial critic from the third epoch on: its DDP path, checkpoint and resume run here too.
+CRITIC = ["--adv-weight", "0.5", "--adv-start", "0.5"]
+
+
 def run_job(args, timeout=600):
     r = subprocess.run([sys.executable, *args], cwd=REPO, env=job_env(), capture_output=True,
                        text=True, timeout=timeout)
@@ -25,7 +29,7 @@ def run_job(args, timeout=600):
 def trained(ray_address, tiny_folder, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
     r = run_job(["jobs/train.py", "--data", str(tiny_folder), "--storage", str(storage), "--name", "e2e",
-                 "--epochs", "4", "--num-workers", "2", "--cpus-per-worker", "0.5", *TINY])
+                 "--epochs", "4", "--num-workers", "2", "--cpus-per-worker", "0.5", *TINY, *CRITIC])
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     return storage, r
 
@@ -63,6 +67,9 @@ def test_train_job_prints_a_header_one_line_per_epoch_and_a_summary(trained):
     assert "[ray-galaxy] training run 'e2e': data '" in r.stdout and f"checkpoints in {storage / 'e2e'}" in r.stdout
     epochs = re.findall(r"\[ray-galaxy\] epoch (\d+)/4 ", r.stdout)
     assert epochs == ["1", "2", "3", "4"], r.stdout[-4000:]
+    # the critic's loss and adaptive weight appear once it has started (epoch 3 of 4)
+    with_critic = re.findall(r"\[ray-galaxy\] epoch (\d+)/4 .* critic [\d.]+ \(x [\d.e+-]+\) ", r.stdout)
+    assert with_critic == ["3", "4"], r.stdout[-4000:]
     assert re.search(r"\[ray-galaxy\] best epoch \d: val loss .* bits/dim, PSNR .* dB; total ", r.stdout)
     assert "[ray-galaxy] Ray's own logs: " in r.stdout
     # Ray's own chatter stays in Ray's log folder
@@ -164,9 +171,10 @@ def test_sample_job_reports_a_missing_model_clearly(tmp_path):
 def test_rerun_with_same_name_resumes_instead_of_restarting(trained, tiny_folder):
     storage, _ = trained
     r = run_job(["jobs/train.py", "--data", str(tiny_folder), "--storage", str(storage), "--name", "e2e",
-                 "--epochs", "5", "--num-workers", "2", "--cpus-per-worker", "0.5", *TINY])
+                 "--epochs", "5", "--num-workers", "2", "--cpus-per-worker", "0.5", *TINY, *CRITIC])
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert "resuming from checkpoint after epoch 4" in r.stdout
+    assert "resuming from checkpoint after epoch 4 (with its critic)" in r.stdout
+    assert (storage / "e2e" / "checkpoint_epoch_0005" / "critic.pt").is_file()
     assert "epoch 1/5" not in r.stdout and "epoch 5/5" in r.stdout
     metrics = json.loads((storage / "e2e" / "model" / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4, 5]

@@ -45,8 +45,8 @@ class Adversary:
     lambdas: list[float] = field(default_factory=list)
 
     @classmethod
-    def build(cls, cfg: TrainConfig, device: torch.device) -> "Adversary":
-        """A fresh critic on ``device`` (the worker has seeded torch already)."""
+    def build(cls, cfg: TrainConfig) -> "Adversary":
+        """A fresh critic, on the worker's device (the worker has seeded torch already)."""
         bare = PatchCritic()
         optimizer = torch.optim.Adam(bare.parameters(), lr=cfg.lr, betas=CRITIC_BETAS)
         return cls(critic=prepare_model(bare), bare=bare, optimizer=optimizer, weight=cfg.adv_weight)

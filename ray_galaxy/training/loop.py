@@ -240,8 +240,7 @@ def _resume(cfg: TrainConfig, model: ConvVAE, optimizer: torch.optim.Optimizer, 
         return 0, []
     with ckpt.as_directory() as d:
         model_sd, opt_sd, state = load_checkpoint(d)
-        if adversary is not None:
-            adversary.load(d)
+        with_critic = adversary is not None and adversary.load(d)
     saved_model = state.get("model_config")
     if saved_model and saved_model != cfg.model_config().to_dict():
         raise RuntimeError(
@@ -250,7 +249,7 @@ def _resume(cfg: TrainConfig, model: ConvVAE, optimizer: torch.optim.Optimizer, 
     model.load_state_dict(model_sd)
     optimizer.load_state_dict(opt_sd)
     if rank == 0:
-        log(f"resuming from checkpoint after epoch {state['epoch'] + 1}")
+        log(f"resuming from checkpoint after epoch {state['epoch'] + 1}" + (" (with its critic)" if with_critic else ""))
     return state["epoch"] + 1, state.get("history", [])
 
 
@@ -274,7 +273,7 @@ def setup_worker(loop_config: dict[str, Any]) -> WorkerState:
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
     model = ConvVAE(cfg.model_config())
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    adversary = Adversary.build(cfg, device) if cfg.adv_weight > 0 else None
+    adversary = Adversary.build(cfg) if cfg.adv_weight > 0 else None
     first, history = _resume(cfg, model, optimizer, rank, adversary)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * first)
     return WorkerState(cfg=cfg, rank=rank, world=world, device=device, autocast=_autocast_for(device),
