@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 import pytest
 import requests
 
 from conftest import REPO
-from serving import SIZE, TOKEN, expected_images
+from serving import CLASSES, SIZE, TOKEN, expected_images
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = REPO / "test-artifacts"
@@ -238,8 +239,6 @@ def test_page_with_a_token(browser, server, models):
 
 def latent_queries(w: Watched) -> list[dict[str, str]]:
     """The query of every GET /latent the page makes from now on (filled in as it requests)."""
-    from urllib.parse import parse_qsl, urlsplit
-
     seen: list[dict[str, str]] = []
     w.page.on("request", lambda r: seen.append(dict(parse_qsl(urlsplit(r.url).query)))
               if urlsplit(r.url).path.endswith("/latent") else None)
@@ -249,8 +248,6 @@ def latent_queries(w: Watched) -> list[dict[str, str]]:
 def test_class_selector_draws_the_chosen_class(watched, labelled_server):
     """A model fitted with labels: the selector lists its classes, and choosing one redraws the
     seed's code from that class (``label=`` on /latent), as the Generator draws it."""
-    from serving import CLASSES
-
     gen, page = labelled_server["gen"], watched.page
     seen = latent_queries(watched)
     open_explorer(watched, labelled_server["url"] + "/")
