@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
@@ -184,10 +185,16 @@ def test_random_button_and_tile_clicks_load_codes(watched, server, models):
     assert shown_png(watched) == png_of(models.model_a, z)
 
     # Traversal drawn around the current code: tile (row 1, col 5) sets the two swept dims.
+    # The new traversal is held back, so its tiles could only be confused with the first
+    # view's (centred on another code) if the page reported itself idle before it came.
+    def slow(route):
+        time.sleep(0.8)
+        route.continue_()
+
+    page.route("**/traverse?*", slow)
     page.click("#draw-trav")
-    page.wait_for_timeout(200)
     idle(watched)
-    page.wait_for_function("document.getElementById('traverse').naturalWidth > 0")
+    page.unroute("**/traverse?*")
     a, b = int(page.input_value("#dim-a")), int(page.input_value("#dim-b"))
     steps, span = int(page.input_value("#trav-steps")), float(page.input_value("#trav-range"))
     click_tile(watched, "#traverse", 1, 5)
@@ -201,7 +208,7 @@ def test_random_button_and_tile_clicks_load_codes(watched, server, models):
 
     # Interpolation strip from A (the first code) to B (current): tile 3 loads slerp's 4th code.
     page.click("#set-b")
-    page.wait_for_timeout(500)
+    idle(watched)
     click_tile(watched, "#interp", 0, 3)
     idle(watched)
     first = requests.get(server.url + "/latent", params={"seed": 0, "sampler": "gmm"}, timeout=30).json()["z"]

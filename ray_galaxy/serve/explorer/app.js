@@ -52,11 +52,27 @@ function showBlob(img, blob) {
 // running request, when it returns, sends the latest code. So a fast drag never queues a
 // backlog of stale requests, and the image always ends on the code the sliders show.
 
-const live = { dirty: false, busy: false, timer: 0 };
+const live = { dirty: false, busy: false, timer: 0, pending: 0 };
+
+// aria-busy stays "true" while a decode or any other request (a code, a figure) is pending,
+// so a reader (or a test) that waits for "false" sees a page whose state has settled.
+function markBusy() {
+  $("view").setAttribute("aria-busy", String(live.dirty || live.busy || live.pending > 0));
+}
+
+async function tracked(promise) {
+  live.pending += 1;
+  markBusy();
+  try { return await promise; } finally { live.pending -= 1; markBusy(); }
+}
+
+// Each kind of request keeps a counter: only the answer to the latest one is applied, so a
+// slow earlier answer (a seed, a figure) cannot overwrite a newer one when it lands late.
+const latest = { latent: 0, interp: 0, traverse: 0 };
 
 function scheduleDecode() {
   live.dirty = true;
-  $("view").setAttribute("aria-busy", "true");
+  markBusy();
   clearTimeout(live.timer);
   live.timer = setTimeout(pump, DEBOUNCE_MS);
 }
@@ -78,7 +94,7 @@ async function pump() {
     setStatus(err.message, true);
   } finally {
     live.busy = false;
-    if (!live.dirty) $("view").setAttribute("aria-busy", "false");
+    markBusy();
   }
 }
 
@@ -152,7 +168,9 @@ function syncLabelBox() {
 async function loadSeed(seed) {
   const params = new URLSearchParams({ seed: String(seed), temperature: $("temperature").value,
                                        sampler: $("sampler").value, ...labelParam() });
+  const ticket = ++latest.latent;
   const body = await (await api(`latent?${params}`)).json();
+  if (ticket !== latest.latent) return body.z;  // a newer seed was asked for meanwhile
   $("seed").value = String(body.seed);
   setCode(body.z);
   return body.z;
@@ -190,7 +208,9 @@ function slerp(a, b, steps) {
 async function drawInterpolation() {
   if (!state.a || !state.b) return;
   const steps = Math.max(2, Math.min(16, Number($("interp-steps").value) || 8));
+  const ticket = ++latest.interp;
   const blob = await (await postJSON("interpolate", { from: state.a, to: state.b, steps })).blob();
+  if (ticket !== latest.interp) return;
   state.interpolation = { codes: slerp(state.a, state.b, steps), steps };
   showBlob($("interp"), blob);
 }
@@ -203,13 +223,15 @@ async function drawTraversal() {
   const center = $("trav-center").checked ? state.z.slice() : state.z.map(() => 0);
   const params = new URLSearchParams({ dims: `${a},${b}`, steps: String(steps), range: String(span),
                                        center: center.join(",") });
+  const ticket = ++latest.traverse;
   const blob = await (await api(`traverse?${params}`)).blob();
+  if (ticket !== latest.traverse) return;
   const values = Array.from({ length: steps }, (_, i) => -span + (2 * span * i) / (steps - 1));
   state.traversal = { a, b, values, center, steps };
   showBlob($("traverse"), blob);
 }
 
-function report(promise) { promise.catch((err) => setStatus(err.message, true)); }
+function report(promise) { tracked(promise).catch((err) => setStatus(err.message, true)); }
 
 // ------------------------------------------------------------------ model info
 
@@ -306,7 +328,7 @@ async function start() {
   const first = new URLSearchParams({ seed: "1", sampler: $("sampler").value, ...labelParam() });
   state.b = (await (await api(`latent?${first}`)).json()).z;
   state.a = await loadSeed(Number($("seed").value) || 0);
-  await Promise.all([drawInterpolation(), drawTraversal()]);
+  await tracked(Promise.all([drawInterpolation(), drawTraversal()]));
 }
 
 start().catch((err) => setStatus(err.message, true));
