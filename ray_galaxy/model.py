@@ -43,7 +43,13 @@ def _groups(c: int) -> int:
 
 
 class ResBlock(nn.Module):
-    """Pre-activation residual block: x + conv(act(norm(conv(act(norm(x))))))."""
+    """Pre-activation residual block: x + conv(act(norm(conv(act(norm(x)))))).
+
+    The branch's last conv starts at zero, so each block starts as the identity and a network
+    with blocks starts as the one without (Goyal et al. 2017, "zero gamma"; Zhang et al. 2019,
+    Fixup): the blocks' first, largest gradient steps then cannot push the decoder's tanh into
+    saturation on their own.
+    """
 
     def __init__(self, c: int) -> None:
         super().__init__()
@@ -51,6 +57,8 @@ class ResBlock(nn.Module):
             nn.GroupNorm(_groups(c), c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1),
             nn.GroupNorm(_groups(c), c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1),
         )
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)

@@ -7,7 +7,7 @@ import torch
 
 from ray_galaxy.config import ConfigError, ModelConfig
 from ray_galaxy.generation.latents import prior_latents
-from ray_galaxy.model import ConvVAE, to_uint8
+from ray_galaxy.model import ConvVAE, ResBlock, to_uint8
 
 
 @pytest.mark.parametrize("size", [32, 64, 128, 256])
@@ -22,6 +22,15 @@ def test_shapes_for_every_size(size, blocks):
     assert a.shape == (2, 3, size, size)
     assert m.decode(torch.zeros(3, 5)).shape == (3, 3, size, size)
     assert m.reconstruct(x).shape == (2, 3, size, size)
+
+
+def test_residual_blocks_start_as_the_identity_and_then_learn():
+    torch.manual_seed(0)
+    block, x = ResBlock(16), torch.randn(2, 16, 8, 8)
+    assert torch.equal(block(x), x)  # a deeper network starts as the shallower one
+    (block(x) - 2 * x).pow(2).mean().backward()
+    torch.optim.SGD(block.parameters(), lr=0.1).step()
+    assert not torch.equal(block(x), x)  # the zero conv still gets a gradient
 
 
 def test_seed_preset_is_four_stride2_convs_without_pooling():
