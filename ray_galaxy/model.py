@@ -47,8 +47,8 @@ class ResBlock(nn.Module):
 
     The branch's last conv starts at zero, so each block starts as the identity and a network
     with blocks starts as the one without (Goyal et al. 2017, "zero gamma"; Zhang et al. 2019,
-    Fixup): the blocks' first, largest gradient steps then cannot push the decoder's tanh into
-    saturation on their own.
+    Fixup). It does not make blocks stable at the default lr 2e-3 on Galaxy Zoo 2 (train them at
+    1e-3; docs/experiments.md, "Three decoders on the same budget").
     """
 
     def __init__(self, c: int) -> None:
