@@ -6,6 +6,8 @@ the prior sampler, seed 0. Side by side in one Ray instance, alternating:
 
 * in-process: :func:`ray_galaxy.catalogue.write_shard` called in this process on one loaded
   :class:`Generator`, shard after shard: what each of the pipeline's actors does, without Ray;
+  on one torch thread (what one actor, holding 1 CPU, gets: the per-worker baseline) and on
+  all cores;
 * ``generate_catalogue`` (what ``jobs/generate.py`` runs) with 1 and 2 workers, end to end,
   actor start-up included.
 
@@ -13,7 +15,7 @@ Then memory flat in N: ``--big-n`` galaxies (default 200,000) at 32 px from a sm
 with one worker, the driver's resident memory and the object store's use sampled every second.
 
     python benchmarks/generate_throughput.py                    # 64px, 8,192 galaxies per run, then 200k at 32px
-    python benchmarks/generate_throughput.py --n 8192 --repeats 2 --big-n 200000
+    python benchmarks/generate_throughput.py --image-size 32 --n 16384 --repeats 1 --big-n 0
 """
 
 from __future__ import annotations
@@ -53,8 +55,18 @@ def make_model(where: str, size: int, **fields: object) -> str:
                           extra_config={"train": {}}, metrics={})
 
 
-def in_process(model: str, out: str, n: int) -> float:
-    """Galaxies/s of writing the catalogue's shards one after another in this process."""
+def in_process(model: str, out: str, n: int, threads: int) -> float:
+    """Galaxies/s of writing the catalogue's shards one after another in this process, with
+    torch using ``threads`` threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _write_all(model, out, n)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _write_all(model: str, out: str, n: int) -> float:
     cfg = CatalogueConfig(model=model, n=n, out=out, sampler="prior")
     plan, _ = plan_of(cfg)
     os.makedirs(os.path.join(out, "shards"), exist_ok=True)
@@ -112,17 +124,24 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     quiet_ray()
     model = make_model(os.path.join(root, "model"), args.image_size)
-    runs: dict[str, list[float]] = {"in-process": [], "1 worker": [], "2 workers": []}
+    # Each pipeline actor holds 1 CPU, and Ray sets OMP_NUM_THREADS to it, so one worker's fair
+    # baseline is the in-process decoder on one thread; "all cores" is what one process can do.
+    cores = torch.get_num_threads()
+    runs: dict[str, list[float]] = {"in-process": [], f"in-process, {cores} threads": [],
+                                    "1 worker": [], "2 workers": []}
     for rep in range(args.repeats):
-        for name in runs:
-            out = os.path.join(root, f"cat-{rep}-{name.replace(' ', '')}")
-            rate = in_process(model, out, args.n) if name == "in-process" else \
-                pipeline(model, out, args.n, int(name[0]))
+        for i, name in enumerate(runs):
+            out = os.path.join(root, f"cat-{rep}-{i}")
+            if name.startswith("in-process"):
+                rate = in_process(model, out, args.n, 1 if name == "in-process" else cores)
+            else:
+                rate = pipeline(model, out, args.n, int(name[0]))
             runs[name].append(rate)
             shutil.rmtree(out, ignore_errors=True)
             log(f"benchmark: run {rep + 1}, {name}: {rate:.0f} galaxies/s")
     mean = {k: float(np.mean(v)) for k, v in runs.items()}
-    log(f"benchmark: {args.image_size}px, {args.n} galaxies: in-process {mean['in-process']:.0f}/s; "
+    log(f"benchmark: {args.image_size}px, {args.n} galaxies: in-process {mean['in-process']:.0f}/s on 1 "
+        f"thread, {mean[f'in-process, {cores} threads']:.0f}/s on {cores}; "
         f"1 worker {mean['1 worker']:.0f}/s ({mean['1 worker'] / mean['in-process']:.2f}x); "
         f"2 workers {mean['2 workers']:.0f}/s ({mean['2 workers'] / mean['in-process']:.2f}x, "
         f"{mean['2 workers'] / 2 / mean['in-process']:.2f}x per worker)")
