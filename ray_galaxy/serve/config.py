@@ -39,7 +39,7 @@ class ServeConfig:
 
     model: str = "runs/galaxy-vae/model"
     max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.01
+    batch_wait_timeout_s: float = 0.0
     max_body_bytes: int = 8 * 1024 * 1024
     token_env: str = "RAY_GALAXY_TOKEN"
     device: str = "auto"
@@ -47,7 +47,8 @@ class ServeConfig:
     # Rows per forward pass inside a decoder batch. 0 = auto: the whole batch on a GPU, one row
     # at a time on a CPU, where the float64 decoder is fastest per image on single rows (its
     # activations for a bigger batch spill the cache; benchmarks/README.md has the sweep).
-    # Batching still pays there: one replica call and one thread hand-off per batch.
+    # Batching still pays there: the requests that arrive while a batch decodes share the next
+    # one, with its per-call costs (benchmarks/README.md).
     decode_chunk_rows: int = 0
 
     def __post_init__(self) -> None:
