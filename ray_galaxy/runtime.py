@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 from ray._private.ray_logging import global_worker_stdstream_dispatcher
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
-from ray_galaxy.console import log
+from ray_galaxy.console import PREFIX, log
 from ray_galaxy.storage import absolute
 
 
@@ -324,14 +325,24 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 def _drop_noise(handler: Any) -> Any:
     def filtered(batch: dict[str, Any]) -> None:
         lines = [line for line in batch.get("lines", []) if not any(n in line for n in RAY_NOISE)]
-        if lines:
-            handler({**batch, "lines": lines})
+        ours = [line for line in lines if line.startswith(PREFIX)]
+        theirs = [line for line in lines if not line.startswith(PREFIX)]
+        if ours:
+            # Written as they are: Ray's handler would prefix them, and its de-duplication folds
+            # lines that differ only in numbers (two trials' epoch lines) into one.
+            sink = sys.stderr if batch.get("is_err") else sys.stdout
+            sink.write("".join(line + "\n" for line in ours))
+            sink.flush()
+        if theirs:
+            handler({**batch, "lines": theirs})
     return filtered
 
 
 def filter_worker_output() -> None:
     """Drop :data:`RAY_NOISE` from the worker output Ray streams to this driver (Ray's log
-    folder keeps every line). Ray has no public hook for this, hence its private dispatcher."""
+    folder keeps every line), and print the package's own progress lines from workers (one per
+    epoch) without Ray's ``(RayTrainWorker pid=...)`` prefix, as the driver's own lines are. Ray
+    has no public hook for this, hence its private dispatcher."""
     for name, handler in list(global_worker_stdstream_dispatcher.handlers):
         if name == "ray_print_logs":
             global_worker_stdstream_dispatcher.remove_handler(name)

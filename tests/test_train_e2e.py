@@ -65,8 +65,11 @@ def test_train_job_prints_a_header_one_line_per_epoch_and_a_summary(trained):
     storage, r = trained
     out = r.stdout + r.stderr
     assert "[ray-galaxy] training run 'e2e': data '" in r.stdout and f"checkpoints in {storage / 'e2e'}" in r.stdout
-    epochs = re.findall(r"\[ray-galaxy\] epoch (\d+)/4 ", r.stdout)
+    # one line per epoch from the rank-0 worker, printed as the driver's own lines are: without
+    # Ray's "(RayTrainWorker pid=...)" prefix
+    epochs = re.findall(r"^\[ray-galaxy\] epoch (\d+)/4 ", r.stdout, re.M)
     assert epochs == ["1", "2", "3", "4"], r.stdout[-4000:]
+    assert "RayTrainWorker pid=" not in r.stdout, r.stdout[-4000:]
     # the critic's loss and adaptive weight appear once it has started (epoch 3 of 4)
     with_critic = re.findall(r"\[ray-galaxy\] epoch (\d+)/4 .* critic [\d.]+ \(x [\d.e+-]+\) ", r.stdout)
     assert with_critic == ["3", "4"], r.stdout[-4000:]

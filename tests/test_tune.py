@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -265,6 +266,10 @@ def test_sweep_runs_every_trial_and_asha_stops_some(sweep):
     with Image.open(run_dir / "trials.png") as img:
         assert img.format == "PNG" and img.size[0] >= 3 * 300
     assert "Trial status" in r.stdout  # Tune's trial table
+    # trials train side by side, so each epoch line names its trial (and not Ray's worker pid)
+    for row in rows:
+        epochs = re.findall(rf"^\[ray-galaxy\] trial {row['trial_id']}: epoch (\d+)/3 ", r.stdout, re.M)
+        assert epochs == [str(e) for e in range(1, len(epochs) + 1)] and epochs, r.stdout[-6000:]
     # ...but not Ray's own chatter: Train's per-report dumps and Ray Data's per-execution lines
     out = r.stdout + r.stderr
     assert "TrainingReport(" not in out and "Starting execution of Dataset" not in out, out[-6000:]

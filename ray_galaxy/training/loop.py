@@ -233,8 +233,9 @@ def _autocast_for(device: Any) -> Autocast:
 
 
 def _resume(cfg: TrainConfig, model: ConvVAE, optimizer: torch.optim.Optimizer, rank: int,
-            adversary: Adversary | None) -> tuple[int, list[dict[str, Any]]]:
-    """Load Ray Train's checkpoint into model, optimizer (and critic): (first epoch to run, history)."""
+            adversary: Adversary | None, tag: str = "") -> tuple[int, list[dict[str, Any]]]:
+    """Load Ray Train's checkpoint into model, optimizer (and critic): (first epoch to run, history).
+    ``tag`` starts the line saying so (a Tune trial's "trial <id>: ")."""
     ckpt = ray.train.get_checkpoint()
     if not ckpt:
         return 0, []
@@ -249,7 +250,7 @@ def _resume(cfg: TrainConfig, model: ConvVAE, optimizer: torch.optim.Optimizer, 
     model.load_state_dict(model_sd)
     optimizer.load_state_dict(opt_sd)
     if rank == 0:
-        log(f"resuming from checkpoint after epoch {state['epoch'] + 1}" + (" (with its critic)" if with_critic else ""))
+        log(f"{tag}resuming from checkpoint after epoch {state['epoch'] + 1}" + (" (with its critic)" if with_critic else ""))
     return state["epoch"] + 1, state.get("history", [])
 
 
@@ -274,7 +275,7 @@ def setup_worker(loop_config: dict[str, Any]) -> WorkerState:
     model = ConvVAE(cfg.model_config())
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     adversary = Adversary.build(cfg) if cfg.adv_weight > 0 else None
-    first, history = _resume(cfg, model, optimizer, rank, adversary)
+    first, history = _resume(cfg, model, optimizer, rank, adversary, loop_config.get("tag", ""))
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * first)
     return WorkerState(cfg=cfg, rank=rank, world=world, device=device, autocast=_autocast_for(device),
                        model=prepare_model(model), optimizer=optimizer, guard=GradGuard(cfg.grad_clip),
@@ -389,6 +390,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics = run_epoch(w, epoch, train_shard, val_shard)
         epoch_times.append(metrics["epoch_seconds"])
         if w.rank == 0:
-            log(_progress_line(w.cfg, metrics, epoch_times))
+            log(loop_config.get("tag", "") + _progress_line(w.cfg, metrics, epoch_times))
         _report(w, epoch, metrics)
         tracker.log_history(w.history[-1:])

@@ -91,7 +91,9 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], train_ds: Any, va
                                            checkpoint_score_attribute=TUNE_METRIC,
                                            checkpoint_score_order=TUNE_MODE),
     )
-    make_trainer(cfg, train_ds, val_ds, run_config=run_config).fit()
+    # Trials train side by side: their epoch lines say which trial they are from.
+    make_trainer(cfg, train_ds, val_ds, extra_loop_config={"tag": f"trial {trial_id}: "},
+                 run_config=run_config).fit()
 
 
 def _trial_name(trial: Any) -> str:
