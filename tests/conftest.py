@@ -79,6 +79,10 @@ def ray_address(tmp_path_factory, s3_endpoint) -> str:
     from ray_galaxy.runtime import ray_runtime_env
 
     os.environ.setdefault("RAY_GALAXY_CACHE", str(tmp_path_factory.mktemp("cache")))
+    # Ray Train's controller polls its workers every 2 s by default, and a run's end waits for
+    # polls (about 3 s of every tiny run here); set before ray.init, so the raylet, every worker
+    # it starts and every job subprocess (job_env) inherit it.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     ctx = ray.init(num_cpus=4, include_dashboard=True, logging_level="warning",
                    runtime_env=ray_runtime_env(str(REPO)))
     address = ctx.address_info["gcs_address"]

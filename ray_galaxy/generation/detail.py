@@ -39,9 +39,9 @@ from typing import Mapping
 
 import numpy as np
 import torch
-from scipy.optimize import nnls
 
 from ray_galaxy.images import luminance, power_deficit_dex, radial_power_spectrum, ring_index, sky_level
+
 
 def k_min(size: int) -> int:
     """Lowest |k| (cycles per image) the detail noise has: S/16, the structure band's lower edge.
@@ -81,6 +81,10 @@ def fit_detail(images: np.ndarray, means: np.ndarray, max_images: int = 2000) ->
     keep = counts > 0
     lb = (np.bincount(idx, lv, len(edges) - 1)[keep] / counts[keep])
     vb = (np.bincount(idx, r2, len(edges) - 1)[keep] / counts[keep])
+    # Imported here: only fitting needs SciPy's optimizers (~0.5 s of import that every process
+    # drawing galaxies would otherwise pay).
+    from scipy.optimize import nnls
+
     coef, _ = nnls(np.stack([np.ones_like(lb), lb, lb ** 2], 1), vb)
     coef[0] = max(coef[0], 1e-8)
     sigma = np.sqrt(variance(lum, coef))[..., None]

@@ -34,7 +34,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from sklearn.mixture import GaussianMixture
 
 from ray_galaxy.checkpoint import ModelDirError, load_tensors, tensor_bytes
 from ray_galaxy.images import D4, orient
@@ -75,6 +74,11 @@ def fit_mixture(x: np.ndarray, components: int = 10, covariance: str = "full", s
     """
     if covariance not in COVARIANCES:
         raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+    # Imported here, not at the top: only fitting needs scikit-learn, and its ~1 s of import
+    # would otherwise delay every process that only draws from a fitted sampler (each Serve
+    # replica, each catalogue actor, every job's start).
+    from sklearn.mixture import GaussianMixture
+
     x = np.asarray(x, np.float64)
     k = max(1, min(components, len(x)))
     gm = GaussianMixture(k, covariance_type=covariance, tol=tol, reg_covar=COVARIANCE_REG,
