@@ -76,6 +76,11 @@ class Decoder:
         return [self.gen.decode_uint8(rows, seed, offset, batch_size=self.chunk_rows)
                 for rows, seed, offset in items]
 
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on this loop where user code has a thread of its own, else in a worker
+        thread (see ``self.inline``)."""
+        return fn(*args) if self.inline else await asyncio.to_thread(fn, *args)
+
     def _count(self, parts: list[np.ndarray]) -> None:
         rows, s = sum(len(p) for p in parts), self.stats_counts
         s["batches"] += 1
@@ -86,7 +91,7 @@ class Decoder:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, batch_size_fn=_rows)
     async def _decode_batch(self, items: list[Item]) -> list[np.ndarray]:
-        parts = self._decode_now(items) if self.inline else await asyncio.to_thread(self._decode_now, items)
+        parts = await self._run(self._decode_now, items)
         self._count(parts)
         return parts
 
@@ -123,7 +128,7 @@ class Decoder:
         size = self.gen.model_config.image_size
         if image.shape != (size, size, 3):
             return self._mismatch(f"expected a {size}px image, got {image.shape}")
-        mu = await asyncio.to_thread(encode_means, self.gen.model, image[None])
+        mu = await self._run(encode_means, self.gen.model, image[None])
         return {"images": await self._decode_batch((mu.astype(np.float32), None, 0)), "version": self.version}
 
     def stats(self) -> dict[str, Any]:
