@@ -31,6 +31,7 @@ def _user_code_has_its_own_thread() -> bool:
     ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`` (Serve's default is on)."""
     return os.environ.get("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "1") != "0"
 
+
 # One decoder call: (latent rows, detail seed or None for the means, the rows' offset in the request).
 Item = tuple[np.ndarray, int | None, int]
 
