@@ -1,9 +1,13 @@
 """The generation layer: D4, slerp, the mixture sampler (fit, kernels, staleness) and the Generator."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 from scipy.stats import multivariate_normal
+from conftest import REPO
 from synthetic import galaxy
 from tiny_model import SIZE, copy_fixture, tiny_fixture  # noqa: F401 (the tiny and copy fixtures)
 
@@ -238,3 +242,13 @@ def test_a_model_without_sampler_uses_the_prior_and_refuses_gmm_clearly(models):
         gen.latents(4, 3, "gmm")
     with pytest.raises(ValueError, match="sampler must be one of"):
         gen.resolve("flow")
+
+
+def test_drawing_galaxies_does_not_import_the_fitting_libraries():
+    """Serve replicas, catalogue actors and jobs start without scikit-learn and SciPy's
+    optimizers (about 1.5 s of import), which only fitting a sampler needs."""
+    code = ("import sys, ray_galaxy.serve.app, ray_galaxy.catalogue, ray_galaxy.training.trainer; "
+            "print(sorted(m for m in ('sklearn', 'scipy.optimize') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]", r.stdout
