@@ -159,7 +159,7 @@ def test_evaluate_job_end_to_end(tiny, tmp_path):
     out = tmp_path / "eval"
     cmd = [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--model", tiny["model"], "--data", str(tiny["val"]),
            "--out", str(out), "--n", "40", "--iwae-k", "4", "--sampler", "gmm", "--fit-sampler",
-           "--gmm-components", "3", "--gmm-bandwidth", "0.3",
+           "--gmm-components", "3", "--gmm-bandwidth", "0.3", "--realism-steps", "10,30",
            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--experiment", "evaluations"]
     r = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -169,7 +169,7 @@ def test_evaluate_job_end_to_end(tiny, tmp_path):
     assert sorted(linked) == pngs
     assert {"samples.png", "traversal.png", "interpolations.png", "reconstructions.png", "morphology.png",
             "power_spectrum.png", "training_curves.png", "nearest_neighbours.png", "samples_means.png",
-            "side_by_side.png"} <= set(pngs)
+            "side_by_side.png", "realism_surest.png"} <= set(pngs)
     with Image.open(out / "side_by_side.png") as img:  # three titled panels of 2 x 8 galaxies, one above the other
         assert img.height > img.width / 8 * 3 * 2 * 0.8
     m = json.loads((out / "metrics.json").read_text())
@@ -187,6 +187,14 @@ def test_evaluate_job_end_to_end(tiny, tmp_path):
     assert m["detail"] is True and m["sampler_meta"]["detail"]["k_min"] == 2
     assert f"scaled by {m['sampler_meta']['detail']['gain']:.2f}" in report
     assert np.isfinite(m["means_only"]["power_deficit_dex"])
+    # The realism test ran on samples, means and the real halves (its power: tests/test_realism.py).
+    real_vs = m["realism"]
+    assert real_vs["generated"]["n_per_set"] == 24 and real_vs["floor"]["n_per_set"] == 12
+    assert len(real_vs["means"]["fold_accuracies"]) == 2 and real_vs["steps"] == [10, 30]
+    assert set(real_vs["floor"]["by_steps"]) == {"10", "30"} and real_vs["generated"]["steps"] == 10
+    g = real_vs["generated"]["by_steps"]
+    assert "## Realism" in report and (f"| generated images | {g['10']['accuracy']:.3f} ± {g['10']['spread']:.3f} | "
+                                       f"{g['30']['accuracy']:.3f} ±") in report
     # the detail adds structure-band power the means lack
     assert m["sharpness"]["power_deficit_dex"] > m["means_only"]["power_deficit_dex"]
     # The means' morphology distances and high-pass sharpness sit next to the samples', in the
@@ -207,6 +215,7 @@ def test_evaluate_job_end_to_end(tiny, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("evaluations").experiment_id])
     assert run.data.tags["job"] == "evaluate" and run.data.params["model"] == tiny["model"]
     assert run.data.metrics["eval.likelihood.iwae_bpd"] == pytest.approx(m["likelihood"]["iwae_bpd"])
+    assert run.data.metrics["eval.realism.generated.accuracy"] == pytest.approx(real_vs["generated"]["accuracy"])
     assert {"evaluation/report.md", "evaluation/morphology.png"} <= {
         a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert f"tracking: evaluation recorded in MLflow run {run.info.run_id}" in r.stdout
@@ -214,7 +223,7 @@ def test_evaluate_job_end_to_end(tiny, tmp_path):
     # Without training data the memorisation check is skipped, and said to be.
     out2 = tmp_path / "eval2"
     cfg = EvaluateConfig(model=tiny["model"], data=str(tiny["val"]), out=str(out2), n=8, max_images=8,
-                           iwae_k=2, train_data="none", tracking=False, detail=False)
+                           iwae_k=2, train_data="none", tracking=False, detail=False, realism=False)
     m2 = E.evaluate(cfg)
     assert m2["memorisation"]["ratio"] is None and "skipped" in m2["memorisation"]["skipped"]
     assert "nearest_neighbours.png" not in m2["figures"]
@@ -222,6 +231,7 @@ def test_evaluate_job_end_to_end(tiny, tmp_path):
     assert m2["detail"] is False and "means W/sd" not in (out2 / "report.md").read_text()  # no means column
     assert m2["sharpness"]["highpass"]["median"]["means"] is None
     assert "| means |" not in (out2 / "report.md").read_text()
+    assert m2["realism"] is None and "## Realism" not in (out2 / "report.md").read_text()
 
 
 def test_morphology_scores_put_the_means_next_to_the_samples():

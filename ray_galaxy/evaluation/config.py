@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray_galaxy.config import ConfigError, _h, check_experiment
+from ray_galaxy.evaluation.realism import STEPS
 from ray_galaxy.generation.generator import SAMPLERS
 from ray_galaxy.generation.sampler import COVARIANCES, GMM_COMPONENTS, KERNEL_BANDWIDTH
 
@@ -44,6 +45,13 @@ class EvaluateConfig:
                           default=0)
     class_train: int = _h("At most this many labelled training images fit the classes check's classifier "
                           "(morphology costs ~15 ms an image).", default=2000)
+    realism: bool = _h("Run the realism test: a small CNN trained to tell the held-out images from generated "
+                        "ones (a classifier two-sample test), for samples, decoder means and two halves of "
+                        "the real set (docs/model.md, \"Realism\"); --no-realism skips it.", default=True)
+    realism_folds: int = _h("Folds of the realism test (each trains a CNN on the others, tests on it).", default=2)
+    realism_steps: tuple[int, ...] = _h("Training budgets of the realism test's CNN (optimiser steps of 32 real + 32 "
+                                        "generated images) after which its held-out accuracy is measured; the first is "
+                                        "the headline.", default=STEPS)
     iwae_k: int = _h("Importance samples per image for the IWAE bound.", default=32)
     temperature: float = _h("Scale of the sampler's noise (1 = as fitted).", default=1.0)
     seed: int = _h("Random seed (subsets, samples, IWAE noise); the same seed gives the same report.",
@@ -73,6 +81,10 @@ class EvaluateConfig:
                               f"and {self.class_train}")
         if self.n < 4 or self.max_images < 4:
             raise ConfigError("n and max_images must be at least 4 (distributions need a few images)")
+        self.realism_steps = tuple(int(k) for k in self.realism_steps)
+        if self.realism_folds < 2 or not self.realism_steps or min(self.realism_steps) < 1:
+            raise ConfigError(f"realism-folds must be >= 2 and realism-steps positive, got {self.realism_folds} "
+                              f"and {self.realism_steps}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         check_experiment(self.experiment)

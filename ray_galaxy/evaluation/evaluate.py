@@ -23,7 +23,7 @@ from ray_galaxy.checkpoint import ModelDirError
 from ray_galaxy.config import ConfigError
 from ray_galaxy.console import fmt_seconds, log
 from ray_galaxy.data import DataError
-from ray_galaxy.evaluation import classes, distances, morphology, sharpness
+from ray_galaxy.evaluation import classes, distances, morphology, realism, sharpness
 from ray_galaxy.evaluation.config import EvaluateConfig
 from ray_galaxy.evaluation.metrics import (clean, likelihood_bounds, memorisation, morphology_scores,
                                            nearest_training_images, power_spectrum, reconstruct,
@@ -179,6 +179,24 @@ def score_generated(cfg: EvaluateConfig, generated: np.ndarray, means: np.ndarra
     return morph, sharp, mem
 
 
+def score_realism(cfg: EvaluateConfig, figs: Figures, real: np.ndarray, generated: np.ndarray,
+                  means: np.ndarray | None) -> dict[str, Any] | None:
+    """The realism test (:mod:`ray_galaxy.evaluation.realism`) and its figure: the generated images
+    the classifier is surest are fake beside the real ones it is surest are real."""
+    if not cfg.realism:
+        return None
+    scores, test = realism.realism_scores(real, generated, means, cfg.seed, cfg.realism_folds, cfg.realism_steps)
+    fake, p_fake, true, p_true = realism.surest(real, generated, test)
+    figs.chart("realism_surest.png", side_by_side_chart(
+        [(f"generated, surest fake (p generated {p_fake.min():.2f}-{p_fake.max():.2f})", fake),
+         (f"real, surest real (p generated {p_true.min():.2f}-{p_true.max():.2f})", true)]),
+        "Realism: what gives samples away",
+        f"The {len(fake)} generated images the realism test's classifier is surest are generated, above the "
+        f"{len(true)} real held-out images it is surest are real (each judged, after {test.steps[-1]} steps, by "
+        "the fold's CNN that did not train on it).")
+    return scores
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -257,6 +275,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                                      m_gen, inputs.labels_source)
 
     figs = Figures(out)
+    real_vs_fake = score_realism(cfg, figs, inputs.real, generated, means)
     sample_figures(figs, cfg, gen, inputs.real, generated, means, lik["kl_per_dim"])
     charts = {"morphology": morphology_chart(m_real, m_gen, morph["distance"]),
               "power_spectrum": power_spectrum_chart(sharp), "band": sharp["band_cycles_per_image"]}
@@ -270,7 +289,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "detail": means is not None, "means_only": means_only,
         "n_generated": int(len(generated)), "seed": cfg.seed, "temperature": cfg.temperature,
         "likelihood": lik, "reconstruction": rec, "morphology": morph, "sharpness": sharp,
-        "memorisation": mem, "classes": by_class, "figures": figs.names, "config": cfg.to_dict(),
+        "memorisation": mem, "classes": by_class, "realism": real_vs_fake, "figures": figs.names, "config": cfg.to_dict(),
         "seconds": round(time.time() - t0, 1),
     })
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))

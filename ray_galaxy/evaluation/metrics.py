@@ -37,6 +37,7 @@ METRIC_KEYS = (
     "sharpness.highpass.median.real", "sharpness.highpass.median.generated",
     "sharpness.highpass.distance.generated", "sharpness.highpass.floor",
     "memorisation.ratio", "memorisation.ratio_vs_reconstructions",
+    "realism.generated.accuracy", "realism.generated.spread", "realism.means.accuracy", "realism.floor.accuracy",
 )
 
 

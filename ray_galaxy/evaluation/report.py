@@ -158,6 +158,29 @@ def _summary(m: dict[str, Any]) -> list[str]:
     ]
 
 
+def _realism(r: dict[str, Any] | None) -> list[str]:
+    if not r:
+        return []
+    rows = [("generated images", r["generated"]), ("their decoder means", r.get("means")),
+            ("floor: two halves of the real set", r["floor"])]
+    budgets = [str(k) for k in r["steps"]]
+    lines = [
+        "## Realism", "",
+        f"A {r['method']}: a small CNN is trained from scratch to tell the held-out real images from each set "
+        f"({r['folds']} folds, batches of {r['batch_per_set']} images per set, random flips and quarter turns) "
+        "and scored on the fold it did not train on, after each training budget. 0.5: it cannot tell them apart; "
+        f"1.0: it always can. The headline is the first budget ({budgets[0]} steps); the longer budgets show what "
+        "a classifier finds that keeps learning. The floor is the same test between two halves of the real set.", "",
+        "| real against | " + " | ".join(f"accuracy after {k} steps" for k in budgets) + " | images per set |",
+        "|---|" + "---|" * len(budgets) + "---|",
+    ]
+    for name, t in rows:
+        if t:
+            cells = [f"{fmt(t['by_steps'][k]['accuracy'])} ± {fmt(t['by_steps'][k]['spread'])}" for k in budgets]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {t['n_per_set']} |")
+    return lines + [""]
+
+
 def _residual_detail(m: dict[str, Any]) -> list[str]:
     means = m.get("means_only")
     if not means:
@@ -250,8 +273,8 @@ def _classes(c: dict[str, Any] | None) -> list[str]:
 
 
 def report_markdown(m: dict[str, Any], files: list[tuple[str, str, str]]) -> str:
-    """The human-readable report: headline table, residual detail, morphology table, classes, figures."""
-    lines = _header(m) + _summary(m) + _residual_detail(m) + _morphology(m["morphology"])
+    """The human-readable report: headline table, realism, residual detail, morphology table, classes, figures."""
+    lines = _header(m) + _summary(m) + _realism(m.get("realism")) + _residual_detail(m) + _morphology(m["morphology"])
     lines += [""] + _highpass(m["sharpness"]["highpass"]) + _classes(m.get("classes")) + ["## Figures", ""]
     for name, title, caption in files:
         lines += [f"### {title}", "", f"![{title}]({name})", "", caption, ""]
