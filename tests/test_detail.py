@@ -100,3 +100,16 @@ def test_calibrated_gain_is_clamped_where_the_residual_model_is_wrong():
     assert D.calibrate_gain(means, m, loud)["gain"] == D.GAIN_BOUNDS[1]
     with pytest.raises(ValueError, match="one size"):
         D.calibrate_gain(means, m, _blobs(4, s=16))
+
+
+def test_flat_means_fit_a_constant_variance_instead_of_failing():
+    # A barely trained decoder (2 epochs on 96 images) draws one flat image: every luminance
+    # quantile is equal. The fit then has only sky noise to describe, and says so in its terms.
+    rng = np.random.default_rng(0)
+    means = np.full((12, 32, 32, 3), 0.2)
+    images = np.clip(means + rng.normal(0, 0.05, means.shape), 0, 1)
+    d = D.fit_detail(images, means)
+    c0, c1, c2 = d["variance_coef"]
+    assert c0 == pytest.approx(0.05 ** 2, rel=0.1) and c1 == c2 == 0.0
+    x = D.add_detail(torch.from_numpy(means).permute(0, 3, 1, 2).float(), d, seed=0)
+    assert torch.isfinite(x).all() and float((x - 0.2).std()) > 0.01

@@ -72,21 +72,7 @@ def fit_detail(images: np.ndarray, means: np.ndarray, max_images: int = 2000) ->
         raise ValueError(f"images and means must both be (N, S, S, 3), got {x.shape} and {mu.shape}")
     r = x - mu
     lum = brightness(mu)
-    # sigma^2(L) from E[r^2 | L]: bin by L so the sky's many pixels do not swamp the galaxy's.
-    r2 = (r ** 2).mean(-1).ravel()
-    lv = lum.ravel()
-    edges = np.unique(np.quantile(lv, np.linspace(0, 1, 41)))
-    idx = np.clip(np.searchsorted(edges, lv, side="right") - 1, 0, len(edges) - 2)
-    counts = np.bincount(idx, minlength=len(edges) - 1)
-    keep = counts > 0
-    lb = (np.bincount(idx, lv, len(edges) - 1)[keep] / counts[keep])
-    vb = (np.bincount(idx, r2, len(edges) - 1)[keep] / counts[keep])
-    # Imported here: only fitting needs SciPy's optimizers (~0.5 s of import that every process
-    # drawing galaxies would otherwise pay).
-    from scipy.optimize import nnls
-
-    coef, _ = nnls(np.stack([np.ones_like(lb), lb, lb ** 2], 1), vb)
-    coef[0] = max(coef[0], 1e-8)
+    coef = variance_coef(lum, (r ** 2).mean(-1))
     sigma = np.sqrt(variance(lum, coef))[..., None]
     u = r / sigma  # (N, S, S, 3), about unit variance
     cov = np.cov(u.reshape(-1, 3).T)
@@ -104,6 +90,32 @@ def fit_detail(images: np.ndarray, means: np.ndarray, max_images: int = 2000) ->
     spectrum = np.bincount(ring.ravel(), (pm * w).ravel()) / np.bincount(ring.ravel(), w.ravel())
     spectrum[:k_min(s)] = 0.0
     return {"variance_coef": coef.astype(np.float64), "mix": mix, "spectrum": spectrum}
+
+
+def variance_coef(lum: np.ndarray, r2: np.ndarray, bins: int = 40) -> np.ndarray:
+    """(c0, c1, c2) of sigma^2(L) = c0 + c1 L + c2 L^2 from squared residuals ``r2`` at
+    luminances ``lum`` (same shape): non-negative least squares on E[r^2 | L] in quantile bins of
+    L, so that the sky's many pixels do not swamp the galaxy's.
+
+    Degenerate inputs still fit: where the means have fewer than three distinct brightness
+    levels (a barely trained decoder that draws one flat image: every quantile equal), only the
+    constant term is fitted, the mean squared residual."""
+    lv, r2 = lum.ravel(), r2.ravel()
+    edges = np.unique(np.quantile(lv, np.linspace(0, 1, bins + 1)))
+    if len(edges) < 4:
+        return np.array([max(float(r2.mean()), 1e-8), 0.0, 0.0])
+    idx = np.clip(np.searchsorted(edges, lv, side="right") - 1, 0, len(edges) - 2)
+    counts = np.bincount(idx, minlength=len(edges) - 1)
+    keep = counts > 0
+    lb = (np.bincount(idx, lv, len(edges) - 1)[keep] / counts[keep])
+    vb = (np.bincount(idx, r2, len(edges) - 1)[keep] / counts[keep])
+    # Imported here: only fitting needs SciPy's optimizers (~0.5 s of import that every process
+    # drawing galaxies would otherwise pay).
+    from scipy.optimize import nnls
+
+    coef, _ = nnls(np.stack([np.ones_like(lb), lb, lb ** 2], 1), vb)
+    coef[0] = max(coef[0], 1e-8)
+    return coef
 
 
 def variance(lum: np.ndarray, coef: np.ndarray) -> np.ndarray:
