@@ -30,6 +30,12 @@ class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names it."""
 
 
+# Settings that name data sources: several are joined by SOURCE_SEPARATOR into one string
+# (ray_galaxy.data.data_sources splits it), and a YAML list of them is joined so when read.
+SOURCE_FIELDS = ("data", "input", "train_data")
+SOURCE_SEPARATOR = ","
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to build a :class:`ray_galaxy.model.ConvVAE` (nanoGPT style)."""
@@ -220,6 +226,8 @@ def field_names(cls: Type[Any]) -> list[str]:
 
 def _coerce(name: str, typ: Any, value: Any) -> Any:
     """Convert a YAML/CLI value to the field's declared type, with a clear error."""
+    if name in SOURCE_FIELDS and isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        value = SOURCE_SEPARATOR.join(value)
     if get_origin(typ) in (Union, types.UnionType):  # an optional field: None, or its other type
         if value is None:
             return None

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import ray
 from PIL import Image, ImageOps
 
+from ray_galaxy.config import SOURCE_SEPARATOR
 from ray_galaxy.storage import StorageError, join, resolve
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -153,15 +154,49 @@ def list_images(uri: str) -> list[str]:
     return paths
 
 
-def split_paths(paths: list[str], val_fraction: float, root: str = "") -> tuple[list[str], list[str]]:
-    """Deterministic train/val split by a hash of each path relative to ``root``.
+def data_sources(data: str) -> list[str]:
+    """The sources one data setting names: a folder, URI, prepared output or built-in name, or
+    several of them joined by commas (``path/to/gz2/train,path/to/gz2/extra``; a YAML list is
+    joined so by the config loader). Raises a :class:`DataError` for an empty or repeated one."""
+    parts = [p.strip() for p in str(data).split(SOURCE_SEPARATOR)]
+    if any(not p for p in parts):
+        raise DataError(f"data {data!r} names an empty source (sources are separated by {SOURCE_SEPARATOR!r})")
+    if len(set(parts)) != len(parts):
+        raise DataError(f"data {data!r} names a source twice")
+    return parts
+
+
+def list_sources(uris: list[str]) -> tuple[Any, dict[str, str]]:
+    """Every image file under each of ``uris`` (folders or URIs of pictures, on one filesystem):
+    (the filesystem, {path: its path relative to the source it is under}). The relative path is
+    what the train/val split hashes, so a folder keeps its split whatever it is read beside."""
+    filesystem, found = None, {}
+    for uri in uris:
+        fs, root = resolve(uri)
+        if filesystem is not None and not fs.equals(filesystem):
+            raise DataError(f"data sources {', '.join(map(repr, uris))} are on different filesystems; read "
+                            "them from one place (copy them, or jobs/prepare_data.py each into one store)")
+        filesystem = filesystem or fs
+        prefix = root.rstrip("/") + "/"
+        for p in list_images(uri):
+            found.setdefault(p, p[len(prefix):] if p.startswith(prefix) else p)
+    return filesystem, found
+
+
+def split_paths(paths: list[str], val_fraction: float, root: str = "",
+                relative: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """Deterministic train/val split by a hash of each path relative to ``root`` (or as given by
+    ``relative``, for paths under several sources: :func:`list_sources`).
 
     A file stays on the same side whatever else is added to the folder, and wherever the
     folder is mounted or copied (hence the relative path).
     """
     train, val = [], []
     for p in paths:
-        rel = p[len(root):].lstrip("/") if root and p.startswith(root) else p
+        if relative is not None:
+            rel = relative[p]
+        else:
+            rel = p[len(root):].lstrip("/") if root and p.startswith(root) else p
         (val if is_val(rel, val_fraction) else train).append(p)
     if paths and not val:  # tiny sets: keep at least one validation image
         val.append(train.pop())

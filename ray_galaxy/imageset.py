@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ray_galaxy.builtin import BUILTIN_DATASETS, resolve_data_uri
-from ray_galaxy.data import (BadImage, DataError, decode_image, is_val, list_images, read_manifest,
+from ray_galaxy.data import (BadImage, DataError, data_sources, decode_image, is_val, list_images, read_manifest,
                              resize_images, shard_images, split_paths)
 from ray_galaxy.labels import labels_for, read_labels
 from ray_galaxy.storage import exists, join, location_key, resolve
@@ -31,22 +31,22 @@ class ImageSet:
 
 
 def same_source(a: str, b: str) -> bool:
-    """Whether two data URIs name the same place (built-in names resolved first)."""
+    """Whether two data settings name the same places (built-in names resolved first; several
+    sources in any order)."""
     try:
-        return location_key(resolve_data_uri(a)) == location_key(resolve_data_uri(b))
+        return ({location_key(resolve_data_uri(u)) for u in data_sources(a)} ==
+                {location_key(resolve_data_uri(u)) for u in data_sources(b)})
     except Exception:  # noqa: BLE001 - unreadable means "not provably the same"
         return a == b
 
 
 def recorded_train_data(train_config: dict[str, Any]) -> str | None:
-    """The training source a model's config.json records, when it can still be read; else None."""
+    """The training data a model's config.json records, when all of it can still be read; else None."""
     data = train_config.get("data")
     if not data:
         return None
-    if data in BUILTIN_DATASETS:
-        return data
     try:
-        return data if exists(data) else None
+        return data if all(u in BUILTIN_DATASETS or exists(u) for u in data_sources(data)) else None
     except Exception:  # noqa: BLE001 - an unreachable URI means "not available"
         return None
 
@@ -93,9 +93,37 @@ def _file_images(uri: str, size: int, crop: float, limit: int | None, split: str
     return images, read
 
 
-def read_image_set(uri: str, size: int, crop: float, limit: int | None = None, split: str | None = None,
+def read_image_set(data: str, size: int, crop: float, limit: int | None = None, split: str | None = None,
                    val_fraction: float = 0.1, seed: int = 0, labels: str | None = None) -> ImageSet:
-    """Images from a folder/URI of pictures, a prepared dataset or 'hubble-xdf', with their paths.
+    """Images from a folder/URI of pictures, a prepared dataset or 'hubble-xdf', or several of
+    them (:func:`ray_galaxy.data.data_sources`), with their paths.
+
+    Several sources are read one by one (each split by its own relative paths, as training does)
+    and joined; ``limit`` then keeps a seeded random subset of the whole.
+    """
+    sources = data_sources(data)
+    if len(sources) == 1:
+        return _read_one(sources[0], size, crop, limit, split, val_fraction, seed, labels)
+    parts = [_read_one(u, size, crop, limit, split, val_fraction, seed, labels) for u in sources]
+    keep = np.arange(sum(len(p.images) for p in parts))
+    if limit is not None and len(keep) > limit:
+        keep = np.sort(np.random.default_rng(seed).choice(keep, limit, replace=False))
+    paths = [p for part in parts for p in part.paths]
+    labelled = any(part.labels is not None for part in parts)
+    found = [label for part in parts for label in (part.labels or [None] * len(part.images))]
+    info = {"source": data, "split": split or "all", "files": sum(p.info.get("files", 0) for p in parts),
+            "skipped": sum(p.info["skipped"] for p in parts), "images": len(keep),
+            "sources": [p.info for p in parts]}
+    sources_of_labels = {p.info.get("labels_source") for p in parts} - {None}
+    if sources_of_labels:
+        info["labels_source"] = sorted(sources_of_labels)[0]
+    return ImageSet(np.concatenate([p.images for p in parts])[keep], [paths[i] for i in keep],
+                    [found[i] for i in keep] if labelled else None, info)
+
+
+def _read_one(uri: str, size: int, crop: float, limit: int | None, split: str | None,
+              val_fraction: float, seed: int, labels: str | None) -> ImageSet:
+    """One source of :func:`read_image_set`.
 
     ``split`` ('train' or 'val') keeps one side of the training job's hash split
     (:func:`ray_galaxy.data.split_paths`, :func:`ray_galaxy.data.is_val`); ``limit`` keeps a

@@ -43,7 +43,8 @@ from scipy.fft import dctn
 
 from ray_galaxy.config import ConfigError, _h
 from ray_galaxy.console import log
-from ray_galaxy.data import MANIFEST, SHARDS_FORMAT, BadImage, DataError, decode_image, list_images, split_key
+from ray_galaxy.data import (MANIFEST, SHARDS_FORMAT, BadImage, DataError, data_sources, decode_image, list_sources,
+                             split_key)
 from ray_galaxy.labels import LabelTable, describe_labels, label_counts, label_of, labels_for, read_labels
 from ray_galaxy.storage import absolute, join, resolve
 
@@ -66,7 +67,8 @@ DUPLICATE_BITS = 36
 class PrepareConfig:
     """Settings of ``jobs/prepare_data.py``."""
 
-    input: str = _h("Raw pictures: a folder or URI (s3://bucket/prefix), searched recursively.", default="")
+    input: str = _h("Raw pictures: a folder or URI (s3://bucket/prefix), searched recursively; several joined by "
+                    "commas (a list in YAML) are prepared into one output.", default="")
     output: str = _h("Where the Parquet shards and manifest.json go (folder or URI).", default="")
     image_size: int = _h("Side of the square output images in pixels.", default=256)
     crop: float = _h("Central fraction kept before resizing (0.5 for Galaxy Zoo frames).", default=0.5)
@@ -220,12 +222,11 @@ def _with_labels(ds: ray.data.Dataset, table: LabelTable) -> ray.data.Dataset:
         [label_of(p, table) for p in t["path"].to_pylist()], pa.string())), batch_format="pyarrow")
 
 
-def _relative_paths(ds: ray.data.Dataset, in_root: str) -> ray.data.Dataset:
-    """Paths relative to the input: the split by path hash must not depend on the bucket or mount."""
-    root = in_root.rstrip("/") + "/"
-    return ds.map_batches(lambda b: {**b, "path": np.asarray(
-        [p[len(root):] if p.startswith(root) else p for p in b["path"]], dtype=object)},
-        batch_format="numpy")
+def _relative_paths(ds: ray.data.Dataset, relative: dict[str, str]) -> ray.data.Dataset:
+    """Paths relative to the input each came from (:func:`ray_galaxy.data.list_sources`): the
+    split by path hash must not depend on the bucket or mount."""
+    return ds.map_batches(lambda b: {**b, "path": np.asarray([relative[p] for p in b["path"]], dtype=object)},
+                          batch_format="numpy")
 
 
 # --------------------------------------------------------------------------- output folder
@@ -244,12 +245,6 @@ def _start_output(fs: pafs.FileSystem, out_root: str) -> str:
         fs.delete_file(manifest_path)  # from here on the old output reads as unfinished
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     return join(out_root, f"shards-{run_id}")
-
-
-def _in_split_order(paths: list[str], in_root: str) -> list[str]:
-    """``paths`` sorted by the split key of their input-relative path (as stored in the shards)."""
-    root = in_root.rstrip("/") + "/"
-    return sorted(paths, key=lambda p: split_key(p[len(root):] if p.startswith(root) else p))
 
 
 def _write_shard(table: pa.Table, shard_uri: str, compression: str) -> pa.Table:
@@ -318,14 +313,15 @@ def _labels_entry(meta: list[dict[str, Any]], drop_paths: set[str], table: Label
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the preparation; returns the manifest it wrote."""
     t0 = time.time()
-    paths = list_images(cfg.input)
-    in_fs, in_root = resolve(cfg.input)
+    in_fs, relative = list_sources(data_sources(cfg.input))
+    paths = sorted(relative)
     out_fs, out_root = resolve(cfg.output)
     table = read_labels(cfg.labels) if cfg.labels else None  # a bad CSV fails before any image is read
     log(f"preparing {len(paths)} files from {cfg.input} -> {cfg.output} "
         f"({cfg.image_size}px, crop {cfg.crop}, dedupe {'on' if cfg.dedupe else 'off'})")
     # Read in split-key order, kept in order: consecutive rows then make each shard (_write_shards).
-    ds = ray.data.read_binary_files(_in_split_order(paths, in_root), filesystem=in_fs, include_paths=True)
+    ds = ray.data.read_binary_files(sorted(paths, key=lambda p: split_key(relative[p])), filesystem=in_fs,
+                                    include_paths=True)
     ds.context.execution_options.preserve_order = True
     ds = ds.map_batches(_Prepare(cfg.image_size, cfg.crop, cfg.min_size), batch_size=32,
                         batch_format="numpy").materialize()
@@ -335,7 +331,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     if drop_paths:
         dropped["duplicate"] = len(drop_paths)
     keep = ds.filter(lambda r: not r["error"] and r["path"] not in drop_paths).drop_columns(["error"])
-    keep = _relative_paths(keep, in_root)
+    keep = _relative_paths(keep, relative)
     labels = _labels_entry(meta, drop_paths, table) if table is not None else None
     if table is not None:
         keep = _with_labels(keep, table)

@@ -32,8 +32,8 @@ from ray.data import FileShuffleConfig, RandomSeedConfig
 from ray_galaxy.builtin import resolve_data_uri
 from ray_galaxy.config import CACHE_MODES
 from ray_galaxy.console import log
-from ray_galaxy.data import (DataError, Resize, is_val, list_images, read_images, read_manifest, read_shards,
-                             shard_splits, split_paths)
+from ray_galaxy.data import (DataError, Resize, data_sources, is_val, list_sources, read_images, read_manifest,
+                             read_shards, shard_splits, split_paths)
 from ray_galaxy.runtime import quiet_ray
 from ray_galaxy.storage import join, resolve
 
@@ -205,7 +205,9 @@ def _union(a: ray.data.Dataset | None, b: ray.data.Dataset | None) -> ray.data.D
 
 def load_datasets(data: str, image_size: int, crop: float, val_fraction: float, cache: str = "on",
                   seed: int | None = None) -> tuple[ray.data.Dataset, ray.data.Dataset, DataStats]:
-    """Train/val Ray datasets of uint8 images (column ``image``) from any source, and their stats.
+    """Train/val Ray datasets of uint8 images (column ``image``) from any source, or several
+    (:func:`ray_galaxy.data.data_sources`: folders of pictures on one filesystem read as one,
+    prepared outputs joined), and their stats.
 
     ``cache`` is on (decode once into the object store), off (stream every epoch) or auto (on
     when it fits :data:`CACHE_SHARE` of the object store); ``seed`` seeds each epoch's order
@@ -213,24 +215,30 @@ def load_datasets(data: str, image_size: int, crop: float, val_fraction: float, 
     """
     quiet_ray()
     t0 = time.time()
-    uri = resolve_data_uri(data)
-    manifest = read_manifest(uri)
-    if manifest is not None:
-        train, val, stats = _prepared(uri, manifest, image_size, crop, val_fraction, cache, seed)
+    uris = [resolve_data_uri(d) for d in data_sources(data)]
+    manifests = [read_manifest(u) for u in uris]
+    if len(uris) == 1 and manifests[0] is not None:
+        train, val, stats = _prepared(uris[0], manifests[0], image_size, crop, val_fraction, cache, seed)
+    elif all(m is None for m in manifests):
+        train, val, stats = _files(data, uris, image_size, crop, val_fraction, cache, seed)
+    elif all(m is not None for m in manifests):
+        train, val, stats = _several_prepared(data, uris, manifests, image_size, crop, val_fraction, cache, seed)
     else:
-        train, val, stats = _files(data, uri, image_size, crop, val_fraction, cache, seed)
+        raise DataError(f"data {data!r} mixes prepared outputs and folders of pictures; prepare them all "
+                        "(jobs/prepare_data.py) or none")
     stats.seconds = round(time.time() - t0, 2)
     if stats.complete:
         stats.check()
     return train, val, stats
 
 
-def _files(data: str, uri: str, image_size: int, crop: float, val_fraction: float, cache: str,
+def _files(data: str, uris: list[str], image_size: int, crop: float, val_fraction: float, cache: str,
            seed: int | None) -> tuple[ray.data.Dataset, ray.data.Dataset, DataStats]:
-    """A folder or URI of pictures, decoded with the guard; bad files dropped and counted."""
-    paths = list_images(uri)
-    fs, root = resolve(uri)
-    train_paths, val_paths = split_paths(paths, val_fraction, root=root)
+    """Folders or URIs of pictures (one or several, read as one collection), decoded with the
+    guard; bad files dropped and counted."""
+    fs, relative = list_sources(uris)
+    paths = sorted(relative)
+    train_paths, val_paths = split_paths(paths, val_fraction, relative=relative)
     cached, reason = choose_cache(cache, len(paths), image_size)
     _log_cache(cached, reason)
     stats = DataStats(source=data, files=len(paths), cache="on" if cached else "off", cache_reason=reason,
@@ -247,6 +255,31 @@ def _files(data: str, uri: str, image_size: int, crop: float, val_fraction: floa
     else:
         train, val = read(train_paths, "train", file_shuffle(seed)), read(val_paths, "val", None)
     stats.refresh()
+    return train, val, stats
+
+
+def _several_prepared(data: str, uris: list[str], manifests: list[dict[str, Any]], image_size: int, crop: float,
+                      val_fraction: float, cache: str, seed: int | None
+                      ) -> tuple[ray.data.Dataset, ray.data.Dataset, DataStats]:
+    """Several jobs/prepare_data.py outputs as one: each read as :func:`_prepared` does, with one
+    cache decision for all of them, joined; cached, the joined training blocks are visited in one
+    seeded order, so an epoch mixes the sources."""
+    total = sum(int(m.get("written", 0)) for m in manifests)
+    cached, _ = choose_cache(cache, total, image_size)
+    parts = [_prepared(u, m, image_size, crop, val_fraction, "on" if cached else "off", seed)
+             for u, m in zip(uris, manifests)]
+    train, val = parts[0][0], parts[0][1]
+    for t, v, _ in parts[1:]:
+        train, val = train.union(t), val.union(v)
+    if cached:
+        train = train.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    stats = DataStats(source=data, cache="on" if cached else "off", cache_reason=parts[0][2].cache_reason)
+    for _, _, st in parts:
+        stats.files += st.files
+        stats.train_images += st.train_images
+        stats.val_images += st.val_images
+        for k, v in st.skipped_by_reason.items():
+            stats.skipped_by_reason[k] = stats.skipped_by_reason.get(k, 0) + v
     return train, val, stats
 
 
