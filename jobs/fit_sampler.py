@@ -14,6 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ray_galaxy.checkpoint import ModelDirError  # noqa: E402
+from ray_galaxy.config import DETAIL_MODES  # noqa: E402
 from ray_galaxy.console import log  # noqa: E402
 from ray_galaxy.data import DataError  # noqa: E402
 from ray_galaxy.generation.fit import fit_sampler  # noqa: E402
@@ -45,8 +46,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--crop", type=float, default=None, help="crop fraction (default: the model's own)")
     p.add_argument("--max-images", type=int, default=5000, help="at most this many training images (default 5000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--no-detail", action="store_true",
-                   help="fit only the latent mixture, not the residual detail model")
+    p.add_argument("--detail", choices=DETAIL_MODES, default="galaxy",
+                   help="residual detail model: galaxy (texture following the galaxy's light; the default), sky "
+                        "(the sky's noise only) or none")
+    p.add_argument("--no-detail", dest="detail", action="store_const", const="none",
+                   help="fit only the latent mixture, not the residual detail model (--detail none)")
     args = p.parse_args(argv)
     if args.components < 1 or args.max_images < 1:
         p.error("--components and --max-images must be >= 1")
@@ -65,7 +69,7 @@ def describe(meta: dict, model: str) -> str:
             f"({meta['iterations']} EM iterations, mean log-likelihood {meta['mean_log_likelihood']:.3f}); draws from "
             + (f"kernels on the {meta['codes']} codes (bandwidth {meta['bandwidth']:g})" if meta["kernels"] == "codes"
                else "its components")
-            + (f" and the residual detail model (gain {detail['gain']:.2f}: structure-band power "
+            + (f" and the residual detail model ({detail['kind']}, gain {detail['gain']:.2f}: structure-band power "
                f"{detail['power_deficit_dex_at_gain_1']:+.3f} -> {detail['power_deficit_dex']:+.3f} "
                "dex against the training images)" if detail else "")
             + (f"; per label: {', '.join(f'{k} ({v} images)' for k, v in meta['label_counts'].items())}"
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.orientations} orientations (about a minute for 1,000 images on 2 cores)...")
     try:
         meta = fit_sampler(args.model, args.train_data, args.components, args.covariance, args.seed,
-                           args.crop, args.max_images, detail=not args.no_detail,
+                           args.crop, args.max_images, detail=args.detail,
                            orientations=args.orientations, bandwidth=args.bandwidth, labels=args.labels)
     except (ModelDirError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

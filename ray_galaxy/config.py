@@ -24,6 +24,8 @@ LR_SCHEDULES = ("cosine", "constant")
 # TrainConfig.cache: whether decoded training images are kept in Ray's object store
 # (ray_galaxy.streaming).
 CACHE_MODES = ("auto", "on", "off")
+# TrainConfig.detail: the residual detail model's kind (ray_galaxy.generation.detail), or none.
+DETAIL_MODES = ("galaxy", "sky", "none")
 
 
 class ConfigError(ValueError):
@@ -34,6 +36,18 @@ class ConfigError(ValueError):
 # (ray_galaxy.data.data_sources splits it), and a YAML list of them is joined so when read.
 SOURCE_FIELDS = ("data", "input", "train_data")
 SOURCE_SEPARATOR = ","
+
+# DiffAugment's policies that ray_galaxy.critic.diff_augment implements.
+AUGMENTATIONS = ("translation", "cutout", "color")
+
+
+def parse_policy(policy: str) -> tuple[str, ...]:
+    """'translation,cutout' -> ('translation', 'cutout'); '' -> (); ValueError naming a bad entry."""
+    names = tuple(p.strip() for p in policy.split(",") if p.strip())
+    bad = [n for n in names if n not in AUGMENTATIONS]
+    if bad:
+        raise ValueError(f"unknown augmentation {bad[0]!r}; valid: {', '.join(AUGMENTATIONS)}")
+    return names
 
 
 @dataclass(frozen=True)
@@ -108,10 +122,25 @@ class TrainConfig:
     kl_weight: float = _h("Weight (beta) of the KL term.", default=0.1)
     kl_warmup_epochs: int = _h("Epochs over which the KL weight ramps linearly from 0.", default=5)
     likelihood: str = _h("Reconstruction likelihood: 'gaussian' (learned sigma) or 'bce'.", default="gaussian")
-    adv_weight: float = _h("Weight of the adversarial patch-critic term that sharpens the decoder (ray_galaxy/critic.py); "
-                           "it multiplies the adaptive weight, 0.5 as in Stable Diffusion's VAE. 0 = off.", default=0.0)
-    adv_start: float = _h("Fraction of the epochs trained on the likelihood alone before the critic starts "
-                          "(reconstruction converges first; a critic from the start diverged).", default=0.5)
+    finetune_epochs: int = _h("Epochs of adversarial fine-tuning after the likelihood epochs: the encoder is "
+                              "frozen and a patch critic (ray_galaxy/critic.py) teaches the decoder what real "
+                              "galaxies look like (docs/model.md, \"Adversarial fine-tuning\"). 0 = off.", default=0)
+    finetune_lr: float = _h("Learning rate of the decoder during fine-tuning (constant).", default=2e-4)
+    critic_lr: float = _h("Learning rate of the critic (constant; a faster critic than generator, as in the "
+                          "two time-scale rule of Heusel et al. 2017).", default=1e-3)
+    adv_weight: float = _h("Weight of the critic's term during fine-tuning; it multiplies the adaptive weight "
+                           "(Esser et al. 2021), 0.5 as in Stable Diffusion's VAE.", default=0.5)
+    adv_augment: str = _h("Differentiable augmentations of real and generated images before the critic "
+                          "(DiffAugment): a comma-separated subset of translation, cutout, color; empty: none.",
+                          default="translation,cutout,color")
+    r1_gamma: float = _h("Weight of the R1 gradient penalty on the critic's real images, pixels in [0, 1] "
+                         "(0 = off).", default=0.1)
+    adv_sample_share: float = _h("Decodes of the sampler's codes the critic judges, per reconstruction in a batch "
+                                 "(0: reconstructions only). The sampler is the one fitted after the likelihood "
+                                 "epochs.", default=0.5)
+    critic_channels: tuple[int, ...] = _h("Widths of the critic's three convolutions.", default=(32, 64, 128))
+    critic_spectral_norm: bool = _h("Spectrally normalise the critic's convolutions (instead of GroupNorm).",
+                                    default=False)
     labels: str | None = _h("CSV of class labels of the training images (key: file name or stem; class: the "
                             "column named label, class or morphology, else the last): the sampler is then "
                             "fitted per label and jobs can draw one class (docs/generate.md, \"Conditional "
@@ -119,6 +148,10 @@ class TrainConfig:
     fit_sampler: bool = _h("After training, fit the two-stage sampler (a Gaussian mixture on the training "
                            "codes plus the residual detail model) into the model directory; samples.png "
                            "then shows its draws instead of N(0, I) decodes.", default=True)
+    detail: str = _h("Residual detail model fitted with the sampler: 'galaxy' (texture that follows the galaxy's "
+                     "light, for a decoder whose means are smooth), 'sky' (the sky's noise only, for a decoder that "
+                     "draws the galaxy sharply itself) or 'none' (docs/model.md, \"Residual detail\").",
+                     default="galaxy")
     val_fraction: float = _h("Fraction of images held out for validation (by path hash).", default=0.1)
     cache: str = _h("Decoded images: 'on' decodes once into Ray's object store, 'off' streams them from "
                     "storage every epoch, 'auto' caches when they take at most a quarter of the free "
@@ -165,15 +198,39 @@ class TrainConfig:
         if self.grad_clip < 0 or (0 < self.grad_clip < 1):
             raise ConfigError(f"grad_clip must be 0 (off) or >= 1 (a multiple of the median norm), "
                               f"got {self.grad_clip}")
-        if not (self.adv_weight >= 0 and math.isfinite(self.adv_weight)) or not 0 <= self.adv_start < 1:
-            raise ConfigError(f"adv_weight must be a finite number >= 0 and adv_start in [0, 1), "
-                              f"got {self.adv_weight} and {self.adv_start}")
+        self._check_finetune()
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.detail not in DETAIL_MODES:
+            raise ConfigError(f"detail must be one of {', '.join(DETAIL_MODES)}; got {self.detail!r}")
         if self.cache not in CACHE_MODES:
             raise ConfigError(f"cache must be one of {', '.join(CACHE_MODES)}; got {self.cache!r}")
         check_experiment(self.experiment)
         self.model_config()  # validates the model fields too
+
+    def _check_finetune(self) -> None:
+        """The adversarial fine-tuning settings, each with a message naming it."""
+        self.critic_channels = tuple(int(c) for c in self.critic_channels)
+        if self.finetune_epochs < 0:
+            raise ConfigError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
+        if not (self.adv_weight > 0 and math.isfinite(self.adv_weight)):
+            raise ConfigError(f"adv_weight must be a finite number > 0, got {self.adv_weight}")
+        if not (self.finetune_lr > 0 and self.critic_lr > 0 and self.r1_gamma >= 0 and math.isfinite(self.r1_gamma)):
+            raise ConfigError(f"finetune_lr and critic_lr must be > 0 and r1_gamma a finite number >= 0, "
+                              f"got {self.finetune_lr}, {self.critic_lr} and {self.r1_gamma}")
+        if not 0 <= self.adv_sample_share <= 4:
+            raise ConfigError(f"adv_sample_share must be in [0, 4], got {self.adv_sample_share}")
+        if len(self.critic_channels) != 3 or min(self.critic_channels) < 1:
+            raise ConfigError(f"critic_channels must be three positive widths, got {self.critic_channels}")
+        try:
+            parse_policy(self.adv_augment)
+        except ValueError as e:
+            raise ConfigError(f"adv_augment: {e}") from None
+
+    @property
+    def total_epochs(self) -> int:
+        """Likelihood epochs plus fine-tuning epochs."""
+        return self.epochs + self.finetune_epochs
 
     def model_config(self) -> ModelConfig:
         """The :class:`ModelConfig` these settings describe."""
@@ -188,6 +245,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["channels"] = list(self.channels)
+        d["critic_channels"] = list(self.critic_channels)
         return d
 
 

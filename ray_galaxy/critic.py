@@ -15,8 +15,21 @@ add a patch critic that judges local texture, with three details that keep it st
   The sigma-VAE likelihood sums over pixels with a learned sigma, so its scale changes by orders
   of magnitude during training; a fixed weight (0.5 from the start) diverged on Galaxy Zoo 2.
 
-The term starts only once reconstruction has converged (``TrainConfig.adv_start``). The critic
-is not part of the model directory: sampling and serving never need it.
+On a few thousand images a critic like this wins outright: it memorises the training set, its
+loss goes to 0 and the decoder learns to fool it with stripes (docs/experiments.md). Three cures
+from the small-data GAN literature are here, each a setting of the fine-tuning phase
+(``TrainConfig.finetune_epochs``, :mod:`ray_galaxy.training.adversary`):
+
+* differentiable augmentation of real and generated images alike before the critic
+  (DiffAugment, Zhao et al. 2020, "Differentiable Augmentation for Data-Efficient GAN
+  Training"): :func:`diff_augment`, policies ``translation``, ``cutout`` and ``color``;
+* the R1 gradient penalty on real images (Mescheder et al. 2018, "Which Training Methods for
+  GANs do actually Converge?"), lazily every few steps as in StyleGAN2 (Karras et al. 2020):
+  :func:`r1_penalty`;
+* spectral normalisation of the critic's convolutions (Miyato et al. 2018) and a critic whose
+  width fits the data (``PatchCritic(channels=...)``).
+
+The critic is not part of the model directory: sampling and serving never need it.
 """
 
 from __future__ import annotations
@@ -27,9 +40,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Bounds of the adaptive weight (Esser et al. 2021 clamp it to [0, 1e4] with delta 1e-4).
+
+# Bounds of the adaptive weight. Esser et al. 2021 clamp it to [0, 1e4] (delta 1e-4) for a
+# reconstruction loss that is a per-pixel mean; ours is the sigma-VAE's negative log-likelihood
+# summed over 3 S^2 pixels with a learned sigma of ~0.03, whose gradient is orders of magnitude
+# larger. At 1e4 the weight sat at its clamp on Galaxy Zoo 2 and the critic changed nothing (PSNR
+# and pictures as before after an epoch), so the bound is far higher: it only guards against a
+# critic whose gradient vanishes (by construction the weighted term's gradient at the last layer
+# is adv_weight times the reconstruction's, whatever lambda is).
 ADAPTIVE_DELTA = 1e-4
-ADAPTIVE_MAX = 1e4
+ADAPTIVE_MAX = 1e9
 
 
 def _groups(c: int) -> int:
@@ -41,19 +61,27 @@ class PatchCritic(nn.Module):
 
     Two stride-2 convolutions and two stride-1 ones (Isola et al.'s 70x70 design with one
     stride-2 layer fewer): each logit sees a 34 px patch, half a 64 px galaxy crop. GroupNorm
-    instead of BatchNorm so the critic behaves the same whatever the per-worker batch.
+    instead of BatchNorm so the critic behaves the same whatever the per-worker batch; with
+    ``spectral`` every convolution is spectrally normalised instead (and there is no GroupNorm,
+    which would undo the Lipschitz bound).
     """
 
-    def __init__(self, channels: tuple[int, ...] = (32, 64, 128)) -> None:
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 128), spectral: bool = False) -> None:
         super().__init__()
         c1, c2, c3 = channels
+
+        def conv(c_in: int, c_out: int, stride: int) -> nn.Module:
+            layer = nn.Conv2d(c_in, c_out, 4, stride=stride, padding=1)
+            return nn.utils.parametrizations.spectral_norm(layer) if spectral else layer
+
+        def norm(c: int) -> nn.Module:
+            return nn.Identity() if spectral else nn.GroupNorm(_groups(c), c)
+
         self.net = nn.Sequential(
-            nn.Conv2d(3, c1, 4, stride=2, padding=1), nn.LeakyReLU(0.2),  # (B, c1, S/2, S/2)
-            nn.Conv2d(c1, c2, 4, stride=2, padding=1),  # (B, c2, S/4, S/4)
-            nn.GroupNorm(_groups(c2), c2), nn.LeakyReLU(0.2),
-            nn.Conv2d(c2, c3, 4, stride=1, padding=1),  # (B, c3, S/4 - 1, S/4 - 1)
-            nn.GroupNorm(_groups(c3), c3), nn.LeakyReLU(0.2),
-            nn.Conv2d(c3, 1, 4, stride=1, padding=1),  # (B, 1, S/4 - 2, S/4 - 2)
+            conv(3, c1, 2), nn.LeakyReLU(0.2),  # (B, c1, S/2, S/2)
+            conv(c1, c2, 2), norm(c2), nn.LeakyReLU(0.2),  # (B, c2, S/4, S/4)
+            conv(c2, c3, 1), norm(c3), nn.LeakyReLU(0.2),  # (B, c3, S/4 - 1, S/4 - 1)
+            conv(c3, 1, 1),  # (B, 1, S/4 - 2, S/4 - 2)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,3 +108,65 @@ def adaptive_weight(rec_loss: torch.Tensor, gen_loss: torch.Tensor, last_layer: 
     g_gen = torch.autograd.grad(gen_loss, last_layer, retain_graph=True)[0]
     weight = g_rec.norm() / (g_gen.norm() + ADAPTIVE_DELTA)
     return weight.clamp(0.0, ADAPTIVE_MAX).detach()
+
+
+def accuracy(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> tuple[float, float]:
+    """The critic's accuracy on real and on generated images: the share of images whose mean
+    patch logit is on the right side of 0."""
+    real = (logits_real.flatten(1).mean(1) > 0).float().mean()
+    fake = (logits_fake.flatten(1).mean(1) < 0).float().mean()
+    return float(real), float(fake)
+
+
+def r1_penalty(critic: nn.Module, real: torch.Tensor) -> torch.Tensor:
+    """E ||grad_x D(x)||^2 over real images x in [0, 1] (Mescheder et al. 2018, eq. 9, without
+    gamma / 2), D(x) being the image's mean patch logit (what the hinge loss scores; the sum over
+    patches would weigh the penalty by their number): a critic that is flat around the real
+    data cannot push the generator past it."""
+    x = real.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(x).flatten(1).mean(1).sum(), x, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
+def diff_augment(x: torch.Tensor, policy: tuple[str, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """DiffAugment (Zhao et al. 2020): random, differentiable changes of (B, 3, S, S) images in
+    [0, 1], each image its own draw, applied to real and generated images alike before the critic.
+
+    * ``color``: brightness +-0.1 (of the sky too: the critic may not key on the sky level),
+      saturation x[0.5, 1.5] and contrast x[0.75, 1.25] around the image's mean;
+    * ``translation``: a shift of up to 1/8 of the size, the uncovered rim filled with the
+      image's own edge rows (sky, not black);
+    * ``cutout``: a square of half the size set to the image's sky level (the median of its
+      border), anywhere in the image.
+    Written here because DiffAugment ships as research code, not as a package.
+    """
+    b, _, s, _ = x.shape
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=generator).to(x.device, x.dtype)
+
+    if "color" in policy:
+        x = x + (rand(b, 1, 1, 1) - 0.5) * 0.2
+        mean = x.mean(1, keepdim=True)
+        x = (x - mean) * (rand(b, 1, 1, 1) + 0.5) + mean
+        mean = x.mean((1, 2, 3), keepdim=True)
+        x = (x - mean) * (rand(b, 1, 1, 1) * 0.5 + 0.75) + mean
+    if "translation" in policy:
+        shift = s // 8
+        pad = torch.nn.functional.pad(x, (shift,) * 4, mode="replicate")
+        dy, dx = (rand(b) * (2 * shift + 1)).long(), (rand(b) * (2 * shift + 1)).long()
+        rows = (dy[:, None] + torch.arange(s, device=x.device)[None])  # (B, S)
+        cols = (dx[:, None] + torch.arange(s, device=x.device)[None])
+        x = pad[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(3, device=x.device)[None, :, None, None],
+                rows[:, None, :, None], cols[:, None, None, :]]
+    if "cutout" in policy:
+        half = s // 2
+        cy, cx = (rand(b) * (s - half + 1)).long(), (rand(b) * (s - half + 1)).long()
+        grid = torch.arange(s, device=x.device)
+        inside_y = (grid[None] >= cy[:, None]) & (grid[None] < cy[:, None] + half)  # (B, S)
+        inside_x = (grid[None] >= cx[:, None]) & (grid[None] < cx[:, None] + half)
+        mask = (inside_y[:, :, None] & inside_x[:, None, :])[:, None]  # (B, 1, S, S)
+        edge = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], 2)  # (B, 3, 4S)
+        sky = edge.median(2).values[:, :, None, None]
+        x = torch.where(mask, sky, x)
+    return x

@@ -138,11 +138,26 @@ class ConvVAE(nn.Module):
         compares gradients there)."""
         return self.decoder[-1].weight
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (pre-tanh decoder output, mu, logvar) for a sampled z."""
+    def forward(self, x: torch.Tensor, z_extra: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Returns (pre-tanh decoder output, mu, logvar) for a sampled z; with ``z_extra`` (k, D)
+        also the pre-tanh decodes of those codes, (k, 3, S, S), from the same decoder pass (under
+        DDP a second call of the decoder alone would bypass the wrapper's gradient sync)."""
         mu, logvar = self.encode(x)
         z = self.reparameterize(mu, logvar)
-        return self.decode_logits(z), mu, logvar
+        if z_extra is None:
+            return self.decode_logits(z), mu, logvar
+        a = self.decode_logits(torch.cat([z, z_extra.to(z)]))
+        return a[: len(x)], mu, logvar, a[len(x):]
+
+    def encoder_modules(self) -> list[nn.Module]:
+        """The modules that map an image to its code (frozen during adversarial fine-tuning)."""
+        return [self.encoder, self.fc_mu, self.fc_logvar]
+
+    def freeze_encoder(self) -> None:
+        """Stop training the encoder: the codes of the training images, and a sampler fitted to
+        them, stay valid while the decoder is fine-tuned."""
+        for m in self.encoder_modules():
+            m.requires_grad_(False)
 
     # ------------------------------------------------------------------ loss
     def recon_nll(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -113,3 +113,22 @@ def test_flat_means_fit_a_constant_variance_instead_of_failing():
     assert c0 == pytest.approx(0.05 ** 2, rel=0.1) and c1 == c2 == 0.0
     x = D.add_detail(torch.from_numpy(means).permute(0, 3, 1, 2).float(), d, seed=0)
     assert torch.isfinite(x).all() and float((x - 0.2).std()) > 0.01
+
+
+def test_sky_kind_draws_the_skys_noise_alone_at_its_own_amplitude():
+    # Real images: smooth galaxies plus a residual that is 4x larger on the galaxy than on the sky.
+    rng = np.random.default_rng(1)
+    means = _blobs(40)
+    lum = D.brightness(means)[..., None]
+    images = np.clip(means + rng.normal(0, 1, means.shape) * (0.01 + 0.2 * lum), 0, 1)
+    galaxy, sky = D.fit_detail(images, means), D.fit_detail(images, means, kind="sky")
+    assert galaxy["variance_coef"][1:].sum() > 0 and sky["variance_coef"][1:].sum() == 0
+    assert sky["variance_coef"][0] == pytest.approx(0.01 ** 2, rel=0.2)
+    # Drawn: as much noise on the galaxy as on the sky, and that the sky's (white noise spectrum
+    # kept from k_min up, so a little less than the whole variance)
+    m = torch.from_numpy(means).permute(0, 3, 1, 2).float()
+    r = D.add_detail(m, sky, seed=0) - m
+    centre, edge = float(r[:, :, 12:20, 12:20].std()), float(r[:, :, :6, :6].std())
+    assert centre == pytest.approx(edge, rel=0.1) and 0.007 < edge < 0.011
+    with pytest.raises(ValueError, match="detail kind"):
+        D.fit_detail(images, means, kind="stars")

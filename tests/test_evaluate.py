@@ -191,7 +191,7 @@ def test_evaluate_job_end_to_end(tiny, tmp_path):
     real_vs = m["realism"]
     assert real_vs["generated"]["n_per_set"] == 24 and real_vs["floor"]["n_per_set"] == 12
     assert len(real_vs["means"]["fold_accuracies"]) == 2 and real_vs["steps"] == [10, 30]
-    assert set(real_vs["floor"]["by_steps"]) == {"10", "30"} and real_vs["generated"]["steps"] == 10
+    assert set(real_vs["floor"]["by_steps"]) == {"10", "30"} and real_vs["generated"]["steps"] == 30
     g = real_vs["generated"]["by_steps"]
     assert "## Realism" in report and (f"| generated images | {g['10']['accuracy']:.3f} ± {g['10']['spread']:.3f} | "
                                        f"{g['30']['accuracy']:.3f} ±") in report

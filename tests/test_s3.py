@@ -9,6 +9,7 @@ import pytest
 
 from conftest import free_port
 from ray_galaxy.data import DataError, list_images
+from ray_galaxy.imageset import read_image_set
 from ray_galaxy.storage import read_bytes, write_bytes
 from ray_galaxy.streaming import load_datasets
 from test_train_e2e import TINY, run_job
@@ -32,6 +33,22 @@ def test_raw_s3_images_are_read_and_a_broken_one_is_skipped_and_counted(ray_addr
     assert stats.train_images + stats.val_images == 40
     assert train.count() == stats.train_images and val.count() == stats.val_images
     assert train.take_batch(2)["image"].shape == (2, 32, 32, 3)
+
+
+def test_two_s3_prefixes_are_one_training_source_and_one_image_set(ray_address, bucket, tiny_folder):
+    s3 = boto3.client("s3")
+    for p in sorted(tiny_folder.glob("*.png"))[:6]:
+        s3.upload_file(str(p), bucket, f"extra/{p.name}")
+    spec = f"s3://{bucket}/raw,s3://{bucket}/extra"
+    train, val, stats = load_datasets(spec, 32, 1.0, 0.2)
+    alone = load_datasets(f"s3://{bucket}/extra", 32, 1.0, 0.2)[2]
+    assert stats.files == 47 and stats.skipped == 1
+    assert stats.train_images + stats.val_images == 46 and train.count() == stats.train_images
+    found = read_image_set(spec, 32, 1.0, split="train", val_fraction=0.2)
+    assert len(found.images) == stats.train_images and found.info["skipped"] == 1
+    assert sum(p.startswith(f"{bucket}/extra/") for p in found.paths) == alone.train_images
+    with pytest.raises(DataError, match="different filesystems"):
+        load_datasets(f"{spec},{tiny_folder}", 32, 1.0, 0.2)
 
 
 def test_missing_bucket_is_one_clear_error(s3_endpoint):

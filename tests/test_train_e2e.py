@@ -15,8 +15,9 @@ TINY = ["--image-size", "32", "--channels", "8,16,32,32", "--latent-dim", "4", "
         "--lr", "3e-3", "--kl-warmup-epochs", "0"]
 
 
-# The adversarial critic from the third epoch on: its DDP path, checkpoint and resume run here too.
-CRITIC = ["--adv-weight", "0.5", "--adv-start", "0.5"]
+# Two likelihood epochs, then two of adversarial fine-tuning (augmentation, R1, sampler codes):
+# the critic's two-worker path, its checkpoint and its resume run here too.
+CRITIC = ["--finetune-epochs", "2", "--adv-weight", "0.5", "--r1-gamma", "1", "--adv-sample-share", "0.5"]
 
 
 def run_job(args, timeout=600):
@@ -29,7 +30,7 @@ def run_job(args, timeout=600):
 def trained(ray_address, tiny_folder, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
     r = run_job(["jobs/train.py", "--data", str(tiny_folder), "--storage", str(storage), "--name", "e2e",
-                 "--epochs", "4", "--num-workers", "2", "--cpus-per-worker", "0.5", *TINY, *CRITIC])
+                 "--epochs", "2", "--num-workers", "2", "--cpus-per-worker", "0.5", *TINY, *CRITIC])
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     return storage, r
 
@@ -56,9 +57,21 @@ def test_train_job_writes_a_complete_model_directory(trained):
     sampler = json.loads((model_dir / "sampler.json").read_text())
     assert sampler["train_images"] == total and sampler["detail"]["k_min"] == 2
     assert "residual detail" in r.stderr + r.stdout and "samples.png and traversal.png redrawn" in r.stderr + r.stdout
+    assert f"mixture and kernels taken over from {storage / 'e2e' / 'likelihood-model'} (same encoder)" in r.stdout
     assert sampler["kernels"] == "codes" and "drawing from kernels on the codes (bandwidth 0.45)" in r.stderr + r.stdout
     assert all(h["steps_skipped"] == 0 and h["lr_now"] > 0 for h in hist)
-    assert hist[-1]["lr_now"] < hist[0]["lr_now"]  # cosine schedule
+    assert hist[1]["lr_now"] < hist[0]["lr_now"]  # cosine schedule, then fine-tuning's constant step
+    assert hist[2]["lr_now"] == hist[3]["lr_now"] == 2e-4
+    # The fine-tuning phase: the encoder frozen, so the likelihood model's codes and sampler kernels
+    # carry over; its residual detail is refitted to the fine-tuned decoder.
+    first = storage / "e2e" / "likelihood-model"
+    assert json.loads((first / "metrics.json").read_text())["epochs_run"] == 2
+    assert sampler["codes_from"] == str(first) and json.loads((first / "sampler.json").read_text())["detail"]
+    fine, like = load_model_dir(str(model_dir)).model, load_model_dir(str(first)).model
+    assert torch.equal(fine.fc_mu.weight, like.fc_mu.weight) and torch.equal(fine.encoder[0].weight, like.encoder[0].weight)
+    assert not torch.equal(fine.last_layer(), like.last_layer())
+    assert all(0 <= h["critic_acc_real"] <= 1 and h["adv_lambda"] > 0 and h["critic_r1"] >= 0 for h in hist[2:])
+    assert metrics["best_epoch"] == 4  # the last epoch, not the best validation loss
 
 
 def test_train_job_prints_a_header_one_line_per_epoch_and_a_summary(trained):
@@ -70,10 +83,12 @@ def test_train_job_prints_a_header_one_line_per_epoch_and_a_summary(trained):
     epochs = re.findall(r"^\[ray-galaxy\] epoch (\d+)/4 ", r.stdout, re.M)
     assert epochs == ["1", "2", "3", "4"], r.stdout[-4000:]
     assert "RayTrainWorker pid=" not in r.stdout, r.stdout[-4000:]
-    # the critic's loss and adaptive weight appear once it has started (epoch 3 of 4)
-    with_critic = re.findall(r"\[ray-galaxy\] epoch (\d+)/4 .* critic [\d.]+ \(x [\d.e+-]+\) ", r.stdout)
+    # the critic's loss, accuracy on real/generated images and adaptive weight once it has started
+    with_critic = re.findall(r"\[ray-galaxy\] epoch (\d+)/4 .* critic [\d.]+ acc [\d.]+/[\d.]+ \(x [\d.e+-]+\) ",
+                             r.stdout)
     assert with_critic == ["3", "4"], r.stdout[-4000:]
-    assert re.search(r"\[ray-galaxy\] best epoch \d: val loss .* bits/dim, PSNR .* dB; total ", r.stdout)
+    assert "fine-tuning the decoder for 2 epochs against a patch critic" in r.stdout
+    assert re.search(r"\[ray-galaxy\] last epoch 4: val loss .* bits/dim, PSNR .* dB; total ", r.stdout)
     assert "[ray-galaxy] Ray's own logs: " in r.stdout
     # Ray's own chatter stays in Ray's log folder
     for noise in ("TrainingReport(", "DeprecationWarning", "execution finished", "Execution finished",
@@ -174,11 +189,13 @@ def test_sample_job_reports_a_missing_model_clearly(tmp_path):
 def test_rerun_with_same_name_resumes_instead_of_restarting(trained, tiny_folder):
     storage, _ = trained
     r = run_job(["jobs/train.py", "--data", str(tiny_folder), "--storage", str(storage), "--name", "e2e",
-                 "--epochs", "5", "--num-workers", "2", "--cpus-per-worker", "0.5", *TINY, *CRITIC])
+                 "--epochs", "2", "--num-workers", "2", "--cpus-per-worker", "0.5", *TINY, *CRITIC,
+                 "--finetune-epochs", "3"])
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "likelihood phase: its 2 epochs are done" in r.stdout and "fitting the two-stage sampler (codes" not in r.stdout
     assert "resuming from checkpoint after epoch 4 (with its critic)" in r.stdout
-    assert (storage / "e2e" / "checkpoint_epoch_0005" / "critic.pt").is_file()
-    assert "epoch 1/5" not in r.stdout and "epoch 5/5" in r.stdout
+    assert (storage / "e2e-finetune" / "checkpoint_epoch_0005" / "critic.pt").is_file()
+    assert "epoch 1/5" not in r.stdout and "epoch 4/5" not in r.stdout and "epoch 5/5" in r.stdout
     metrics = json.loads((storage / "e2e" / "model" / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4, 5]
     # a second run in the experiment, with the whole history (the resumed epochs included)

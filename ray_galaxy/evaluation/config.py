@@ -50,7 +50,7 @@ class EvaluateConfig:
                         "the real set (docs/model.md, \"Realism\"); --no-realism skips it.", default=True)
     realism_folds: int = _h("Folds of the realism test (each trains a CNN on the others, tests on it).", default=2)
     realism_steps: tuple[int, ...] = _h("Training budgets of the realism test's CNN (optimiser steps of 32 real + 32 "
-                                        "generated images) after which its held-out accuracy is measured; the first is "
+                                        "generated images) after which its held-out accuracy is measured; the last is "
                                         "the headline.", default=STEPS)
     iwae_k: int = _h("Importance samples per image for the IWAE bound.", default=32)
     temperature: float = _h("Scale of the sampler's noise (1 = as fitted).", default=1.0)

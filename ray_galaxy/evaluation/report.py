@@ -169,8 +169,9 @@ def _realism(r: dict[str, Any] | None) -> list[str]:
         f"A {r['method']}: a small CNN is trained from scratch to tell the held-out real images from each set "
         f"({r['folds']} folds, batches of {r['batch_per_set']} images per set, random flips and quarter turns) "
         "and scored on the fold it did not train on, after each training budget. 0.5: it cannot tell them apart; "
-        f"1.0: it always can. The headline is the first budget ({budgets[0]} steps); the longer budgets show what "
-        "a classifier finds that keeps learning. The floor is the same test between two halves of the real set.", "",
+        f"1.0: it always can. The headline is the last budget ({budgets[-1]} steps, a classifier that has learnt "
+        "what it can); the shorter ones show how easy the difference is to find. The floor is the same test "
+        "between two halves of the real set.", "",
         "| real against | " + " | ".join(f"accuracy after {k} steps" for k in budgets) + " | images per set |",
         "|---|" + "---|" * len(budgets) + "---|",
     ]

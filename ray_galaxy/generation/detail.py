@@ -57,13 +57,26 @@ def brightness(mean: np.ndarray) -> np.ndarray:
     return np.clip(mean - sky_level(mean), 0, None).mean(-1)
 
 
-def fit_detail(images: np.ndarray, means: np.ndarray, max_images: int = 2000) -> dict[str, np.ndarray]:
+# What the residual model describes (TrainConfig.detail, jobs/fit_sampler.py --detail):
+# "galaxy": everything the decoder's mean misses, its amplitude growing with the galaxy's light;
+# "sky": only the sky's noise, the same everywhere (what a decoder that draws the galaxy itself
+# sharply still lacks; docs/model.md, "Residual detail").
+DETAIL_KINDS = ("galaxy", "sky")
+# "sky": the darkest share of each image's pixels (by the mean's brightness) is taken as sky.
+SKY_SHARE = 0.3
+
+
+def fit_detail(images: np.ndarray, means: np.ndarray, max_images: int = 2000,
+               kind: str = "galaxy") -> dict[str, np.ndarray]:
     """Fit the residual model to real images and the decoder's reconstructions of them.
 
     ``images``: (N, S, S, 3) uint8 or floats in [0, 1]; ``means``: the decoded posterior means,
     same shape, floats in [0, 1]. Returns float64 arrays ``variance_coef`` (3,), ``mix`` (3, 3)
-    and ``spectrum`` (S//2 * sqrt(2) + 2,) indexed by integer |k|.
+    and ``spectrum`` (S//2 * sqrt(2) + 2,) indexed by integer |k|. ``kind`` "sky" fits a
+    constant variance and the spectrum to the sky's pixels only (:data:`DETAIL_KINDS`).
     """
+    if kind not in DETAIL_KINDS:
+        raise ValueError(f"detail kind must be one of {DETAIL_KINDS}, got {kind!r}")
     x = np.asarray(images[:max_images], np.float64)
     if x.max() > 1.5:
         x = x / 255.0
@@ -72,10 +85,15 @@ def fit_detail(images: np.ndarray, means: np.ndarray, max_images: int = 2000) ->
         raise ValueError(f"images and means must both be (N, S, S, 3), got {x.shape} and {mu.shape}")
     r = x - mu
     lum = brightness(mu)
-    coef = variance_coef(lum, (r ** 2).mean(-1))
+    if kind == "sky":
+        sky = lum <= np.quantile(lum, SKY_SHARE, axis=(1, 2), keepdims=True)  # (N, S, S)
+        coef = np.array([max(float((r ** 2).mean(-1)[sky].mean()), 1e-8), 0.0, 0.0])
+        r = r * sky[..., None]  # the spectrum of the sky's residual alone (rescaled below)
+    else:
+        coef = variance_coef(lum, (r ** 2).mean(-1))
     sigma = np.sqrt(variance(lum, coef))[..., None]
-    u = r / sigma  # (N, S, S, 3), about unit variance
-    cov = np.cov(u.reshape(-1, 3).T)
+    u = r / sigma  # (N, S, S, 3), about unit variance (on the sky, for "sky")
+    cov = np.cov((u[sky] if kind == "sky" else u.reshape(-1, 3)).T)
     mix = np.linalg.cholesky(cov + 1e-9 * np.eye(3))
     v = np.einsum("ij,nhwj->nhwi", np.linalg.inv(mix), u)  # bands decorrelated
     s = x.shape[1]
@@ -87,6 +105,8 @@ def fit_detail(images: np.ndarray, means: np.ndarray, max_images: int = 2000) ->
     if s % 2 == 0:
         w[:, -1] = 1.0
     pm = power.mean(axis=(0, 3))
+    if kind == "sky":  # masked to the sky: scale to the power of unit-variance noise everywhere
+        pm = pm / max(float(sky.mean()), 1e-12)
     spectrum = np.bincount(ring.ravel(), (pm * w).ravel()) / np.bincount(ring.ravel(), w.ravel())
     spectrum[:k_min(s)] = 0.0
     return {"variance_coef": coef.astype(np.float64), "mix": mix, "spectrum": spectrum}

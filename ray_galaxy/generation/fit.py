@@ -9,10 +9,11 @@ import torch
 
 from ray_galaxy.checkpoint import load_model_dir
 from ray_galaxy.console import log
-from ray_galaxy.generation.detail import calibrate_gain, fit_detail, k_min
+from ray_galaxy.generation.detail import DETAIL_KINDS, GAIN_BOUNDS, calibrate_gain, fit_detail, k_min
 from ray_galaxy.generation.generator import decode
 from ray_galaxy.generation.sampler import (GMM_COMPONENTS, KERNEL_BANDWIDTH, SAMPLER_ORIENTATIONS,
-                                           MixtureSampler, SamplerError, fit_codes, save_sampler)
+                                           MixtureSampler, SamplerError, encode_means, fit_codes, read_sampler,
+                                           save_sampler)
 from ray_galaxy.imageset import read_image_set, recorded_train_data, same_source
 from ray_galaxy.labels import describe_labels
 from ray_galaxy.model import ConvVAE
@@ -26,25 +27,47 @@ def _means(model: ConvVAE, z: torch.Tensor) -> np.ndarray:
 
 
 def _detail(model: ConvVAE, sampler: MixtureSampler, images: np.ndarray, mu: np.ndarray,
-            seed: int) -> dict[str, Any]:
+            seed: int, kind: str = "galaxy") -> dict[str, Any]:
     """Fit the residual detail to the images and their reconstructions, then calibrate its gain on
-    decodes of the sampler's own codes (seeded, like the fit); the tensors go into the sampler."""
-    d = fit_detail(images, _means(model, torch.from_numpy(mu)))
+    decodes of the sampler's own codes (seeded, like the fit); the tensors go into the sampler.
+    Sky noise (``kind`` "sky") keeps its measured amplitude (gain 1): its job is the sky's noise,
+    not the structure-band power the calibration matches."""
+    d = fit_detail(images, _means(model, torch.from_numpy(mu)), kind=kind)
     sampled = _means(model, sampler.latents(CALIBRATION_SAMPLES, seed))
-    cal = calibrate_gain(sampled, d, images, seed=seed)
+    cal = calibrate_gain(sampled, d, images, seed=seed, bounds=(1.0, 1.0) if kind == "sky" else GAIN_BOUNDS)
     d["spectrum"] = d["spectrum"] * cal["gain"] ** 2  # the gain on the residual, folded in
     sampler.tensors.update({f"detail_{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()})
-    return {"k_min": k_min(model.config.image_size), "variance_coef": [float(c) for c in d["variance_coef"]],
-            "gain": cal["gain"], "power_deficit_dex_at_gain_1": cal["deficit_dex_at_1"],
-            "power_deficit_dex": cal["deficit_dex"]}
+    return {"kind": kind, "k_min": k_min(model.config.image_size),
+            "variance_coef": [float(c) for c in d["variance_coef"]], "gain": cal["gain"],
+            "power_deficit_dex_at_gain_1": cal["deficit_dex_at_1"], "power_deficit_dex": cal["deficit_dex"]}
+
+
+def same_encoder(a: ConvVAE, b: ConvVAE) -> bool:
+    """Whether two models map every image to the same code (their encoders' weights are equal)."""
+    sa, sb = ([m.state_dict() for m in net.encoder_modules()] for net in (a, b))
+    return all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(sa, sb))
+
+
+def _reused_codes(model: ConvVAE, codes_from: str, images: np.ndarray,
+                  batch_size: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], np.ndarray]:
+    """The mixture and kernels of the sampler in ``codes_from``, whose model has the same encoder
+    (a fine-tuned decoder's likelihood model): what :func:`fit_codes` would fit again, at no cost."""
+    source = load_model_dir(codes_from)
+    old = read_sampler(codes_from, source.sha256)
+    if old is None or not same_encoder(model, source.model):
+        raise SamplerError(f"{codes_from} has no sampler fitted to the same encoder; fit this one anew")
+    tensors = {k: v for k, v in old.tensors.items() if not k.startswith("detail_")}
+    meta = {k: v for k, v in old.meta.items() if k not in ("detail", "model_sha256")}
+    return tensors, {**meta, "codes_from": codes_from}, encode_means(model, images, batch_size)
 
 
 def fit_sampler(model_dir: str, train_data: str | None = None, components: int = GMM_COMPONENTS,
                 covariance: str = "full", seed: int = 0, crop: float | None = None,
                 max_images: int = 5000, images: np.ndarray | None = None, batch_size: int = 64,
-                detail: bool = True, orientations: int = SAMPLER_ORIENTATIONS,
+                detail: bool | str = True, orientations: int = SAMPLER_ORIENTATIONS,
                 bandwidth: float = KERNEL_BANDWIDTH, labels: str | None = None,
-                image_labels: Sequence[str | None] | None = None) -> dict[str, Any]:
+                image_labels: Sequence[str | None] | None = None,
+                codes_from: str | None = None) -> dict[str, Any]:
     """Fit the two-stage sampler to a model's training images; write sampler.pt + sampler.json.
 
     ``train_data`` defaults to the model's recorded training data (its training split);
@@ -55,6 +78,13 @@ def fit_sampler(model_dir: str, train_data: str | None = None, components: int =
     Fitted per label when the images have classes: from the ``labels`` CSV (default: the one
     training recorded, ``train.labels``), else from prepared shards that store them, or
     ``image_labels`` (one class or None per image) alongside ``images``.
+
+    ``detail``: the residual detail model's kind (:data:`ray_galaxy.generation.detail.DETAIL_KINDS`;
+    True is "galaxy"), or False/"none" for none.
+
+    ``codes_from``: a model directory whose model has the same encoder (the likelihood model a
+    decoder was fine-tuned from): its mixture and kernels are taken over instead of fitted again,
+    and only the residual detail is fitted to this model's decoder.
     """
     md = load_model_dir(model_dir)
     tcfg = md.train_config
@@ -73,10 +103,25 @@ def fit_sampler(model_dir: str, train_data: str | None = None, components: int =
         raise ValueError("a labels CSV matches images by file name: with images= pass image_labels instead")
     if image_labels is not None:
         log(describe_labels(image_labels, labels or "image_labels"))
-    tensors, meta, mu = fit_codes(md.model, images, components, covariance, seed, orientations, bandwidth,
-                                  batch_size, labels=image_labels)
+    try:
+        if codes_from:
+            tensors, meta, mu = _reused_codes(md.model, codes_from, images, batch_size)
+        else:
+            tensors, meta, mu = fit_codes(md.model, images, components, covariance, seed, orientations,
+                                          bandwidth, batch_size, labels=image_labels)
+    except (ValueError, np.linalg.LinAlgError) as e:
+        raise SamplerError(f"{model_dir}: the latent mixture could not be fitted to the codes of {len(images)} "
+                           f"training images ({e}); fit fewer components (--components) or train on more "
+                           "images") from e
     sampler = MixtureSampler(tensors, {**meta, "train_data": source, "labels_source": labels,
                                        "model_sha256": md.sha256})
-    sampler.meta["detail"] = _detail(md.model, sampler, images, mu, seed) if detail else None
+    try:
+        kind = "galaxy" if detail is True else detail
+        if kind not in (*DETAIL_KINDS, False, None, "none"):
+            raise ValueError(f"detail must be one of {', '.join((*DETAIL_KINDS, 'none'))}, got {detail!r}")
+        sampler.meta["detail"] = _detail(md.model, sampler, images, mu, seed, kind) if kind in DETAIL_KINDS else None
+    except (ValueError, np.linalg.LinAlgError) as e:
+        raise SamplerError(f"{model_dir}: the residual detail model could not be fitted ({e}); fit without it "
+                           "(jobs/fit_sampler.py --no-detail: decoder means only) or train the model longer") from e
     save_sampler(model_dir, sampler)
     return sampler.meta

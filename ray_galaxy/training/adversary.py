@@ -1,22 +1,29 @@
-"""The adversarial term on the training side: the critic, its optimiser and its two steps.
+"""The adversarial fine-tuning phase on the training side: the critic, its optimiser and its steps.
 
-The maths and the references are in :mod:`ray_galaxy.critic`. Here: when the term is on, how a
-worker builds the critic, adds the weighted generator loss to the VAE's loss, trains the critic
-on the same batch, and saves both into the training checkpoint.
+The maths and the references are in :mod:`ray_galaxy.critic`. The phase starts from a converged
+likelihood model (``TrainConfig.finetune_epochs`` after ``epochs``, as VQGAN and Stable
+Diffusion's autoencoder add their critic), with the encoder frozen: the codes of the training
+images, and with them the fitted sampler, stay valid. The critic judges two kinds of decoder
+output, reconstructions of the batch and decodes of codes drawn from the sampler (what users
+get), after the same differentiable augmentation as the real images, with a lazy R1 penalty.
+
+The critic is not DDP-wrapped: its gradients are averaged over the workers by hand, because the
+R1 penalty's double backward does not go through DDP's hooks.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from ray.train.torch import prepare_model
+import torch.distributed as dist
 
 from ray_galaxy.checkpoint import load_tensors
-from ray_galaxy.config import TrainConfig
-from ray_galaxy.critic import PatchCritic, adaptive_weight, critic_loss, generator_loss
+from ray_galaxy.config import TrainConfig, parse_policy
+from ray_galaxy.critic import PatchCritic, accuracy, adaptive_weight, critic_loss, diff_augment, generator_loss, r1_penalty
+from ray_galaxy.generation.sampler import MixtureSampler
 from ray_galaxy.model import ConvVAE
 
 CRITIC_FILE = "critic.pt"
@@ -24,84 +31,139 @@ CRITIC_OPTIMIZER_FILE = "critic_optimizer.pt"
 # Adam's betas for the critic as in VQGAN and pix2pix: a short momentum keeps the two-player
 # game from oscillating.
 CRITIC_BETAS = (0.5, 0.9)
+# Lazy regularisation (Karras et al. 2020, StyleGAN2, Sec. 3.1): R1 every 4th critic step,
+# scaled by 4, costs a quarter of the double backward for the same effect.
+R1_EVERY = 4
+# A critic that wins outright: accuracy above this on real and generated images alike ...
+WIN_ACCURACY = 0.95
+# ... for this many epochs in a row is reported in the log.
+WIN_EPOCHS = 3
 
 
-def start_epoch(cfg: TrainConfig) -> int:
-    """The first epoch with the adversarial term (0-based); ``cfg.epochs`` when it is off."""
-    if cfg.adv_weight <= 0:
-        return cfg.epochs
-    return math.floor(cfg.adv_start * cfg.epochs)
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+def _average_gradients(module: torch.nn.Module) -> None:
+    """Average the gradients of ``module`` over the workers (nothing with one worker)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    world = dist.get_world_size()
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
 
 
 @dataclass
 class Adversary:
-    """The critic (DDP-wrapped when there are several workers), its bare module and optimiser."""
+    """The critic, its optimiser, the settings of the phase and this epoch's statistics."""
 
-    critic: torch.nn.Module
-    bare: PatchCritic
+    critic: PatchCritic
     optimizer: torch.optim.Optimizer
     weight: float
-    critic_losses: list[float] = field(default_factory=list)  # this epoch's, per step
-    lambdas: list[float] = field(default_factory=list)
+    policy: tuple[str, ...] = ()
+    r1_gamma: float = 0.0
+    sampler: MixtureSampler | None = None
+    sample_share: float = 0.0
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    steps: int = 0
+    stats: dict[str, list[float]] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, cfg: TrainConfig) -> "Adversary":
-        """A fresh critic, on the worker's device (the worker has seeded torch already)."""
-        bare = PatchCritic()
-        optimizer = torch.optim.Adam(bare.parameters(), lr=cfg.lr, betas=CRITIC_BETAS)
-        return cls(critic=prepare_model(bare), bare=bare, optimizer=optimizer, weight=cfg.adv_weight)
+    def build(cls, cfg: TrainConfig, sampler: MixtureSampler | None, seed: int) -> "Adversary":
+        """A fresh critic (seeded), for the fine-tuning phase of ``cfg``; ``sampler`` gives the
+        codes whose decodes the critic judges beside the reconstructions (None: reconstructions
+        only)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            critic = PatchCritic(tuple(cfg.critic_channels), spectral=cfg.critic_spectral_norm)
+        optimizer = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, betas=CRITIC_BETAS)
+        share = cfg.adv_sample_share if sampler is not None else 0.0
+        return cls(critic=critic, optimizer=optimizer, weight=cfg.adv_weight, policy=parse_policy(cfg.adv_augment),
+                   r1_gamma=cfg.r1_gamma, sampler=sampler, sample_share=share,
+                   generator=torch.Generator().manual_seed(seed))
+
+    def to(self, device: Any) -> "Adversary":
+        self.critic.to(device)
+        return self
+
+    def _log(self, **values: float) -> None:
+        for k, v in values.items():
+            self.stats.setdefault(k, []).append(v)
+
+    def sample_codes(self, n: int) -> torch.Tensor | None:
+        """(k, D) codes from the sampler for this step (k = share of ``n``), None without one."""
+        k = round(self.sample_share * n)
+        if self.sampler is None or k == 0:
+            return None
+        seed = int(torch.randint(2**31 - 1, (1,), generator=self.generator))
+        return self.sampler.latents(k, seed)
 
     def generator_term(self, net: ConvVAE, rec_loss: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         """weight * lambda * L_G for the decoder's images ``fake`` (B, 3, S, S) in [0, 1].
 
-        The bare critic, with its parameters frozen, judges them: this backward pass trains only
-        the VAE (the critic's own step follows, with its own forward and backward)."""
-        self.bare.requires_grad_(False)
+        The critic, with its parameters frozen, judges them (augmented as the real images will
+        be): this backward pass trains only the decoder."""
+        self.critic.requires_grad_(False)
         try:
-            gen = generator_loss(self.bare(fake))
+            gen = generator_loss(self.critic(diff_augment(fake, self.policy, self.generator)))
         finally:
-            self.bare.requires_grad_(True)
+            self.critic.requires_grad_(True)
         lam = adaptive_weight(rec_loss, gen, net.last_layer())
-        self.lambdas.append(float(lam))
+        self._log(adv_lambda=float(lam))
         return self.weight * lam * gen
 
     def critic_step(self, real: torch.Tensor, fake: torch.Tensor) -> float:
-        """One hinge-loss step of the critic on a batch of real and decoded images."""
-        logits = self.critic(torch.cat([real, fake.detach()]))
-        loss = critic_loss(logits[: real.shape[0]], logits[real.shape[0]:])
+        """One step of the critic: hinge loss on augmented real and generated images, plus the
+        lazy R1 penalty on the augmented real ones every :data:`R1_EVERY` steps."""
+        real_aug = diff_augment(real, self.policy, self.generator)
+        fake_aug = diff_augment(fake.detach(), self.policy, self.generator)
+        logits = self.critic(torch.cat([real_aug, fake_aug]))
+        lr, lf = logits[: real.shape[0]], logits[real.shape[0]:]
+        loss = critic_loss(lr, lf)
+        acc_real, acc_fake = accuracy(lr.detach(), lf.detach())
+        self._log(critic_loss=loss.item(), critic_acc_real=acc_real, critic_acc_fake=acc_fake)
+        if self.r1_gamma > 0 and self.steps % R1_EVERY == 0:
+            r1 = r1_penalty(self.critic, real_aug)
+            loss = loss + 0.5 * self.r1_gamma * R1_EVERY * r1
+            self._log(critic_r1=r1.item())
+        self.steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        _average_gradients(self.critic)
         self.optimizer.step()
-        self.critic_losses.append(loss.item())
-        return self.critic_losses[-1]
+        return loss.item()
 
     def epoch_metrics(self) -> dict[str, float]:
-        """The epoch's mean critic loss and adaptive weight (empty when the term was off), reset."""
-        if not self.critic_losses:
+        """The epoch's means (critic loss, its accuracy on real and generated images, the
+        adaptive weight, R1), reset; empty when the critic did not train."""
+        if not self.stats.get("critic_loss"):
             return {}
-        out = {"critic_loss": sum(self.critic_losses) / len(self.critic_losses),
-               "adv_lambda": sum(self.lambdas) / max(len(self.lambdas), 1)}
-        self.critic_losses, self.lambdas = [], []
+        out = {k: _mean(v) for k, v in self.stats.items()}
+        self.stats = {}
         return out
-
-    def set_lr(self, lr: float) -> None:
-        """Follow the VAE's learning-rate schedule."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
     def save(self, directory: str | Path) -> None:
         """Write the critic and its optimiser beside the VAE's checkpoint files."""
         d = Path(directory)
-        torch.save(self.bare.state_dict(), d / CRITIC_FILE)
+        torch.save(self.critic.state_dict(), d / CRITIC_FILE)
         torch.save(self.optimizer.state_dict(), d / CRITIC_OPTIMIZER_FILE)
 
     def load(self, directory: str | Path) -> bool:
-        """Restore from a checkpoint directory; False when it holds no critic (saved before the
-        term was on, or by a run without it)."""
+        """Restore from a checkpoint directory; False when it holds no critic."""
         d = Path(directory)
         if not (d / CRITIC_FILE).is_file():
             return False
-        self.bare.load_state_dict(load_tensors((d / CRITIC_FILE).read_bytes(), str(d / CRITIC_FILE)))
+        self.critic.load_state_dict(load_tensors((d / CRITIC_FILE).read_bytes(), str(d / CRITIC_FILE)))
         self.optimizer.load_state_dict(
             load_tensors((d / CRITIC_OPTIMIZER_FILE).read_bytes(), str(d / CRITIC_OPTIMIZER_FILE)))
         return True
+
+
+def critic_won(history: list[dict[str, Any]]) -> bool:
+    """Whether the critic has won outright: accuracy of at least :data:`WIN_ACCURACY` on real and
+    generated images in each of the last :data:`WIN_EPOCHS` epochs."""
+    last = [h for h in history if "critic_acc_real" in h][-WIN_EPOCHS:]
+    return len(last) == WIN_EPOCHS and all(
+        min(h["critic_acc_real"], h["critic_acc_fake"]) >= WIN_ACCURACY for h in last)

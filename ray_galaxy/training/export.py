@@ -78,26 +78,32 @@ def _sampler_line(meta: dict[str, Any], seconds: float) -> str:
     """What the fitted sampler is, in one line."""
     kernels = (f", drawing from kernels on the codes (bandwidth {meta['bandwidth']:g})"
                if meta.get("kernels") == "codes" else "")
-    detail = f" + residual detail (gain {meta['detail']['gain']:.2f})" if meta.get("detail") else ""
+    detail = (f" + residual detail ({meta['detail']['kind']}, gain {meta['detail']['gain']:.2f})"
+              if meta.get("detail") else "")
     labels = f", per label ({', '.join(meta['labels'])})" if meta.get("labels") else ""
+    if meta.get("codes_from"):
+        return (f"sampler: mixture and kernels{labels} taken over from {meta['codes_from']} (same encoder){detail} "
+                f"in {seconds:.1f}s; samples.png and traversal.png redrawn from it")
     return (f"sampler: {meta['components']}-component GMM on the codes of {meta['train_images']} training "
             f"images in {meta['orientations']} orientations{kernels}{labels}{detail} in {seconds:.1f}s; "
             "samples.png and traversal.png redrawn from it")
 
 
-def fit_sampler_into(model_dir: str, cfg: TrainConfig) -> dict[str, Any] | None:
+def fit_sampler_into(model_dir: str, cfg: TrainConfig, codes_from: str | None = None) -> dict[str, Any] | None:
     """Fit the two-stage sampler (GMM + residual detail) of a fresh model directory and redraw
     samples.png and traversal.png from it; sampler.json's content.
 
     A failure here is reported, never fatal: the trained model is kept and
-    ``jobs/fit_sampler.py`` can fit it later.
+    ``jobs/fit_sampler.py`` can fit it later. ``codes_from``: take the mixture and kernels over
+    from that model directory (same encoder; :func:`ray_galaxy.generation.fit.fit_sampler`).
     """
     t0 = time.time()
     # About a minute on GZ2 (10,000 codes, 40 full covariances): say so before the silence.
     log("fitting the two-stage sampler (codes of the training images in 8 orientations, a Gaussian "
         "mixture, the residual detail model)...")
     try:
-        meta = fit_sampler(model_dir, cfg.data, seed=cfg.seed, crop=cfg.crop, labels=cfg.labels)
+        meta = fit_sampler(model_dir, cfg.data, seed=cfg.seed, crop=cfg.crop, labels=cfg.labels,
+                           codes_from=codes_from, detail=cfg.detail)
         files, _ = _figures(Generator.load(model_dir), None, cfg.seed)
         for name, data in files.items():
             write_bytes(join(model_dir, name), data)

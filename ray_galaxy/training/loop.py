@@ -23,14 +23,15 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 from ray.train.torch import get_device, prepare_model
 
-from ray_galaxy.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from ray_galaxy.checkpoint import load_checkpoint, load_model_dir, save_checkpoint, unwrap
 from ray_galaxy.config import TrainConfig
 from ray_galaxy.console import fmt_seconds, log
 from ray_galaxy.images import augment_d4
 from ray_galaxy.model import ConvVAE
 from ray_galaxy.runtime import quiet_train_worker
 from ray_galaxy.tracking import Tracker
-from ray_galaxy.training.adversary import Adversary, start_epoch
+from ray_galaxy.generation.sampler import read_sampler
+from ray_galaxy.training.adversary import Adversary, critic_won
 
 # The metric checkpoints are ranked by (Tune ranks trials by it too).
 VAL_METRIC = "val_loss"
@@ -115,29 +116,48 @@ def allreduce(values: list[float], device: Any) -> list[float]:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, guard: GradGuard,
-               x: torch.Tensor, beta: float, autocast: Autocast,
-               adversary: Adversary | None = None) -> tuple[float, float, float] | None:
-    """One optimiser step on images ``x``: (mean likelihood loss, summed recon, summed kl), or None
-    when the gradient guard skipped it. With an ``adversary`` the decoder's images also get the
-    weighted critic term, and the critic then takes its own step on the same batch."""
+               x: torch.Tensor, beta: float, autocast: Autocast) -> tuple[float, float, float] | None:
+    """One optimiser step on images ``x``: (mean loss, summed recon, summed kl), or None when the
+    gradient guard skipped it."""
     net = unwrap(model)
     with autocast():
         out_a, mu, logvar = model(x)
     recon = net.recon_nll(out_a, x)
     kl = net.kl(mu, logvar)
     loss = (recon + beta * kl).mean()
-    total, fake = loss, None
-    if adversary is not None:
-        fake = (torch.tanh(out_a.float()) + 1) / 2
-        total = loss + adversary.generator_term(net, loss, fake)
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    loss.backward()
     if not guard(list(model.parameters())):
         optimizer.zero_grad(set_to_none=True)
         return None
     optimizer.step()
-    if adversary is not None:
-        adversary.critic_step(x, fake)
+    return loss.item(), recon.sum().item(), kl.sum().item()
+
+
+def finetune_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, guard: GradGuard,
+                  x: torch.Tensor, beta: float, autocast: Autocast,
+                  adversary: Adversary) -> tuple[float, float, float] | None:
+    """One step of adversarial fine-tuning (frozen encoder): the decoder's likelihood loss plus the
+    critic's weighted term on its reconstructions of ``x`` and its decodes of sampler codes, then
+    one critic step on the same images. Returns what :func:`train_step` does (the likelihood
+    part of the loss, so epochs of both phases compare)."""
+    net = unwrap(model)
+    extra = adversary.sample_codes(x.shape[0])
+    with autocast():
+        out = model(x, extra) if extra is not None else model(x)
+    out_a, mu, logvar = out[:3]
+    recon = net.recon_nll(out_a, x)
+    kl = net.kl(mu, logvar)
+    loss = (recon + beta * kl).mean()
+    fake = (torch.tanh(torch.cat([out_a] + list(out[3:])).float()) + 1) / 2  # (B + k, 3, S, S)
+    total = loss + adversary.generator_term(net, loss, fake)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if not guard([p for p in model.parameters() if p.requires_grad]):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    adversary.critic_step(x, fake)
     return loss.item(), recon.sum().item(), kl.sum().item()
 
 
@@ -264,8 +284,23 @@ def _node_ids(world: int) -> list[str]:
     return ids
 
 
+def _finetune_start(cfg: TrainConfig, model: ConvVAE, init_model: str, rank: int,
+                    seed: int) -> tuple[Adversary, list[dict[str, Any]]]:
+    """Begin the fine-tuning phase from the likelihood model directory ``init_model``: its weights
+    (unless a fine-tuning checkpoint follows), a frozen encoder, a fresh critic judging decodes of
+    the directory's sampler codes too; and the likelihood epochs' history."""
+    md = load_model_dir(init_model)
+    model.load_state_dict(md.model.state_dict())
+    model.freeze_encoder()
+    sampler = read_sampler(init_model, md.sha256) if cfg.adv_sample_share > 0 else None
+    if rank == 0 and cfg.adv_sample_share > 0 and sampler is None:
+        log(f"fine-tuning: {init_model} has no sampler, so the critic judges reconstructions only")
+    return Adversary.build(cfg, sampler, seed), list(md.metrics.get("history") or [])
+
+
 def setup_worker(loop_config: dict[str, Any]) -> WorkerState:
-    """Config, device, model (restored from Ray Train's checkpoint when resuming), optimizer."""
+    """Config, device, model (restored from Ray Train's checkpoint when resuming), optimizer; in
+    the fine-tuning phase (``loop_config["finetune"]``) also the critic."""
     raw = loop_config["config"]
     cfg = TrainConfig(**{**raw, "channels": tuple(raw["channels"])})
     ctx = ray.train.get_context()
@@ -273,9 +308,17 @@ def setup_worker(loop_config: dict[str, Any]) -> WorkerState:
     device = _device(ctx.get_local_world_size())
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
     model = ConvVAE(cfg.model_config())
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    adversary = Adversary.build(cfg) if cfg.adv_weight > 0 else None
-    first, history = _resume(cfg, model, optimizer, rank, adversary, loop_config.get("tag", ""))
+    adversary, history, first = None, [], 0
+    if loop_config.get("finetune"):
+        adversary, history = _finetune_start(cfg, model, loop_config["finetune"], rank, cfg.seed * 1000 + 17)
+        first = cfg.epochs
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    resumed, resumed_history = _resume(cfg, model, optimizer, rank, adversary, loop_config.get("tag", ""))
+    if resumed:
+        first, history = resumed, resumed_history
+    if adversary is not None:
+        adversary.to(device)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * first)
     return WorkerState(cfg=cfg, rank=rank, world=world, device=device, autocast=_autocast_for(device),
                        model=prepare_model(model), optimizer=optimizer, guard=GradGuard(cfg.grad_clip),
@@ -289,14 +332,16 @@ def train_epoch(w: WorkerState, shard: Any, epoch: int, beta: float) -> list[flo
     The rows arrive in the epoch's seeded order (ray_galaxy.streaming); the local shuffle buffer
     and the augmentation are seeded by the seed, the epoch and the rank."""
     w.model.train()
-    adversary = w.adversary if epoch >= start_epoch(w.cfg) else None
     sums = [0.0, 0.0, 0.0, 0.0]
     for batch in shard.iter_torch_batches(
             batch_size=w.batch_size, drop_last=False,
             local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, 4 * w.batch_size),
             local_shuffle_seed=w.cfg.seed + epoch * 101 + w.rank):
         x = augment_d4(to_images(batch, w.device), w.generator)
-        step = train_step(w.model, w.optimizer, w.guard, x, beta, w.autocast, adversary)
+        if w.adversary is None:
+            step = train_step(w.model, w.optimizer, w.guard, x, beta, w.autocast)
+        else:
+            step = finetune_step(w.model, w.optimizer, w.guard, x, beta, w.autocast, w.adversary)
         if step is None:
             continue
         b = x.shape[0]
@@ -307,21 +352,23 @@ def train_epoch(w: WorkerState, shard: Any, epoch: int, beta: float) -> list[flo
     return allreduce(sums, w.device)
 
 
-def _progress_line(cfg: TrainConfig, metrics: dict[str, Any], epoch_times: list[float]) -> str:
-    """The one line per epoch people read."""
-    eta = (cfg.epochs - metrics["epoch"]) * float(np.mean(epoch_times[-5:]))
-    return (f"epoch {metrics['epoch']}/{cfg.epochs}  train {metrics['train_loss']:.1f}  "
+def _progress_line(cfg: TrainConfig, metrics: dict[str, Any], epoch_times: list[float], last: int) -> str:
+    """The one line per epoch people read; ``last`` is the phase's last epoch."""
+    eta = (last - metrics["epoch"]) * float(np.mean(epoch_times[-5:]))
+    return (f"epoch {metrics['epoch']}/{cfg.total_epochs}  train {metrics['train_loss']:.1f}  "
             f"val {metrics[VAL_METRIC]:.1f} (recon {metrics['val_recon']:.1f}, kl {metrics['val_kl']:.1f})  "
             f"psnr {metrics['val_psnr']:.2f} dB  {_critic_part(metrics)}{metrics['images_per_s']:.0f} img/s  "
             f"{metrics['epoch_seconds']:.1f}s/epoch  ETA {fmt_seconds(eta)}")
 
 
 def _critic_part(metrics: dict[str, Any]) -> str:
-    """'critic 0.91 (x 12.3)  ' once the adversarial term is on: the critic's hinge loss (about 1
-    while it cannot tell real from decoded, towards 0 when it wins) and the adaptive weight."""
+    """'critic 0.91 acc 0.62/0.55 (x 12.3)  ' in the fine-tuning phase: the critic's hinge loss
+    (about 1 while it cannot tell real from decoded, towards 0 when it wins), its accuracy on real
+    and on generated images, and the adaptive weight."""
     if "critic_loss" not in metrics:
         return ""
-    return f"critic {metrics['critic_loss']:.2f} (x {metrics['adv_lambda']:.3g})  "
+    return (f"critic {metrics['critic_loss']:.2f} acc {metrics['critic_acc_real']:.2f}/"
+            f"{metrics['critic_acc_fake']:.2f} (x {metrics['adv_lambda']:.3g})  ")
 
 
 def _report(w: WorkerState, epoch: int, metrics: dict[str, Any]) -> None:
@@ -344,11 +391,12 @@ def _report(w: WorkerState, epoch: int, metrics: dict[str, Any]) -> None:
 def run_epoch(w: WorkerState, epoch: int, train_shard: Any, val_shard: Any) -> dict[str, Any]:
     """Train and validate one epoch; its metrics (summed over all workers)."""
     t0 = time.time()
-    beta, lr = kl_weight_at(w.cfg, epoch), lr_at(w.cfg, epoch)
+    if w.adversary is None:
+        beta, lr = kl_weight_at(w.cfg, epoch), lr_at(w.cfg, epoch)
+    else:  # fine-tuning: the likelihood's own weights, a constant small step
+        beta, lr = w.cfg.kl_weight, w.cfg.finetune_lr
     for group in w.optimizer.param_groups:
         group["lr"] = lr
-    if w.adversary is not None:
-        w.adversary.set_lr(lr)
     clipped0, skipped0 = w.guard.clipped, w.guard.skipped
     sums = train_epoch(w, train_shard, epoch, beta)
     train_seconds = time.time() - t0
@@ -381,15 +429,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     w = setup_worker(loop_config)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    epoch_times = [h["epoch_seconds"] for h in w.history]
+    # In the fine-tuning phase the epochs before it are the likelihood phase's: they are in its
+    # MLflow run already, and they say nothing of this phase's speed (the ETA).
+    first = w.cfg.epochs if loop_config.get("finetune") else 0
+    epoch_times = [h["epoch_seconds"] for h in w.history if h.get("epoch", 0) > first]
     # Only rank 0 records to MLflow (the driver's run, passed in the loop config); a resumed run
     # first records the epochs its checkpoint holds, so every run shows the whole history.
     tracker = Tracker.attach(loop_config.get("tracking")) if w.rank == 0 else Tracker()
-    tracker.log_history(w.history)
-    for epoch in range(w.start_epoch, w.cfg.epochs):
+    tracker.log_history([h for h in w.history if h.get("epoch", 0) > first])
+    last = w.cfg.total_epochs if loop_config.get("finetune") else w.cfg.epochs
+    tag = loop_config.get("tag", "")
+    for epoch in range(w.start_epoch, last):
         metrics = run_epoch(w, epoch, train_shard, val_shard)
         epoch_times.append(metrics["epoch_seconds"])
         if w.rank == 0:
-            log(loop_config.get("tag", "") + _progress_line(w.cfg, metrics, epoch_times))
+            log(tag + _progress_line(w.cfg, metrics, epoch_times, last))
         _report(w, epoch, metrics)
         tracker.log_history(w.history[-1:])
+        if w.rank == 0 and critic_won(w.history) and not critic_won(w.history[:-1]):
+            log(f"{tag}warning: the critic has won outright (accuracy >= 0.95 on real and generated images for "
+                "3 epochs): the decoder is no longer learning from it. Lower --adv-weight or --finetune-epochs, "
+                "or strengthen --adv-augment / --r1-gamma")

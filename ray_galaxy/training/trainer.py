@@ -15,10 +15,11 @@ from ray.data import DataContext, ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from ray_galaxy.checkpoint import METRICS_FILE, ModelDirError
+from ray_galaxy.checkpoint import METRICS_FILE, ModelDirError, load_model_dir
 from ray_galaxy.config import TrainConfig
 from ray_galaxy.console import fmt_seconds, log
 from ray_galaxy.data import DataError
+from ray_galaxy.generation.sampler import read_sampler
 from ray_galaxy.labels import read_labels
 from ray_galaxy.runtime import ClusterError, ensure_ray, ray_log_dir, storage_path
 from ray_galaxy.storage import exists, join, read_bytes, write_bytes
@@ -64,9 +65,9 @@ def _ingest_config() -> DataConfig:
 
 
 def make_trainer(cfg: TrainConfig, train_ds: Any, val_ds: Any, extra_loop_config: dict | None = None,
-                 run_config: Any = None) -> TorchTrainer:
+                 run_config: Any = None, name: str | None = None) -> TorchTrainer:
     """The ``TorchTrainer`` for ``cfg`` (Tune builds one per trial the same way, with its own
-    ``run_config``)."""
+    ``run_config``); ``name``: Ray Train's run name (default ``cfg.name``)."""
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
@@ -74,7 +75,7 @@ def make_trainer(cfg: TrainConfig, train_ds: Any, val_ds: Any, extra_loop_config
                             resources_per_worker=resources, placement_strategy=cfg.placement_strategy)
     if run_config is None:
         run_config = RunConfig(
-            name=cfg.name,
+            name=name or cfg.name,
             storage_path=storage_path(cfg.storage),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
@@ -156,24 +157,80 @@ def record_model(tracker: Tracker, model_dir: str) -> None:
                        for name in TRACKED_FILES if exists(join(model_dir, name))})
 
 
+# With fine-tuning, the likelihood phase's model directory (and its sampler) is kept here, under
+# the run's folder, and the fine-tuning phase's Ray Train run is named after the run plus this.
+LIKELIHOOD_MODEL = "likelihood-model"
+FINETUNE_RUN = "finetune"
+
+
+def _finetune(cfg: TrainConfig, datasets: tuple[Any, Any], tracker: Tracker, start_dir: str,
+              model_dir: str, stats: DataStats) -> dict[str, Any]:
+    """The adversarial fine-tuning phase from the model directory ``start_dir``; its last epoch
+    becomes ``model_dir`` (the critic's game has no validation loss to pick an epoch by), with a
+    sampler whose codes come from ``start_dir`` and whose residual detail is refitted."""
+    log(f"fine-tuning the decoder for {cfg.finetune_epochs} epochs against a patch critic (encoder frozen; "
+        f"the likelihood model stays in {start_dir})")
+    loop = {"tracking": tracker.spec(), "finetune": start_dir}
+    _, latest = _fit(make_trainer(cfg, *datasets, loop, name=f"{cfg.name}-{FINETUNE_RUN}"), cfg)
+    metrics = export_model(latest, latest, model_dir, cfg, stats.to_dict())
+    if cfg.fit_sampler:
+        fit_sampler_into(model_dir, cfg, codes_from=start_dir)
+    return metrics
+
+
+def _likelihood_done(model_dir: str, epochs: int) -> bool:
+    """Whether ``model_dir`` is a finished likelihood phase of ``epochs`` epochs (a fine-tuning run
+    started again: it goes on from there)."""
+    try:
+        return load_model_dir(model_dir).metrics.get("epochs_run") == epochs
+    except ModelDirError:
+        return False
+
+
+def _has_sampler(model_dir: str) -> bool:
+    """Whether ``model_dir`` has a sampler fitted to its model.pt."""
+    try:
+        md = load_model_dir(model_dir)
+        return read_sampler(model_dir, md.sha256) is not None
+    except ModelDirError:
+        return False
+
+
+def _likelihood_phase(cfg: TrainConfig, datasets: tuple[Any, Any], tracker: Tracker, stats: DataStats,
+                      model_dir: str) -> dict[str, Any]:
+    """Train on the likelihood alone; the best epoch becomes ``model_dir``, with its sampler when
+    one is asked for (or when fine-tuning's critic needs its codes)."""
+    if cfg.finetune_epochs and _likelihood_done(model_dir, cfg.epochs):
+        log(f"likelihood phase: its {cfg.epochs} epochs are done ({model_dir}); fine-tuning goes on from there")
+        metrics = load_model_dir(model_dir).metrics
+    else:
+        best, latest = _fit(make_trainer(cfg, *datasets, {"tracking": tracker.spec()}), cfg)
+        if not stats.complete:  # streamed: the first epoch has now met every file
+            stats.finish()
+            _data_lines(stats)
+            stats.check()
+        metrics = export_model(best, latest, model_dir, cfg, stats.to_dict())
+    # The fine-tuning critic judges decodes of the sampler's codes, so it needs the sampler first.
+    wanted = cfg.fit_sampler or (cfg.finetune_epochs and cfg.adv_sample_share > 0)
+    if wanted and not (cfg.finetune_epochs and _has_sampler(model_dir)):
+        fit_sampler_into(model_dir, cfg)
+    return metrics
+
+
 def _train(cfg: TrainConfig, tracker: Tracker, t0: float) -> TrainResult:
     train_ds, val_ds, stats = load_datasets(cfg.data, cfg.image_size, cfg.crop, cfg.val_fraction,
                                             cache=cfg.cache, seed=cfg.seed)
     _data_lines(stats)
-    best, latest = _fit(make_trainer(cfg, train_ds, val_ds, {"tracking": tracker.spec()}), cfg)
-    if not stats.complete:  # streamed: the first epoch has now met every file
-        stats.finish()
-        _data_lines(stats)
-        stats.check()
     run_dir = join(storage_path(cfg.storage), cfg.name)
     model_dir = join(run_dir, "model")
-    metrics = export_model(best, latest, model_dir, cfg, stats.to_dict())
-    if cfg.fit_sampler:
-        fit_sampler_into(model_dir, cfg)
+    first_dir = join(run_dir, LIKELIHOOD_MODEL) if cfg.finetune_epochs else model_dir
+    metrics = _likelihood_phase(cfg, (train_ds, val_ds), tracker, stats, first_dir)
+    if cfg.finetune_epochs:
+        metrics = _finetune(cfg, (train_ds, val_ds), tracker, first_dir, model_dir, stats)
     record_model(tracker, model_dir)
     b = metrics["best"]
-    log(f"best epoch {b['epoch']}: val loss {b[VAL_METRIC]:.1f}, {b['val_bpd']:.3f} bits/dim, "
-        f"PSNR {b['val_psnr']:.2f} dB; total {fmt_seconds(time.time() - t0)}")
+    log(f"{'last' if cfg.finetune_epochs else 'best'} epoch {b['epoch']}: val loss {b[VAL_METRIC]:.1f}, "
+        f"{b['val_bpd']:.3f} bits/dim, PSNR {b['val_psnr']:.2f} dB; total {fmt_seconds(time.time() - t0)}")
     log(f"model directory: {model_dir}")
     log(f"Ray's own logs: {ray_log_dir()}")
     return TrainResult(model_dir=model_dir, run_dir=run_dir, metrics=metrics)
