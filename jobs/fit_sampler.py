@@ -69,7 +69,7 @@ def describe(meta: dict, model: str) -> str:
             f"({meta['iterations']} EM iterations, mean log-likelihood {meta['mean_log_likelihood']:.3f}); draws from "
             + (f"kernels on the {meta['codes']} codes (bandwidth {meta['bandwidth']:g})" if meta["kernels"] == "codes"
                else "its components")
-            + (f" and the residual detail model ({detail['kind']}, gain {detail['gain']:.2f}: structure-band power "
+            + (f" and the residual detail model ({detail.get('kind', 'galaxy')}, gain {detail['gain']:.2f}: structure-band power "
                f"{detail['power_deficit_dex_at_gain_1']:+.3f} -> {detail['power_deficit_dex']:+.3f} "
                "dex against the training images)" if detail else "")
             + (f"; per label: {', '.join(f'{k} ({v} images)' for k, v in meta['label_counts'].items())}"

@@ -132,15 +132,17 @@ class TrainConfig:
                            "(Esser et al. 2021), 0.5 as in Stable Diffusion's VAE.", default=0.5)
     adv_augment: str = _h("Differentiable augmentations of real and generated images before the critic "
                           "(DiffAugment): a comma-separated subset of translation, cutout, color; empty: none.",
-                          default="translation,cutout,color")
+                          default="translation,color")
     r1_gamma: float = _h("Weight of the R1 gradient penalty on the critic's real images, pixels in [0, 1] "
                          "(0 = off).", default=0.1)
     adv_sample_share: float = _h("Decodes of the sampler's codes the critic judges, per reconstruction in a batch "
                                  "(0: reconstructions only). The sampler is the one fitted after the likelihood "
                                  "epochs.", default=0.5)
-    critic_channels: tuple[int, ...] = _h("Widths of the critic's three convolutions.", default=(32, 64, 128))
-    critic_spectral_norm: bool = _h("Spectrally normalise the critic's convolutions (instead of GroupNorm).",
-                                    default=False)
+    adv_detail: bool = _h("The critic judges the decoder's images with the sampler's residual detail drawn on them "
+                          "(what users get), and the fine-tuned model keeps that detail model; off: it judges the "
+                          "decoder's means and the detail is refitted after.", default=True)
+    critic_width: int = _h("Width of the critic's first convolutions (ray_galaxy/critic.py: 16 gives a critic "
+                           "of 63,000 parameters).", default=16)
     labels: str | None = _h("CSV of class labels of the training images (key: file name or stem; class: the "
                             "column named label, class or morphology, else the last): the sampler is then "
                             "fitted per label and jobs can draw one class (docs/generate.md, \"Conditional "
@@ -210,7 +212,6 @@ class TrainConfig:
 
     def _check_finetune(self) -> None:
         """The adversarial fine-tuning settings, each with a message naming it."""
-        self.critic_channels = tuple(int(c) for c in self.critic_channels)
         if self.finetune_epochs < 0:
             raise ConfigError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
         if not (self.adv_weight > 0 and math.isfinite(self.adv_weight)):
@@ -220,8 +221,8 @@ class TrainConfig:
                               f"got {self.finetune_lr}, {self.critic_lr} and {self.r1_gamma}")
         if not 0 <= self.adv_sample_share <= 4:
             raise ConfigError(f"adv_sample_share must be in [0, 4], got {self.adv_sample_share}")
-        if len(self.critic_channels) != 3 or min(self.critic_channels) < 1:
-            raise ConfigError(f"critic_channels must be three positive widths, got {self.critic_channels}")
+        if self.critic_width < 1:
+            raise ConfigError(f"critic_width must be >= 1, got {self.critic_width}")
         try:
             parse_policy(self.adv_augment)
         except ValueError as e:
@@ -245,7 +246,6 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["channels"] = list(self.channels)
-        d["critic_channels"] = list(self.critic_channels)
         return d
 
 

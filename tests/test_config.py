@@ -66,3 +66,19 @@ def test_unknown_flag_and_bad_yaml_exit_with_usage_error(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(p)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "epochz" in r.stderr and "valid keys" in r.stderr
+
+
+def test_gz2_recipe_names_every_training_image_and_keeps_val_held_out():
+    """cluster/gz2.yaml (README's Galaxy Zoo command): train/ and extra/ relative to the checkout,
+    labels, crop, then adversarial fine-tuning; val/ is never read for training."""
+    from conftest import GZ2
+
+    cfg = train_config(REPO / "cluster" / "gz2.yaml")
+    sources = cfg.data.split(",")
+    assert sources == ["../shared/datasets/gz2/train", "../shared/datasets/gz2/extra"]
+    assert cfg.labels == "../shared/datasets/gz2/labels.csv" and cfg.crop == 0.5 and cfg.finetune_epochs > 0
+    assert all("val" not in s for s in sources)
+    if not GZ2.is_dir():
+        pytest.skip("the Galaxy Zoo 2 set is not next to this checkout")
+    assert all((REPO / s).resolve().is_dir() for s in sources) and (REPO / cfg.labels).is_file()
+    assert sum(len(list((REPO / s).glob("*.jpg"))) for s in sources) == 5907

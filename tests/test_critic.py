@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from ray_galaxy.config import ConfigError, ModelConfig, TrainConfig
-from ray_galaxy.critic import (PatchCritic, accuracy, adaptive_weight, critic_loss, diff_augment, generator_loss,
-                               r1_penalty)
+from ray_galaxy.critic import Critic, accuracy, adaptive_weight, critic_loss, diff_augment, generator_loss, r1_penalty
 from ray_galaxy.generation.sampler import MixtureSampler, fit_codes
 from ray_galaxy.model import ConvVAE
 from ray_galaxy.training.adversary import Adversary, critic_won
@@ -25,7 +24,7 @@ def _vae() -> ConvVAE:
 
 
 def _adversary(weight: float = 0.5, sampler: MixtureSampler | None = None, **kw) -> Adversary:
-    cfg = TrainConfig(image_size=32, adv_weight=weight, finetune_lr=1e-3, critic_channels=(8, 16, 16),
+    cfg = TrainConfig(image_size=32, adv_weight=weight, finetune_lr=1e-3, critic_width=4,
                       adv_augment=kw.pop("policy", POLICY), **kw)
     return Adversary.build(cfg, sampler, seed=1)
 
@@ -36,10 +35,9 @@ def _sampler(net: ConvVAE) -> MixtureSampler:
     return MixtureSampler(tensors, meta)
 
 
-def test_critic_gives_one_logit_per_patch_with_or_without_spectral_norm():
-    for spectral in (False, True):
-        logits = PatchCritic(spectral=spectral)(torch.rand(2, 3, 64, 64))
-        assert logits.shape == (2, 1, 14, 14)
+def test_critic_gives_one_logit_per_image_at_any_size():
+    for size in (32, 64):
+        assert Critic(4)(torch.rand(3, 3, size, size)).shape == (3,)
 
 
 def test_hinge_losses_and_accuracy():
@@ -51,7 +49,7 @@ def test_hinge_losses_and_accuracy():
     # a fake scored as real is penalised in proportion
     assert critic_loss(ones, 3 * ones) == pytest.approx(0.5 * 4)
     assert generator_loss(torch.tensor([1.0, 3.0])) == pytest.approx(-2.0)
-    real = torch.tensor([1.0, 2.0, -1.0, 3.0])[:, None, None, None]
+    real = torch.tensor([1.0, 2.0, -1.0, 3.0])
     assert accuracy(real, -real) == (0.75, 0.75)
 
 
@@ -61,7 +59,7 @@ def test_adaptive_weight_matches_the_gradient_norms_at_the_last_layer():
     a, mu, logvar = net(x)
     rec = net.recon_nll(a, x).mean()
     fake = (torch.tanh(a) + 1) / 2
-    gen = generator_loss(PatchCritic()(fake))
+    gen = generator_loss(Critic(4)(fake))
     lam = adaptive_weight(rec, gen, net.last_layer())
     w = net.last_layer()
     g_rec = torch.autograd.grad(rec, w, retain_graph=True)[0]
@@ -86,12 +84,12 @@ def test_diff_augment_is_differentiable_seeded_and_changes_every_image():
 
 
 def test_r1_penalty_is_zero_for_a_flat_critic_and_positive_otherwise():
-    critic = PatchCritic((8, 16, 16))
-    real = torch.rand(2, 3, 32, 32)
-    assert r1_penalty(critic, real) > 0
+    critic = Critic(4)
+    real, fake = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    assert r1_penalty(critic, real, fake) > 0
     for p in critic.parameters():
         torch.nn.init.zeros_(p)
-    assert r1_penalty(critic, real) == 0
+    assert r1_penalty(critic, real, fake) == 0
 
 
 def test_a_finetuning_step_trains_the_decoder_and_the_critic_not_the_encoder():
@@ -136,10 +134,11 @@ def test_a_critic_that_wins_outright_is_detected():
 def test_finetuning_settings_are_checked():
     cfg = TrainConfig(epochs=40, finetune_epochs=8)
     assert cfg.total_epochs == 48 and TrainConfig(epochs=40).total_epochs == 40
-    assert cfg.to_dict()["critic_channels"] == [32, 64, 128]
+    assert cfg.to_dict()["critic_width"] == 16 and cfg.adv_augment == "translation,color"
     for bad, name in [(dict(adv_weight=-1), "adv_weight"), (dict(adv_weight=float("inf")), "adv_weight"),
                       (dict(finetune_epochs=-1), "finetune_epochs"), (dict(adv_augment="zoom"), "zoom"),
-                      (dict(r1_gamma=-1), "r1_gamma"), (dict(critic_channels=(8, 8)), "critic_channels")]:
+                      (dict(r1_gamma=-1), "r1_gamma"), (dict(critic_width=0), "critic_width"),
+                      (dict(critic_lr=0), "critic_lr")]:
         with pytest.raises(ConfigError, match=name):
             TrainConfig(**bad)
 

@@ -16,7 +16,7 @@ from tiny_model import SIZE, make_tiny
 
 from conftest import REPO, job_env
 from ray_galaxy import plots
-from ray_galaxy.checkpoint import load_model_dir
+from ray_galaxy.checkpoint import load_model_dir, save_model_dir
 from ray_galaxy.evaluation import evaluate as E
 from ray_galaxy.evaluation import metrics as M
 from ray_galaxy.evaluation.config import EvaluateConfig
@@ -138,7 +138,7 @@ def test_fit_sampler_job(tiny, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.index("fitting a 2-component GMM") < captured.out.index("fitted a")  # before the wait
     assert "2-component diag GMM" in captured.out and "in 2 orientations" in captured.out
-    assert re.search(r"residual detail model \(gain \d\.\d\d: structure-band power", captured.out)
+    assert re.search(r"residual detail model \(galaxy, gain \d\.\d\d: structure-band power", captured.out)
     meta = json.loads((tmp_path / "model" / SAMPLER_META).read_text())
     assert meta["covariance"] == "diag" and meta["orientations"] == 2 and meta["codes"] == 2 * meta["train_images"]
     assert meta["kernels"] == "codes" and meta["bandwidth"] == KERNEL_BANDWIDTH
@@ -153,6 +153,26 @@ def test_fit_sampler_job(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         _load_job("fit_sampler").main(["--model", uri, "--orientations", "9"])
     assert "--orientations must be in 1..8" in capsys.readouterr().err
+
+
+def test_fit_sampler_job_fits_a_decoder_that_draws_one_flat_image(tiny, tmp_path, capsys):
+    # Issue 31: 2 epochs on 96 images with --labels left a decoder whose means are one flat image;
+    # the residual fit crashed in np.bincount and jobs/fit_sampler.py showed the traceback.
+    md = load_model_dir(tiny["model"])
+    state = md.model.state_dict()
+    state["decoder.4.weight"].zero_()  # the last conv: every image decodes to the same grey
+    state["decoder.4.bias"].fill_(-1.0)
+    uri = save_model_dir(str(tmp_path / "flat"), state, md.model_config,
+                         extra_config={"train": md.train_config}, metrics=md.metrics)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("id,morphology\n" + "".join(f"g{i:03d},{'spiral' if i % 2 else 'round'}\n" for i in range(48)))
+    assert _load_job("fit_sampler").main(["--model", uri, "--components", "2", "--labels", str(csv)]) == 0
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err and "per label: round (" in out.out
+    detail = json.loads((tmp_path / "flat" / SAMPLER_META).read_text())["detail"]
+    assert detail["variance_coef"][0] > 0 and detail["variance_coef"][1:] == [0.0, 0.0]
+    assert _load_job("fit_sampler").main(["--model", uri, "--components", "2", "--detail", "sky"]) == 0
+    assert "residual detail model (sky, gain 1.00" in capsys.readouterr().out
 
 
 def test_evaluate_job_end_to_end(tiny, tmp_path):

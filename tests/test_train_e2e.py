@@ -57,16 +57,17 @@ def test_train_job_writes_a_complete_model_directory(trained):
     sampler = json.loads((model_dir / "sampler.json").read_text())
     assert sampler["train_images"] == total and sampler["detail"]["k_min"] == 2
     assert "residual detail" in r.stderr + r.stdout and "samples.png and traversal.png redrawn" in r.stderr + r.stdout
-    assert f"mixture and kernels taken over from {storage / 'e2e' / 'likelihood-model'} (same encoder)" in r.stdout
+    assert f"mixture and kernels, and residual detail, taken over from {storage / 'e2e' / 'likelihood-model'}" in r.stdout
     assert sampler["kernels"] == "codes" and "drawing from kernels on the codes (bandwidth 0.45)" in r.stderr + r.stdout
     assert all(h["steps_skipped"] == 0 and h["lr_now"] > 0 for h in hist)
     assert hist[1]["lr_now"] < hist[0]["lr_now"]  # cosine schedule, then fine-tuning's constant step
     assert hist[2]["lr_now"] == hist[3]["lr_now"] == 2e-4
     # The fine-tuning phase: the encoder frozen, so the likelihood model's codes and sampler kernels
-    # carry over; its residual detail is refitted to the fine-tuned decoder.
+    # carry over, and the residual detail the critic judged the decoder's images with.
     first = storage / "e2e" / "likelihood-model"
     assert json.loads((first / "metrics.json").read_text())["epochs_run"] == 2
-    assert sampler["codes_from"] == str(first) and json.loads((first / "sampler.json").read_text())["detail"]
+    assert sampler["codes_from"] == str(first) and sampler["detail"]["kept"]
+    assert sampler["detail"]["gain"] == json.loads((first / "sampler.json").read_text())["detail"]["gain"]
     fine, like = load_model_dir(str(model_dir)).model, load_model_dir(str(first)).model
     assert torch.equal(fine.fc_mu.weight, like.fc_mu.weight) and torch.equal(fine.encoder[0].weight, like.encoder[0].weight)
     assert not torch.equal(fine.last_layer(), like.last_layer())
@@ -87,7 +88,7 @@ def test_train_job_prints_a_header_one_line_per_epoch_and_a_summary(trained):
     with_critic = re.findall(r"\[ray-galaxy\] epoch (\d+)/4 .* critic [\d.]+ acc [\d.]+/[\d.]+ \(x [\d.e+-]+\) ",
                              r.stdout)
     assert with_critic == ["3", "4"], r.stdout[-4000:]
-    assert "fine-tuning the decoder for 2 epochs against a patch critic" in r.stdout
+    assert "fine-tuning the decoder for 2 epochs against a critic" in r.stdout
     assert re.search(r"\[ray-galaxy\] last epoch 4: val loss .* bits/dim, PSNR .* dB; total ", r.stdout)
     assert "[ray-galaxy] Ray's own logs: " in r.stdout
     # Ray's own chatter stays in Ray's log folder

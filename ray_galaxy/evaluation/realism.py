@@ -1,7 +1,8 @@
 """Realism: can a classifier tell generated galaxies from real ones?
 
 A classifier two-sample test (Lopez-Paz & Oquab 2017, "Revisiting Classifier Two-Sample
-Tests"): a small CNN, trained from scratch on this machine (nothing downloaded), learns to tell
+Tests"): a small CNN (:class:`ray_galaxy.critic.Critic`, the network the adversarial
+fine-tuning trains against), trained from scratch on this machine (nothing downloaded), learns to tell
 the evaluation's real images from generated ones; its accuracy on images it was not trained on
 measures how far apart the two sets are. 0.5 is "cannot tell them apart", 1.0 "always can".
 The same test between two disjoint halves of the real set is the floor: what a classifier
@@ -40,9 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from ray_galaxy.console import log
+from ray_galaxy.critic import Critic
 from ray_galaxy.evaluation.metrics import to_tensor
 from ray_galaxy.images import augment_d4
 
@@ -52,35 +52,8 @@ FOLDS = 2
 STEPS = (150, 600)
 BATCH = 32  # per side: every step sees 32 real and 32 generated images
 LR = 1e-3
+WIDTH = 16  # the CNN: ray_galaxy.critic.Critic, the adversarial fine-tuning's critic too
 SHOW = 16  # images per panel of the "surest" figure
-
-
-class RealismCNN(nn.Module):
-    """(B, 3, S, S) in [0, 1] -> one logit per image (B,): generated rather than real.
-
-    A full-resolution convolution, then four stride-2 ones (S -> S/16), then the mean and the maximum over positions: the
-    mean judges texture everywhere (grain, sky noise), the maximum the most telling patch (a
-    core, a knot). Small on purpose: the test trains on a few hundred images per set. BatchNorm
-    (every training batch holds as many real images as generated ones): with GroupNorm or none,
-    a fold sometimes sat at 0.5 for hundreds of steps before it learned anything, even on blurred
-    copies; with it every fold learned within 200 steps.
-    """
-
-    def __init__(self, width: int = 16) -> None:
-        super().__init__()
-        chans = [width, width, 2 * width, 4 * width, 4 * width]
-        # The first layer keeps full resolution: pixel-scale texture (grain, sky noise, a sharp
-        # core) is what tells generated images apart, and a stride there would alias it away.
-        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.LeakyReLU(0.2)]
-        for c_in, c_out in zip(chans, chans[1:]):  # (B, c_in, s, s) -> (B, c_out, s/2, s/2)
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(2 * chans[-1], 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.features(x * 2 - 1)  # (B, 4w, S/16, S/16)
-        pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)  # (B, 8w)
-        return self.head(pooled)[:, 0]
 
 
 @dataclass
@@ -127,9 +100,9 @@ def _train(a: torch.Tensor, b: torch.Tensor, test: tuple[torch.Tensor, torch.Ten
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = RealismCNN()
+        net = Critic(WIDTH)
     opt = torch.optim.Adam(net.parameters(), lr=LR)
-    target = torch.cat([torch.zeros(BATCH), torch.ones(BATCH)])
+    target = torch.cat([torch.ones(BATCH), torch.zeros(BATCH)])  # the critic's logit says "real"
     accs: dict[int, float] = {}
     for step in range(1, max(steps) + 1):
         net.train()
@@ -147,8 +120,8 @@ def _train(a: torch.Tensor, b: torch.Tensor, test: tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def _p_fake(net: RealismCNN, x: torch.Tensor, batch: int = 256) -> np.ndarray:
-    return np.concatenate([torch.sigmoid(net(x[i:i + batch])).numpy() for i in range(0, len(x), batch)])
+def _p_fake(net: Critic, x: torch.Tensor, batch: int = 256) -> np.ndarray:
+    return np.concatenate([torch.sigmoid(-net(x[i:i + batch])).numpy() for i in range(0, len(x), batch)])
 
 
 def two_sample_test(real: np.ndarray, generated: np.ndarray, seed: int = 0, folds: int = FOLDS,

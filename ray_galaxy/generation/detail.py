@@ -40,7 +40,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ray_galaxy.images import luminance, power_deficit_dex, radial_power_spectrum, ring_index, sky_level
+from ray_galaxy.images import frame_mask, luminance, power_deficit_dex, radial_power_spectrum, ring_index, sky_level
 
 
 def k_min(size: int) -> int:
@@ -66,7 +66,11 @@ DETAIL_KINDS = ("galaxy", "sky")
 SKY_SHARE = 0.3
 
 
-def fit_detail(images: np.ndarray, means: np.ndarray, max_images: int = 2000,
+# Images the residual model is fitted to (at most): its few parameters need no more.
+DETAIL_IMAGES = 2000
+
+
+def fit_detail(images: np.ndarray, means: np.ndarray, max_images: int = DETAIL_IMAGES,
                kind: str = "galaxy") -> dict[str, np.ndarray]:
     """Fit the residual model to real images and the decoder's reconstructions of them.
 
@@ -174,6 +178,27 @@ def add_detail(means: torch.Tensor, detail: Mapping[str, torch.Tensor | np.ndarr
     mu = means.detach().double().cpu().permute(0, 2, 3, 1).numpy()  # (B, S, S, 3)
     x = mu + temperature * _residual(mu, detail, seed, offset)
     return torch.from_numpy(np.clip(x, 0, 1)).permute(0, 3, 1, 2).float().to(means.device)
+
+
+def draw_differentiable(means: torch.Tensor, detail: Mapping[str, torch.Tensor],
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """x ~ p(x | z) around decoded means (B, 3, S, S) in [0, 1], differentiable in the means: the
+    same residual model as :func:`add_detail`, in torch on the means' device, for training (the
+    adversarial critic judges what users get, the means with their detail). Not byte-reproducible
+    across batchings: sampling uses :func:`add_detail`."""
+    b, _, s, _ = means.shape
+    dev, dt = means.device, means.dtype
+    coef, mix = detail["variance_coef"].to(dev, dt), detail["mix"].to(dev, dt)
+    ring = torch.from_numpy(ring_index(s, half=True)).to(dev)
+    amplitude = detail["spectrum"].to(dev, dt).clamp_min(0).sqrt()[ring]  # (S, S//2 + 1)
+    eps = torch.randn(b, 3, s, s, generator=generator).to(dev, dt)
+    v = torch.fft.irfft2(torch.fft.rfft2(eps, norm="ortho") * amplitude, s=(s, s), norm="ortho")
+    u = torch.einsum("ij,bjhw->bihw", mix, v)
+    frame = torch.from_numpy(frame_mask(s)).to(dev)
+    sky = means[:, :, frame].median(-1).values[:, :, None, None]  # (B, 3, 1, 1), as sky_level
+    lum = (means - sky).clamp_min(0).mean(1, keepdim=True)  # as brightness()
+    sigma = (coef[0] + coef[1] * lum + coef[2] * lum ** 2).clamp_min(0).sqrt()
+    return (means + sigma * u).clamp(0, 1)
 
 
 GAIN_BOUNDS = (0.5, 2.0)

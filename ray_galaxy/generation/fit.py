@@ -9,7 +9,7 @@ import torch
 
 from ray_galaxy.checkpoint import load_model_dir
 from ray_galaxy.console import log
-from ray_galaxy.generation.detail import DETAIL_KINDS, GAIN_BOUNDS, calibrate_gain, fit_detail, k_min
+from ray_galaxy.generation.detail import DETAIL_IMAGES, DETAIL_KINDS, GAIN_BOUNDS, calibrate_gain, fit_detail, k_min
 from ray_galaxy.generation.generator import decode
 from ray_galaxy.generation.sampler import (GMM_COMPONENTS, KERNEL_BANDWIDTH, SAMPLER_ORIENTATIONS,
                                            MixtureSampler, SamplerError, encode_means, fit_codes, read_sampler,
@@ -22,8 +22,10 @@ CALIBRATION_SAMPLES = 1000  # sampler codes decoded to calibrate the detail mode
 
 
 def _means(model: ConvVAE, z: torch.Tensor) -> np.ndarray:
-    """Decoded means as (N, S, S, 3) floats in [0, 1] (what the detail fit compares)."""
-    return decode(model, z.float()).permute(0, 2, 3, 1).numpy()
+    """Decoded means as (N, S, S, 3) floats in [0, 1] (what the detail fit compares), in float32:
+    the fit's statistics do not need the float64 that makes served bytes reproducible, and on a
+    CPU float64 decodes at about a quarter of the rate (docs/model.md, "Decoding precision")."""
+    return decode(model, z.float(), dtype=torch.float32).permute(0, 2, 3, 1).numpy()
 
 
 def _detail(model: ConvVAE, sampler: MixtureSampler, images: np.ndarray, mu: np.ndarray,
@@ -32,7 +34,8 @@ def _detail(model: ConvVAE, sampler: MixtureSampler, images: np.ndarray, mu: np.
     decodes of the sampler's own codes (seeded, like the fit); the tensors go into the sampler.
     Sky noise (``kind`` "sky") keeps its measured amplitude (gain 1): its job is the sky's noise,
     not the structure-band power the calibration matches."""
-    d = fit_detail(images, _means(model, torch.from_numpy(mu)), kind=kind)
+    n = min(len(images), DETAIL_IMAGES)  # the images the fit uses: decode no more
+    d = fit_detail(images[:n], _means(model, torch.from_numpy(mu[:n])), kind=kind)
     sampled = _means(model, sampler.latents(CALIBRATION_SAMPLES, seed))
     cal = calibrate_gain(sampled, d, images, seed=seed, bounds=(1.0, 1.0) if kind == "sky" else GAIN_BOUNDS)
     d["spectrum"] = d["spectrum"] * cal["gain"] ** 2  # the gain on the residual, folded in
@@ -48,17 +51,20 @@ def same_encoder(a: ConvVAE, b: ConvVAE) -> bool:
     return all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(sa, sb))
 
 
-def _reused_codes(model: ConvVAE, codes_from: str, images: np.ndarray,
-                  batch_size: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], np.ndarray]:
+def _reused_codes(model: ConvVAE, codes_from: str, images: np.ndarray, batch_size: int,
+                  keep_detail: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any], np.ndarray]:
     """The mixture and kernels of the sampler in ``codes_from``, whose model has the same encoder
-    (a fine-tuned decoder's likelihood model): what :func:`fit_codes` would fit again, at no cost."""
+    (a fine-tuned decoder's likelihood model): what :func:`fit_codes` would fit again, at no cost.
+    ``keep_detail`` keeps its residual detail model too (the critic trained the decoder with it)."""
     source = load_model_dir(codes_from)
     old = read_sampler(codes_from, source.sha256)
     if old is None or not same_encoder(model, source.model):
         raise SamplerError(f"{codes_from} has no sampler fitted to the same encoder; fit this one anew")
-    tensors = {k: v for k, v in old.tensors.items() if not k.startswith("detail_")}
-    meta = {k: v for k, v in old.meta.items() if k not in ("detail", "model_sha256")}
-    return tensors, {**meta, "codes_from": codes_from}, encode_means(model, images, batch_size)
+    tensors = {k: v for k, v in old.tensors.items() if keep_detail or not k.startswith("detail_")}
+    drop = ("model_sha256",) if keep_detail else ("detail", "model_sha256")
+    meta = {k: v for k, v in old.meta.items() if k not in drop}
+    mu = None if keep_detail else encode_means(model, images, batch_size)  # the detail fit's codes
+    return tensors, {**meta, "codes_from": codes_from}, mu
 
 
 def fit_sampler(model_dir: str, train_data: str | None = None, components: int = GMM_COMPONENTS,
@@ -67,7 +73,7 @@ def fit_sampler(model_dir: str, train_data: str | None = None, components: int =
                 detail: bool | str = True, orientations: int = SAMPLER_ORIENTATIONS,
                 bandwidth: float = KERNEL_BANDWIDTH, labels: str | None = None,
                 image_labels: Sequence[str | None] | None = None,
-                codes_from: str | None = None) -> dict[str, Any]:
+                codes_from: str | None = None, keep_detail: bool = False) -> dict[str, Any]:
     """Fit the two-stage sampler to a model's training images; write sampler.pt + sampler.json.
 
     ``train_data`` defaults to the model's recorded training data (its training split);
@@ -84,11 +90,19 @@ def fit_sampler(model_dir: str, train_data: str | None = None, components: int =
 
     ``codes_from``: a model directory whose model has the same encoder (the likelihood model a
     decoder was fine-tuned from): its mixture and kernels are taken over instead of fitted again,
-    and only the residual detail is fitted to this model's decoder.
+    and only the residual detail is fitted to this model's decoder; with ``keep_detail`` that
+    model's detail is kept as well, and nothing is fitted.
     """
     md = load_model_dir(model_dir)
     tcfg = md.train_config
     source = train_data or recorded_train_data(tcfg)
+    if codes_from and keep_detail:  # nothing to fit: no images needed
+        tensors, meta, _ = _reused_codes(md.model, codes_from, np.zeros((0,)), batch_size, True)
+        sampler = MixtureSampler(tensors, {**meta, "model_sha256": md.sha256})
+        if sampler.meta.get("detail"):
+            sampler.meta["detail"] = {**sampler.meta["detail"], "kept": True}
+        save_sampler(model_dir, sampler)
+        return sampler.meta
     if images is None:
         labels = labels or tcfg.get("labels") or None
         if not source:
@@ -105,7 +119,7 @@ def fit_sampler(model_dir: str, train_data: str | None = None, components: int =
         log(describe_labels(image_labels, labels or "image_labels"))
     try:
         if codes_from:
-            tensors, meta, mu = _reused_codes(md.model, codes_from, images, batch_size)
+            tensors, meta, mu = _reused_codes(md.model, codes_from, images, batch_size, False)
         else:
             tensors, meta, mu = fit_codes(md.model, images, components, covariance, seed, orientations,
                                           bandwidth, batch_size, labels=image_labels)

@@ -31,9 +31,10 @@ from ray_galaxy.model import ConvVAE, to_uint8
 SAMPLERS = ("auto", "prior", "gmm")
 
 
-def decode(model: ConvVAE, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Codes (N, D) -> the decoder's means (N, 3, S, S) in [0, 1], in chunks of ``batch_size``."""
-    return torch.cat([model.decode(z[i:i + batch_size]) for i in range(0, len(z), batch_size)])
+def decode(model: ConvVAE, z: torch.Tensor, batch_size: int = 256, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Codes (N, D) -> the decoder's means (N, 3, S, S) in [0, 1], in chunks of ``batch_size``
+    (``dtype``: :meth:`ConvVAE.decode`'s)."""
+    return torch.cat([model.decode(z[i:i + batch_size], dtype) for i in range(0, len(z), batch_size)])
 
 
 class Generator:

@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from ray_galaxy.checkpoint import load_tensors
 from ray_galaxy.config import TrainConfig, parse_policy
-from ray_galaxy.critic import PatchCritic, accuracy, adaptive_weight, critic_loss, diff_augment, generator_loss, r1_penalty
+from ray_galaxy.critic import Critic, accuracy, adaptive_weight, critic_loss, diff_augment, generator_loss, r1_penalty
+from ray_galaxy.generation.detail import draw_differentiable
 from ray_galaxy.generation.sampler import MixtureSampler
 from ray_galaxy.model import ConvVAE
 
@@ -59,13 +60,14 @@ def _average_gradients(module: torch.nn.Module) -> None:
 class Adversary:
     """The critic, its optimiser, the settings of the phase and this epoch's statistics."""
 
-    critic: PatchCritic
+    critic: Critic
     optimizer: torch.optim.Optimizer
     weight: float
     policy: tuple[str, ...] = ()
     r1_gamma: float = 0.0
     sampler: MixtureSampler | None = None
     sample_share: float = 0.0
+    detail: dict[str, torch.Tensor] | None = None  # residual detail drawn on the decoder's images
     generator: torch.Generator = field(default_factory=torch.Generator)
     steps: int = 0
     stats: dict[str, list[float]] = field(default_factory=dict)
@@ -77,11 +79,12 @@ class Adversary:
         only)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            critic = PatchCritic(tuple(cfg.critic_channels), spectral=cfg.critic_spectral_norm)
+            critic = Critic(cfg.critic_width)
         optimizer = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, betas=CRITIC_BETAS)
         share = cfg.adv_sample_share if sampler is not None else 0.0
+        detail = sampler.detail if sampler is not None and cfg.adv_detail else None
         return cls(critic=critic, optimizer=optimizer, weight=cfg.adv_weight, policy=parse_policy(cfg.adv_augment),
-                   r1_gamma=cfg.r1_gamma, sampler=sampler, sample_share=share,
+                   r1_gamma=cfg.r1_gamma, sampler=sampler, sample_share=share, detail=detail,
                    generator=torch.Generator().manual_seed(seed))
 
     def to(self, device: Any) -> "Adversary":
@@ -100,14 +103,28 @@ class Adversary:
         seed = int(torch.randint(2**31 - 1, (1,), generator=self.generator))
         return self.sampler.latents(k, seed)
 
-    def generator_term(self, net: ConvVAE, rec_loss: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        """weight * lambda * L_G for the decoder's images ``fake`` (B, 3, S, S) in [0, 1].
+    def as_drawn(self, means: torch.Tensor) -> torch.Tensor:
+        """The decoder's images (B, 3, S, S) in [0, 1] as the critic sees them: with the residual
+        detail drawn on them (differentiably) when it judges what users get, else as they are."""
+        if self.detail is None:
+            return means
+        return draw_differentiable(means, self.detail, self.generator)
 
-        The critic, with its parameters frozen, judges them (augmented as the real images will
-        be): this backward pass trains only the decoder."""
+    def _judge(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The critic's logits for augmented ``real`` and ``fake`` images, judged in one batch
+        (its BatchNorm must see both: :mod:`ray_galaxy.critic`); also the augmented real images."""
+        real_aug = diff_augment(real, self.policy, self.generator)
+        logits = self.critic(torch.cat([real_aug, diff_augment(fake, self.policy, self.generator)]))
+        return logits[: len(real)], logits[len(real):], real_aug
+
+    def generator_term(self, net: ConvVAE, rec_loss: torch.Tensor, fake: torch.Tensor,
+                       real: torch.Tensor) -> torch.Tensor:
+        """weight * lambda * L_G for the decoder's images ``fake`` (B', 3, S, S) in [0, 1], judged
+        beside the batch's ``real`` images. The critic's parameters are frozen for it: this
+        backward pass trains only the decoder."""
         self.critic.requires_grad_(False)
         try:
-            gen = generator_loss(self.critic(diff_augment(fake, self.policy, self.generator)))
+            gen = generator_loss(self._judge(real.detach(), fake)[1])
         finally:
             self.critic.requires_grad_(True)
         lam = adaptive_weight(rec_loss, gen, net.last_layer())
@@ -117,15 +134,12 @@ class Adversary:
     def critic_step(self, real: torch.Tensor, fake: torch.Tensor) -> float:
         """One step of the critic: hinge loss on augmented real and generated images, plus the
         lazy R1 penalty on the augmented real ones every :data:`R1_EVERY` steps."""
-        real_aug = diff_augment(real, self.policy, self.generator)
-        fake_aug = diff_augment(fake.detach(), self.policy, self.generator)
-        logits = self.critic(torch.cat([real_aug, fake_aug]))
-        lr, lf = logits[: real.shape[0]], logits[real.shape[0]:]
+        lr, lf, real_aug = self._judge(real, fake.detach())
         loss = critic_loss(lr, lf)
         acc_real, acc_fake = accuracy(lr.detach(), lf.detach())
         self._log(critic_loss=loss.item(), critic_acc_real=acc_real, critic_acc_fake=acc_fake)
         if self.r1_gamma > 0 and self.steps % R1_EVERY == 0:
-            r1 = r1_penalty(self.critic, real_aug)
+            r1 = r1_penalty(self.critic, real_aug, diff_augment(fake.detach(), self.policy, self.generator))
             loss = loss + 0.5 * self.r1_gamma * R1_EVERY * r1
             self._log(critic_r1=r1.item())
         self.steps += 1

@@ -78,18 +78,21 @@ def _sampler_line(meta: dict[str, Any], seconds: float) -> str:
     """What the fitted sampler is, in one line."""
     kernels = (f", drawing from kernels on the codes (bandwidth {meta['bandwidth']:g})"
                if meta.get("kernels") == "codes" else "")
-    detail = (f" + residual detail ({meta['detail']['kind']}, gain {meta['detail']['gain']:.2f})"
+    detail = (f" + residual detail ({meta['detail'].get('kind', 'galaxy')}, gain {meta['detail']['gain']:.2f})"
               if meta.get("detail") else "")
     labels = f", per label ({', '.join(meta['labels'])})" if meta.get("labels") else ""
     if meta.get("codes_from"):
-        return (f"sampler: mixture and kernels{labels} taken over from {meta['codes_from']} (same encoder){detail} "
-                f"in {seconds:.1f}s; samples.png and traversal.png redrawn from it")
+        kept = meta.get("detail") and meta["detail"].get("kept")
+        return (f"sampler: mixture and kernels{labels}{', and residual detail,' if kept else ''} taken over from "
+                f"{meta['codes_from']} (same encoder){'' if kept else ', residual detail refitted'}{detail} in "
+                f"{seconds:.1f}s; samples.png and traversal.png redrawn from it")
     return (f"sampler: {meta['components']}-component GMM on the codes of {meta['train_images']} training "
             f"images in {meta['orientations']} orientations{kernels}{labels}{detail} in {seconds:.1f}s; "
             "samples.png and traversal.png redrawn from it")
 
 
-def fit_sampler_into(model_dir: str, cfg: TrainConfig, codes_from: str | None = None) -> dict[str, Any] | None:
+def fit_sampler_into(model_dir: str, cfg: TrainConfig, codes_from: str | None = None,
+                     keep_detail: bool = False) -> dict[str, Any] | None:
     """Fit the two-stage sampler (GMM + residual detail) of a fresh model directory and redraw
     samples.png and traversal.png from it; sampler.json's content.
 
@@ -98,12 +101,15 @@ def fit_sampler_into(model_dir: str, cfg: TrainConfig, codes_from: str | None = 
     from that model directory (same encoder; :func:`ray_galaxy.generation.fit.fit_sampler`).
     """
     t0 = time.time()
-    # About a minute on GZ2 (10,000 codes, 40 full covariances): say so before the silence.
-    log("fitting the two-stage sampler (codes of the training images in 8 orientations, a Gaussian "
-        "mixture, the residual detail model)...")
+    # Minutes on GZ2 (40,000 codes, 40 full covariances): say so before the silence.
+    if codes_from:
+        log(f"sampler: taking the codes' mixture and kernels over from {codes_from} (same encoder)...")
+    else:
+        log("fitting the two-stage sampler (codes of the training images in 8 orientations, a Gaussian "
+            "mixture, the residual detail model)...")
     try:
         meta = fit_sampler(model_dir, cfg.data, seed=cfg.seed, crop=cfg.crop, labels=cfg.labels,
-                           codes_from=codes_from, detail=cfg.detail)
+                           codes_from=codes_from, detail=cfg.detail, keep_detail=keep_detail)
         files, _ = _figures(Generator.load(model_dir), None, cfg.seed)
         for name, data in files.items():
             write_bytes(join(model_dir, name), data)

@@ -149,8 +149,8 @@ def finetune_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, guar
     recon = net.recon_nll(out_a, x)
     kl = net.kl(mu, logvar)
     loss = (recon + beta * kl).mean()
-    fake = (torch.tanh(torch.cat([out_a] + list(out[3:])).float()) + 1) / 2  # (B + k, 3, S, S)
-    total = loss + adversary.generator_term(net, loss, fake)
+    fake = adversary.as_drawn((torch.tanh(torch.cat([out_a] + list(out[3:])).float()) + 1) / 2)  # (B + k, 3, S, S)
+    total = loss + adversary.generator_term(net, loss, fake, x)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     if not guard([p for p in model.parameters() if p.requires_grad]):
@@ -292,9 +292,10 @@ def _finetune_start(cfg: TrainConfig, model: ConvVAE, init_model: str, rank: int
     md = load_model_dir(init_model)
     model.load_state_dict(md.model.state_dict())
     model.freeze_encoder()
-    sampler = read_sampler(init_model, md.sha256) if cfg.adv_sample_share > 0 else None
-    if rank == 0 and cfg.adv_sample_share > 0 and sampler is None:
-        log(f"fine-tuning: {init_model} has no sampler, so the critic judges reconstructions only")
+    wanted = cfg.adv_sample_share > 0 or cfg.adv_detail
+    sampler = read_sampler(init_model, md.sha256) if wanted else None
+    if rank == 0 and wanted and sampler is None:
+        log(f"fine-tuning: {init_model} has no sampler, so the critic judges reconstructions only, as they are")
     return Adversary.build(cfg, sampler, seed), list(md.metrics.get("history") or [])
 
 

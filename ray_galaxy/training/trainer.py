@@ -168,13 +168,14 @@ def _finetune(cfg: TrainConfig, datasets: tuple[Any, Any], tracker: Tracker, sta
     """The adversarial fine-tuning phase from the model directory ``start_dir``; its last epoch
     becomes ``model_dir`` (the critic's game has no validation loss to pick an epoch by), with a
     sampler whose codes come from ``start_dir`` and whose residual detail is refitted."""
-    log(f"fine-tuning the decoder for {cfg.finetune_epochs} epochs against a patch critic (encoder frozen; "
+    log(f"fine-tuning the decoder for {cfg.finetune_epochs} epochs against a critic (encoder frozen; "
         f"the likelihood model stays in {start_dir})")
     loop = {"tracking": tracker.spec(), "finetune": start_dir}
     _, latest = _fit(make_trainer(cfg, *datasets, loop, name=f"{cfg.name}-{FINETUNE_RUN}"), cfg)
     metrics = export_model(latest, latest, model_dir, cfg, stats.to_dict())
     if cfg.fit_sampler:
-        fit_sampler_into(model_dir, cfg, codes_from=start_dir)
+        # The critic trained the decoder to look real with the detail drawn on it: the detail stays.
+        fit_sampler_into(model_dir, cfg, codes_from=start_dir, keep_detail=cfg.adv_detail)
     return metrics
 
 
