@@ -12,8 +12,8 @@ from ray_galaxy.console import log
 from ray_galaxy.generation.detail import DETAIL_IMAGES, DETAIL_KINDS, GAIN_BOUNDS, calibrate_gain, fit_detail, k_min
 from ray_galaxy.generation.generator import decode
 from ray_galaxy.generation.sampler import (GMM_COMPONENTS, KERNEL_BANDWIDTH, SAMPLER_ORIENTATIONS,
-                                           MixtureSampler, SamplerError, encode_means, fit_codes, read_sampler,
-                                           save_sampler)
+                                           MixtureSampler, SamplerError, check_fit_arguments, encode_means,
+                                           fit_codes, read_sampler, save_sampler)
 from ray_galaxy.imageset import read_image_set, recorded_train_data, same_source
 from ray_galaxy.labels import describe_labels
 from ray_galaxy.model import ConvVAE
@@ -93,6 +93,11 @@ def fit_sampler(model_dir: str, train_data: str | None = None, components: int =
     and only the residual detail is fitted to this model's decoder; with ``keep_detail`` that
     model's detail is kept as well, and nothing is fitted.
     """
+    # settings first: a typo fails at once, not after the images are read and encoded
+    check_fit_arguments(covariance, orientations, bandwidth)
+    kind = "galaxy" if detail is True else detail
+    if kind not in (*DETAIL_KINDS, False, None, "none"):
+        raise ValueError(f"detail must be one of {', '.join((*DETAIL_KINDS, 'none'))}, got {detail!r}")
     md = load_model_dir(model_dir)
     tcfg = md.train_config
     source = train_data or recorded_train_data(tcfg)
@@ -130,9 +135,6 @@ def fit_sampler(model_dir: str, train_data: str | None = None, components: int =
     sampler = MixtureSampler(tensors, {**meta, "train_data": source, "labels_source": labels,
                                        "model_sha256": md.sha256})
     try:
-        kind = "galaxy" if detail is True else detail
-        if kind not in (*DETAIL_KINDS, False, None, "none"):
-            raise ValueError(f"detail must be one of {', '.join((*DETAIL_KINDS, 'none'))}, got {detail!r}")
         sampler.meta["detail"] = _detail(md.model, sampler, images, mu, seed, kind) if kind in DETAIL_KINDS else None
     except (ValueError, np.linalg.LinAlgError) as e:
         raise SamplerError(f"{model_dir}: the residual detail model could not be fitted ({e}); fit without it "

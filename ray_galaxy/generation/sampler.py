@@ -198,6 +198,16 @@ def _label_tensors(labels: Sequence[str | None], n_images: int, orientations: in
     return per_image.repeat(orientations), classes, counts
 
 
+def check_fit_arguments(covariance: str, orientations: int, bandwidth: float) -> None:
+    """Raise ValueError naming the first of a sampler fit's settings that is out of range."""
+    if covariance not in COVARIANCES:
+        raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+    if not 1 <= orientations <= len(D4):
+        raise ValueError(f"orientations must be in 1..{len(D4)}, got {orientations}")
+    if not (bandwidth >= 0 and math.isfinite(bandwidth)):
+        raise ValueError(f"bandwidth must be a finite number >= 0, got {bandwidth}")
+
+
 def fit_codes(model: ConvVAE, images: np.ndarray, components: int = GMM_COMPONENTS,
               covariance: str = "full", seed: int = 0, orientations: int = SAMPLER_ORIENTATIONS,
               bandwidth: float = KERNEL_BANDWIDTH, batch_size: int = 64,
@@ -209,10 +219,7 @@ def fit_codes(model: ConvVAE, images: np.ndarray, components: int = GMM_COMPONEN
     ``labels`` (one class or None per image) makes it a per-label sampler: every code keeps its
     image's class (``kernel_label``), ``meta["labels"]`` lists the classes. The mixture is
     fitted to all codes either way, so unconditional draws do not change."""
-    if not 1 <= orientations <= len(D4):
-        raise ValueError(f"orientations must be in 1..{len(D4)}, got {orientations}")
-    if not (bandwidth >= 0 and math.isfinite(bandwidth)):
-        raise ValueError(f"bandwidth must be a finite number >= 0, got {bandwidth}")
+    check_fit_arguments(covariance, orientations, bandwidth)
     labelled = _label_tensors(labels, len(images), orientations) if labels is not None else None
     mu = encode_means(model, images, batch_size)
     codes = np.concatenate([mu] + [encode_means(model, orient(images, o), batch_size)
