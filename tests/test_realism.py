@@ -6,7 +6,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 from synthetic import galaxy
 
-from ray_galaxy.evaluation.realism import realism_scores, split_halves, surest, two_sample_test
+from ray_galaxy.evaluation.realism import realism_scores, split_halves, surest, too_few_images, two_sample_test
 
 SIZE, N, STEPS = 32, 120, 200
 
@@ -56,3 +56,16 @@ def test_sets_of_different_sizes_or_too_few_images_are_refused(real):
         two_sample_test(real, real[:, :16, :16])
     with pytest.raises(ValueError, match="at least 4"):
         two_sample_test(real[:3], real[:3])
+
+
+def test_an_evaluation_too_small_for_the_test_skips_it_and_says_why(real):
+    from ray_galaxy.evaluation.report import _realism
+
+    assert too_few_images(8, 4, folds=2) is None
+    # the floor splits the real set in two: 7 real images leave a half too small for two folds
+    reason = too_few_images(7, 40, folds=2)
+    assert "at least 8 real" in reason and "got 7 and 40" in reason
+    assert "12 real and 6 generated images, got 40 and 5" in too_few_images(40, 5, folds=3)
+    with pytest.raises(ValueError):  # what the skip avoids: the floor's halves are too small
+        realism_scores(real[:7], real[7:17], None, folds=2, steps=(2,))
+    assert f"Not measured: {reason}." in _realism({"skipped": reason})

@@ -185,6 +185,10 @@ def score_realism(cfg: EvaluateConfig, figs: Figures, real: np.ndarray, generate
     the classifier is surest are fake beside the real ones it is surest are real."""
     if not cfg.realism:
         return None
+    reason = realism.too_few_images(len(real), len(generated), cfg.realism_folds)
+    if reason:
+        log(f"realism: skipped: {reason}")
+        return {"skipped": reason}
     scores, test = realism.realism_scores(real, generated, means, cfg.seed, cfg.realism_folds, cfg.realism_steps)
     fake, p_fake, true, p_true = realism.surest(real, generated, test)
     figs.chart("realism_surest.png", side_by_side_chart(

@@ -172,6 +172,16 @@ def surest(real: np.ndarray, generated: np.ndarray, result: TwoSampleResult,
     return generated[fake], pb[fake], real[true], pa[true]
 
 
+def too_few_images(n_real: int, n_generated: int, folds: int = FOLDS) -> str | None:
+    """Why the realism test cannot run on sets of these sizes (its floor splits the real set in
+    two, and every set needs two images per fold on each side), or None when it can."""
+    need = 4 * folds
+    if n_real < need or n_generated < 2 * folds:
+        return (f"the realism test with {folds} folds needs at least {need} real and {2 * folds} generated "
+                f"images, got {n_real} and {n_generated}")
+    return None
+
+
 def realism_scores(real: np.ndarray, generated: np.ndarray, means: np.ndarray | None, seed: int = 0,
                    folds: int = FOLDS, steps: tuple[int, ...] = STEPS) -> tuple[dict[str, Any], TwoSampleResult]:
     """The realism section of an evaluation: the two-sample test of the generated images (and of

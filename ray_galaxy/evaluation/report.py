@@ -161,6 +161,8 @@ def _summary(m: dict[str, Any]) -> list[str]:
 def _realism(r: dict[str, Any] | None) -> list[str]:
     if not r:
         return []
+    if r.get("skipped"):
+        return ["## Realism", "", f"Not measured: {r['skipped']}.", ""]
     rows = [("generated images", r["generated"]), ("their decoder means", r.get("means")),
             ("floor: two halves of the real set", r["floor"])]
     budgets = [str(k) for k in r["steps"]]
