@@ -112,7 +112,8 @@ def test_train_job_records_an_mlflow_run_in_the_local_store(trained):
     client = _mlflow_client(storage)
     run = client.get_run(tracking["run_id"])
     assert run.info.run_name == "e2e" and run.info.status == "FINISHED"
-    assert run.data.params["epochs"] == "4" and run.data.params["channels"] == "8,16,32,32"
+    assert run.data.params["epochs"] == "2" and run.data.params["finetune_epochs"] == "2"
+    assert run.data.params["channels"] == "8,16,32,32"
     assert run.data.params["num_workers"] == "2" and run.data.tags["model_dir"] == str(model_dir)
     # rank 0 logged every epoch once (two workers, one writer)
     history = client.get_metric_history(run.info.run_id, "val_loss")

@@ -204,6 +204,7 @@ def _likelihood_phase(cfg: TrainConfig, datasets: tuple[Any, Any], tracker: Trac
     if cfg.finetune_epochs and _likelihood_done(model_dir, cfg.epochs):
         log(f"likelihood phase: its {cfg.epochs} epochs are done ({model_dir}); fine-tuning goes on from there")
         metrics = load_model_dir(model_dir).metrics
+        tracker.log_history(metrics.get("history", []))  # this job's run shows the whole history too
     else:
         best, latest = _fit(make_trainer(cfg, *datasets, {"tracking": tracker.spec()}), cfg)
         if not stats.complete:  # streamed: the first epoch has now met every file
