@@ -26,11 +26,11 @@ from ray.train.torch import get_device, prepare_model
 from ray_galaxy.checkpoint import load_checkpoint, load_model_dir, save_checkpoint, unwrap
 from ray_galaxy.config import TrainConfig
 from ray_galaxy.console import fmt_seconds, log
+from ray_galaxy.generation.sampler import read_sampler
 from ray_galaxy.images import augment_d4
 from ray_galaxy.model import ConvVAE
 from ray_galaxy.runtime import quiet_train_worker
 from ray_galaxy.tracking import Tracker
-from ray_galaxy.generation.sampler import read_sampler
 from ray_galaxy.training.adversary import Adversary, critic_won
 
 # The metric checkpoints are ranked by (Tune ranks trials by it too).
