@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ray_galaxy.checkpoint import load_model_dir
+from ray_galaxy.checkpoint import ModelDir, load_model_dir
 from ray_galaxy.console import log
 from ray_galaxy.generation.detail import DETAIL_IMAGES, DETAIL_KINDS, GAIN_BOUNDS, calibrate_gain, fit_detail, k_min
 from ray_galaxy.generation.generator import decode
@@ -67,6 +67,30 @@ def _reused_codes(model: ConvVAE, codes_from: str, images: np.ndarray, batch_siz
     return tensors, {**meta, "codes_from": codes_from}, mu
 
 
+def _take_over(model_dir: str, md: ModelDir, codes_from: str, batch_size: int) -> dict[str, Any]:
+    """The sampler of ``codes_from`` (same encoder), residual detail included, as this model's."""
+    tensors, meta, _ = _reused_codes(md.model, codes_from, np.zeros((0,)), batch_size, True)
+    sampler = MixtureSampler(tensors, {**meta, "model_sha256": md.sha256})
+    if sampler.meta.get("detail"):
+        sampler.meta["detail"] = {**sampler.meta["detail"], "kept": True}
+    save_sampler(model_dir, sampler)
+    return sampler.meta
+
+
+def _training_images(model_dir: str, md: ModelDir, source: str, crop: float | None, max_images: int,
+                     seed: int, labels: str | None) -> tuple[np.ndarray, list | None, str | None]:
+    """The images (and their labels, and where those came from) the sampler is fitted to: the
+    training split when ``source`` is what the model trained on."""
+    tcfg = md.train_config
+    if not source:
+        raise SamplerError(f"{model_dir}: no training data recorded or readable; pass --train-data")
+    split = "train" if same_source(source, tcfg.get("data", "")) else None
+    found = read_image_set(source, md.model_config.image_size, crop or float(tcfg.get("crop", 1.0)),
+                           limit=max_images, split=split, val_fraction=float(tcfg.get("val_fraction", 0.1)),
+                           seed=seed, labels=labels)
+    return found.images, found.labels, found.info.get("labels_source")
+
+
 def fit_sampler(model_dir: str, train_data: str | None = None, components: int = GMM_COMPONENTS,
                 covariance: str = "full", seed: int = 0, crop: float | None = None,
                 max_images: int = 5000, images: np.ndarray | None = None, batch_size: int = 64,
@@ -102,22 +126,10 @@ def fit_sampler(model_dir: str, train_data: str | None = None, components: int =
     tcfg = md.train_config
     source = train_data or recorded_train_data(tcfg)
     if codes_from and keep_detail:  # nothing to fit: no images needed
-        tensors, meta, _ = _reused_codes(md.model, codes_from, np.zeros((0,)), batch_size, True)
-        sampler = MixtureSampler(tensors, {**meta, "model_sha256": md.sha256})
-        if sampler.meta.get("detail"):
-            sampler.meta["detail"] = {**sampler.meta["detail"], "kept": True}
-        save_sampler(model_dir, sampler)
-        return sampler.meta
+        return _take_over(model_dir, md, codes_from, batch_size)
     if images is None:
-        labels = labels or tcfg.get("labels") or None
-        if not source:
-            raise SamplerError(f"{model_dir}: no training data recorded or readable; pass --train-data")
-        split = "train" if same_source(source, tcfg.get("data", "")) else None
-        found = read_image_set(source, md.model_config.image_size, crop or float(tcfg.get("crop", 1.0)),
-                               limit=max_images, split=split, val_fraction=float(tcfg.get("val_fraction", 0.1)),
-                               seed=seed, labels=labels)
-        images, image_labels = found.images, found.labels
-        labels = found.info.get("labels_source")
+        images, image_labels, labels = _training_images(model_dir, md, source, crop, max_images, seed,
+                                                        labels or tcfg.get("labels") or None)
     elif labels is not None and image_labels is None:
         raise ValueError("a labels CSV matches images by file name: with images= pass image_labels instead")
     if image_labels is not None:
