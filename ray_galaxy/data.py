@@ -258,7 +258,7 @@ class _ParseShards:
     """Ray Data batch UDF: whole Parquet shard files (their bytes) -> rows of uint8 images.
 
     Reading the files as bytes and parsing them here is ~4x faster than ``read_parquet`` for
-    these shards (a few large binary values per row; benchmarks/README.md, "Ingest")."""
+    these shards (a few large binary values per row; docs/benchmarks-history.md, "Ingest")."""
 
     def __init__(self, stored_size: int, columns: tuple[str, ...] = ("image", "path"),
                  resize: "Resize | None" = None) -> None:
@@ -302,7 +302,7 @@ def read_shards(files: list[str], filesystem: Any, stored_size: int,
     ``map_batches`` of another batch size it is not fused with the read, and Ray Data then
     read most shards before resizing any, so the first batch of a streamed epoch waited for
     a share of the whole data set (8-12 s for 20,000 images against 1 s for 2,000;
-    benchmarks/README.md, "Streaming cost against data size")."""
+    docs/benchmarks-history.md, "Streaming cost against data size")."""
     return ray.data.read_binary_files(files, filesystem=filesystem, shuffle=shuffle,
                                       override_num_blocks=len(files)).map_batches(
         _ParseShards(stored_size, columns, resize), batch_size=1, batch_format="numpy")

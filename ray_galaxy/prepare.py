@@ -257,7 +257,7 @@ def _write_shard(table: pa.Table, shard_uri: str, compression: str) -> pa.Table:
     fs, folder = resolve(shard_uri)
     name = f"part-{int(keys[0] * 2**64):016x}.parquet"
     # Pixels barely compress, and Parquet's default (snappy, with a dictionary attempt per
-    # value) made reading the shards slower than decoding the JPEGs: benchmarks/README.md.
+    # value) made reading the shards slower than decoding the JPEGs: docs/benchmarks-history.md.
     pq.write_table(table.take(pa.array(order)), join(folder, name), filesystem=fs,
                    compression=compression, use_dictionary=[c for c in ("path", "hash", "label")
                                                             if c in table.column_names])

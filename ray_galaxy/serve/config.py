@@ -46,9 +46,9 @@ class ServeConfig:
     torch_threads: int = 0
     # Rows per forward pass inside a decoder batch. 0 = auto: the whole batch on a GPU, one row
     # at a time on a CPU, where the float64 decoder is fastest per image on single rows (its
-    # activations for a bigger batch spill the cache; benchmarks/README.md has the sweep).
+    # activations for a bigger batch spill the cache; docs/benchmarks-history.md has the sweep).
     # Batching still pays there: the requests that arrive while a batch decodes share the next
-    # one, with its per-call costs (benchmarks/README.md).
+    # one, with its per-call costs (docs/benchmarks-history.md).
     decode_chunk_rows: int = 0
 
     def __post_init__(self) -> None:

@@ -65,7 +65,7 @@ class Decoder:
         # Decoding on the methods' own loop blocks only that loop: requests arriving meanwhile
         # wait and form the next batch, and Serve's health checks and metrics run on the
         # replica's main loop. A hand-off to a worker thread per batch would cost ~1.4 ms of a
-        # ~12 ms single-galaxy request on CPU (benchmarks/README.md). Where user code shares the
+        # ~12 ms single-galaxy request on CPU (docs/benchmarks-history.md). Where user code shares the
         # main loop, the hand-off keeps that loop free.
         self.inline = _user_code_has_its_own_thread()
         logger.info("Decoder ready: model %s version %s on %s (max_batch_size %d)",

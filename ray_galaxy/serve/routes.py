@@ -39,7 +39,7 @@ API_DESCRIPTION = ("Galaxy images from a convolutional VAE. Errors are JSON "
 
 # The dependencies are ``async def`` although they never await: FastAPI runs a plain ``def``
 # dependency in its thread pool, two thread hand-offs per request for a dict lookup
-# (benchmarks/README.md, single-galaxy requests).
+# (docs/benchmarks-history.md, single-galaxy requests).
 async def _service(request: Request) -> Any:
     """The ingress replica (``ray_galaxy.serve.ingress.GalaxyAPI``) that serves this app."""
     return request.app.state.svc
