@@ -82,13 +82,14 @@ class Critic(nn.Module):
         self.head = nn.Linear(2 * chans[-1], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One logit per image (B,) for images (B, 3, S, S) in [0, 1]; positive means real."""
         h = self.features(x * 2 - 1)  # (B, 4w, S/16, S/16)
         pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)  # (B, 8w)
         return self.head(pooled)[:, 0]
 
 
 def critic_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """Hinge loss of the critic (a scalar): 0 once real patches score >= 1 and fakes <= -1."""
+    """Hinge loss of the critic (a scalar): 0 once real images score >= 1 and generated ones <= -1."""
     return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
 
 

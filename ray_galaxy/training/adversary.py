@@ -88,6 +88,7 @@ class Adversary:
                    generator=torch.Generator().manual_seed(seed))
 
     def to(self, device: Any) -> "Adversary":
+        """The critic onto the worker's device."""
         self.critic.to(device)
         return self
 
