@@ -313,13 +313,16 @@ def setup_worker(loop_config: dict[str, Any]) -> WorkerState:
     if loop_config.get("finetune"):
         adversary, history = _finetune_start(cfg, model, loop_config["finetune"], rank, cfg.seed * 1000 + 17)
         first = cfg.epochs
+    # On the device before the optimizers load a checkpoint: load_state_dict puts Adam's state
+    # where the parameters are, and a GPU step with that state left on the CPU fails.
+    model.to(device)
+    if adversary is not None:
+        adversary.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     resumed, resumed_history = _resume(cfg, model, optimizer, rank, adversary, loop_config.get("tag", ""))
     if resumed:
         first, history = resumed, resumed_history
-    if adversary is not None:
-        adversary.to(device)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * first)
     return WorkerState(cfg=cfg, rank=rank, world=world, device=device, autocast=_autocast_for(device),
                        model=prepare_model(model), optimizer=optimizer, guard=GradGuard(cfg.grad_clip),
