@@ -167,7 +167,8 @@ def _finetune(cfg: TrainConfig, datasets: tuple[Any, Any], tracker: Tracker, sta
               model_dir: str, stats: DataStats) -> dict[str, Any]:
     """The adversarial fine-tuning phase from the model directory ``start_dir``; its last epoch
     becomes ``model_dir`` (the critic's game has no validation loss to pick an epoch by), with a
-    sampler whose codes come from ``start_dir`` and whose residual detail is refitted."""
+    sampler whose codes come from ``start_dir``; its residual detail too with ``adv_detail`` (the
+    critic judged images with it drawn on), else refitted to the new decoder."""
     log(f"fine-tuning the decoder for {cfg.finetune_epochs} epochs against a critic (encoder frozen; "
         f"the likelihood model stays in {start_dir})")
     loop = {"tracking": tracker.spec(), "finetune": start_dir}
