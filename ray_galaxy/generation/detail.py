@@ -40,6 +40,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from ray_galaxy.config import DETAIL_MODES
 from ray_galaxy.images import frame_mask, luminance, power_deficit_dex, radial_power_spectrum, ring_index, sky_level
 
 
@@ -61,7 +62,7 @@ def brightness(mean: np.ndarray) -> np.ndarray:
 # "galaxy": everything the decoder's mean misses, its amplitude growing with the galaxy's light;
 # "sky": only the sky's noise, the same everywhere (what a decoder that draws the galaxy itself
 # sharply still lacks; docs/model.md, "Residual detail").
-DETAIL_KINDS = ("galaxy", "sky")
+DETAIL_KINDS = tuple(m for m in DETAIL_MODES if m != "none")  # the settings, in one place: config
 # "sky": the darkest share of each image's pixels (by the mean's brightness) is taken as sky.
 SKY_SHARE = 0.3
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ray_galaxy.checkpoint import ModelDir, load_model_dir
+from ray_galaxy.config import DETAIL_MODES
 from ray_galaxy.console import log
 from ray_galaxy.generation.detail import DETAIL_IMAGES, DETAIL_KINDS, GAIN_BOUNDS, calibrate_gain, fit_detail, k_min
 from ray_galaxy.generation.generator import decode
@@ -120,8 +121,8 @@ def fit_sampler(model_dir: str, train_data: str | None = None, components: int =
     # settings first: a typo fails at once, not after the images are read and encoded
     check_fit_arguments(covariance, orientations, bandwidth)
     kind = "galaxy" if detail is True else detail
-    if kind not in (*DETAIL_KINDS, False, None, "none"):
-        raise ValueError(f"detail must be one of {', '.join((*DETAIL_KINDS, 'none'))}, got {detail!r}")
+    if kind not in (*DETAIL_MODES, False, None):
+        raise ValueError(f"detail must be one of {', '.join(DETAIL_MODES)}, got {detail!r}")
     md = load_model_dir(model_dir)
     tcfg = md.train_config
     source = train_data or recorded_train_data(tcfg)
