@@ -15,12 +15,37 @@ GZ2 = SHARED / "datasets" / "gz2"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+# Ports for the servers the tests start come from a range that nothing else on the host takes:
+# below the kernel's ephemeral range (32768-60999 on Linux: Ray's workers and every outgoing
+# connection take theirs there, so a port found free by binding port 0 could be taken before the
+# server binds it) and above Ray's worker ports (10002-19999 by default).
+_PORT_LOW, _PORT_HIGH = 20000, 32000
+_handed: set[int] = set()
+
+
 def free_port() -> int:
+    """A loopback port that is free now and that no other test of this run is given.
+
+    Starts at a random place in the range so that two suites on one host rarely try the same
+    port; a port in use (by anything) is skipped.
+    """
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    span = _PORT_HIGH - _PORT_LOW
+    start = random.randrange(span)
+    for i in range(span):
+        port = _PORT_LOW + (start + i) % span
+        if port in _handed:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _handed.add(port)
+        return port
+    raise RuntimeError(f"no free port in {_PORT_LOW}-{_PORT_HIGH}")
 
 
 class S3Server:
