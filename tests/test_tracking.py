@@ -5,20 +5,23 @@ The training job's and the sweep's runs are checked where those jobs already run
 (tests/test_train_e2e.py, tests/test_tune.py), and the evaluation's in tests/test_evaluate.py.
 """
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pytest
 
 from conftest import REPO, free_port, job_env
 from ray_galaxy.config import PRESETS, TrainConfig, parse_config
-from ray_galaxy.tracking import PARENT_TAG, Tracker, default_uri, resolve_uri
+from ray_galaxy.tracking import PARENT_TAG, Tracker, default_uri, resolve_uri, ui_command
 
 SERVER_START_S = 240  # a cold `mlflow server` imports for tens of seconds on 2 busy cores
 
@@ -109,15 +112,17 @@ def test_train_job_finishes_when_the_tracking_server_is_unreachable(ray_address,
 
 @pytest.fixture(scope="module")
 def tracking_server(tmp_path_factory):
-    """``mlflow server`` on loopback (one worker: each worker imports MLflow for many seconds),
-    killed with its process group at the end."""
+    """The UI command a job prints for its store (``tracking.ui_command``), started from this
+    environment on loopback (one worker: each worker imports MLflow for many seconds), killed
+    with its process group at the end. It is MLflow's tracking server too: the HTTP tests log to it."""
     where = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     log = (where / "server.log").open("w")
+    mlflow_cli, *args = ui_command(f"sqlite:///{where}/mlflow.db").split()
+    assert mlflow_cli == "mlflow", "the printed command should be the installed mlflow CLI"
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{where}/mlflow.db",
-         "--artifacts-destination", str(where / "artifacts")],
+        [str(Path(sys.executable).parent / "mlflow"), *args, "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--artifacts-destination", str(where / "artifacts")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no background job workers
     url = f"http://127.0.0.1:{port}"
@@ -134,7 +139,7 @@ def tracking_server(tmp_path_factory):
                 pytest.fail(f"mlflow server did not start in {SERVER_START_S}s:\n"
                             + (where / "server.log").read_text()[-3000:])
             time.sleep(1)
-        yield url
+        yield SimpleNamespace(url=url, store=f"sqlite:///{where}/mlflow.db")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -145,7 +150,32 @@ def tracking_server(tmp_path_factory):
 
 
 def test_runs_logged_to_a_tracking_server_over_http(tracking_server, tmp_path):
-    parent, child = _log_a_run(tracking_server, "over-http")
-    _check_run(tracking_server, parent, child)
-    got = mlflow.MlflowClient(tracking_server).download_artifacts(parent.run_id, "samples.png", str(tmp_path))
+    parent, child = _log_a_run(tracking_server.url, "over-http")
+    _check_run(tracking_server.url, parent, child)
+    got = mlflow.MlflowClient(tracking_server.url).download_artifacts(parent.run_id, "samples.png", str(tmp_path))
     assert Path(got).read_bytes() == b"\x89PNG fake"
+
+
+def test_the_printed_ui_command_serves_the_web_app_and_the_jobs_runs(tracking_server):
+    """The project's own environment has MLflow's web UI (the full package, not mlflow-skinny),
+    and the UI shows the runs a job wrote straight into its SQLite store."""
+    with urllib.request.urlopen(tracking_server.url + "/", timeout=30) as resp:
+        page = resp.read().decode()
+    assert "Unable to display MLflow UI" not in page
+    assert "<title>MLflow</title>" in page and 'id="root"' in page
+    bundle = re.search(r'src="(static-files/static/js/main[^"]+\.js)"', page)
+    assert bundle, page[:500]
+    with urllib.request.urlopen(f"{tracking_server.url}/{bundle.group(1)}", timeout=30) as resp:
+        assert resp.status == 200 and len(resp.read()) > 100_000  # the app itself, not a stub
+    # A run written as a job writes it: into the store's file, not through the server.
+    job_run = Tracker.start(tracking_server.store, "from-a-job", "direct", params={"lr": 0.001})
+    job_run.log_metrics({"val_loss": 1.5}, step=1)
+    job_run.end()
+    body = json.dumps({"experiment_ids": [mlflow.MlflowClient(tracking_server.store)
+                                          .get_experiment_by_name("from-a-job").experiment_id]}).encode()
+    req = urllib.request.Request(tracking_server.url + "/api/2.0/mlflow/runs/search", data=body,
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        runs = json.loads(resp.read())["runs"]
+    assert [r["info"]["run_id"] for r in runs] == [job_run.run_id]
+    assert {"key": "lr", "value": "0.001"} in runs[0]["data"]["params"]
