@@ -31,7 +31,7 @@ from ray._private.ray_logging import global_worker_stdstream_dispatcher
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
 from ray_galaxy.console import PREFIX, log
-from ray_galaxy.storage import absolute
+from ray_galaxy.storage import absolute, is_uri
 
 
 # Lines Ray 2.60 prints on every Train run that no user can act on: an internal actor's restart
@@ -352,3 +352,16 @@ def filter_worker_output() -> None:
 def storage_path(storage: str) -> str:
     """Ray needs absolute local paths; URIs pass through."""
     return absolute(storage)
+
+
+def warn_relative_storage(storage: str) -> None:
+    """One warning line when a submitted job's ``storage`` is a relative local path: the job runs
+    in Ray's temporary copy of its working dir, so that is where its runs would go, and they
+    would go with the Ray session."""
+    if is_uri(storage) or os.path.isabs(os.path.expanduser(storage)):
+        return
+    if not _submitted_runtime_env().get("working_dir"):
+        return
+    log(f"warning: --storage {storage!r} is relative, and a submitted job runs in Ray's temporary copy "
+        f"of its working dir: it resolves to {storage_path(storage)}, which is removed with the Ray "
+        "session. Give an absolute path (on storage every node sees) or s3://...")

@@ -177,3 +177,22 @@ def test_quiet_ray_drops_only_ray_datas_misleading_no_cpu_warning():
         logger.removeHandler(handler)
     assert seen == ["something else"]
     assert sum(type(f).__name__ == "_NoCpuWarning" for f in logger.filters) == 1
+
+
+def test_a_submitted_jobs_relative_storage_is_warned_about(monkeypatch, capsys, tmp_path):
+    """A relative --storage in a job sent with --working-dir would land in Ray's temporary copy of
+    that dir (removed with the session): said in one line; absolute paths, URIs and direct runs pass."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    from ray_galaxy.runtime import warn_relative_storage
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
+    warn_relative_storage("runs")  # run directly: ./runs is where the user is
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps({"runtime_env": {"working_dir": "gcs://pkg.zip"}}))
+    for fine in (str(tmp_path / "runs"), "s3://bucket/runs", "~/runs"):
+        warn_relative_storage(fine)
+    assert capsys.readouterr().out == ""
+    warn_relative_storage("runs")
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "'runs' is relative" in out[0] and str(tmp_path / "runs") in out[0]

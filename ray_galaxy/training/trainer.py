@@ -21,7 +21,7 @@ from ray_galaxy.console import fmt_seconds, log
 from ray_galaxy.data import DataError
 from ray_galaxy.generation.sampler import read_sampler
 from ray_galaxy.labels import read_labels
-from ray_galaxy.runtime import ClusterError, ensure_ray, ray_log_dir, storage_path
+from ray_galaxy.runtime import ClusterError, ensure_ray, ray_log_dir, storage_path, warn_relative_storage
 from ray_galaxy.storage import exists, join, read_bytes, write_bytes
 from ray_galaxy.streaming import DataStats, load_datasets
 from ray_galaxy.tracking import Tracker, resolve_uri, ui_command
@@ -249,6 +249,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     ensure_ray()
     t0 = time.time()
     log(_header(cfg))
+    warn_relative_storage(cfg.storage)
     tracker = start_tracking(cfg)
     try:
         result = _train(cfg, tracker, t0)

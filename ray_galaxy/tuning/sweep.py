@@ -39,7 +39,7 @@ from ray_galaxy.config import ConfigError, TrainConfig
 from ray_galaxy.console import fmt_seconds, log
 from ray_galaxy.data import DataError
 from ray_galaxy.plots import png
-from ray_galaxy.runtime import ClusterError, ensure_ray, storage_path
+from ray_galaxy.runtime import ClusterError, ensure_ray, storage_path, warn_relative_storage
 from ray_galaxy.storage import StorageError, copy_folder, exists, join, read_bytes, write_bytes
 from ray_galaxy.streaming import load_datasets
 from ray_galaxy.tracking import Tracker
@@ -348,6 +348,7 @@ def tune(cfg: TuneConfig) -> TuneResult:
         f"{cfg.max_concurrent_trials} at a time, searching {', '.join(space.names) or 'nothing'}; "
         f"base {cfg.train_config}, {base.image_size}px, {cfg.num_workers} worker(s) per trial on "
         f"{'GPU' if cfg.use_gpu else 'CPU'}")
+    warn_relative_storage(cfg.storage)
     plan = resume_plan(sweep)
     _announce(sweep, plan)
     tracker = start_sweep(cfg, space)
