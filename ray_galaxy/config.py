@@ -158,7 +158,12 @@ class TrainConfig:
     cache: str = _h("Decoded images: 'on' decodes once into Ray's object store, 'off' streams them from "
                     "storage every epoch, 'auto' caches when they take at most a quarter of the free "
                     "object store (docs/data.md, \"Streaming or caching\").", default="auto")
-    num_workers: int = _h("Ray Train workers (data-parallel DDP ranks).", default=1)
+    num_workers: Union[int, str] = _h(
+        "Ray Train workers (data-parallel DDP ranks): a number (fixed), or MIN-MAX (YAML: [MIN, MAX]) to run "
+        "elastically: start with what the cluster has room for, at least MIN, and grow to MAX as nodes join "
+        "(README, \"Workers that come and go\").", default=1)
+    elastic_check_s: float = _h("How often an elastic run looks for room for more workers (Train's "
+                                "elastic_resize_monitor_interval_s).", default=60.0)
     use_gpu: bool = _h("Train on GPUs (one per worker) with bf16 autocast.", default=False)
     cpus_per_worker: float = _h("Logical CPUs reserved per Train worker; fractional leaves CPU for Ray Data.", default=1.0)
     placement_strategy: str = _h("How workers are placed on nodes: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD.",
@@ -177,13 +182,22 @@ class TrainConfig:
         self.channels = tuple(int(c) for c in self.channels)
         if self.preset not in PRESETS:
             raise ConfigError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        for key in ("epochs", "batch_size", "num_workers"):
+        self.num_workers = parse_worker_count(self.num_workers)
+        for key in ("epochs", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.batch_size < self.num_workers:
+        if self.batch_size < self.max_workers:
             raise ConfigError(
-                f"batch_size ({self.batch_size}) must be at least num_workers ({self.num_workers})"
+                f"batch_size ({self.batch_size}) must be at least the largest number of workers ({self.max_workers})"
             )
+        if self.elastic and self.placement_strategy.startswith("STRICT_"):
+            # Train's elastic policy counts the workers that fit by each node's free resources
+            # alone; a strict strategy that cannot place that many waits for ever.
+            raise ConfigError(f"num_workers {self.workers_text()} cannot be combined with placement_strategy "
+                              f"{self.placement_strategy}: use SPREAD or PACK, and --cpus-per-worker to bound the "
+                              "workers per node (README, \"Workers that come and go\")")
+        if not self.elastic_check_s > 0:
+            raise ConfigError(f"elastic_check_s must be > 0, got {self.elastic_check_s}")
         if not 0 < self.crop <= 1:
             raise ConfigError(f"crop must be in (0, 1], got {self.crop}")
         if not 0 < self.val_fraction < 1:
@@ -229,6 +243,25 @@ class TrainConfig:
             raise ConfigError(f"adv_augment: {e}") from None
 
     @property
+    def min_workers(self) -> int:
+        """The fewest workers the run trains with (the count itself when fixed)."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run trains with (the count itself when fixed)."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the worker count may change during the run."""
+        return not isinstance(self.num_workers, int)
+
+    def workers_text(self) -> str:
+        """'2' or '1-4 (elastic)', for progress lines."""
+        return str(self.num_workers) if not self.elastic else f"{self.min_workers}-{self.max_workers} (elastic)"
+
+    @property
     def total_epochs(self) -> int:
         """Likelihood epochs plus fine-tuning epochs."""
         return self.epochs + self.finetune_epochs
@@ -246,7 +279,28 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["channels"] = list(self.channels)
+        if self.elastic:
+            d["num_workers"] = list(self.num_workers)
         return d
+
+
+def parse_worker_count(value: Any) -> int | tuple[int, int]:
+    """A worker count: 2, "2" -> 2 (fixed); "1-4", [1, 4] -> (1, 4) (elastic); MIN == MAX is fixed."""
+    bounds = value
+    if isinstance(value, str):
+        bounds = [v.strip() for v in value.split("-")] if "-" in value.strip()[1:] else [value.strip()]
+    elif not isinstance(value, (list, tuple)):
+        bounds = [value]
+    try:
+        if len(bounds) not in (1, 2) or any(isinstance(b, (bool, float)) for b in bounds):
+            raise ValueError
+        nums = [int(b) for b in bounds]
+    except (TypeError, ValueError):
+        raise ConfigError(f"num_workers: expected a number (2) or a range MIN-MAX (1-4; YAML [1, 4]), "
+                          f"got {value!r}") from None
+    if any(n < 1 for n in nums) or nums[0] > nums[-1]:
+        raise ConfigError(f"num_workers: counts must be >= 1 and MIN <= MAX, got {value!r}")
+    return nums[0] if nums[0] == nums[-1] else (nums[0], nums[1])
 
 
 # The tracking settings of every job's config (train, tune, evaluate); a sweep's resume

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_galaxy.config import ConfigError, TrainConfig, parse_config, PRESETS, train_config
+from ray_galaxy.config import ConfigError, TrainConfig, parse_config, PRESETS, resolve, train_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -82,3 +82,29 @@ def test_gz2_recipe_names_every_training_image_and_keeps_val_held_out():
         pytest.skip("the Galaxy Zoo 2 set is not next to this checkout")
     assert all((REPO / s).resolve().is_dir() for s in sources) and (REPO / cfg.labels).is_file()
     assert sum(len(list((REPO / s).glob("*.jpg"))) for s in sources) == 5907
+
+
+def test_worker_counts_fixed_or_elastic_from_flags_and_yaml(tmp_path):
+    """--num-workers 2 stays fixed; 1-4 (YAML [1, 4]) is elastic; a bad count names the field."""
+    fixed, _ = parse_config(TrainConfig, ["--num-workers", "2"], "", presets=PRESETS)
+    assert fixed.num_workers == 2 and not fixed.elastic
+    elastic, _ = parse_config(TrainConfig, ["--num-workers", "1-4", "--batch-size", "8"], "", presets=PRESETS)
+    assert (elastic.num_workers, elastic.min_workers, elastic.max_workers) == ((1, 4), 1, 4) and elastic.elastic
+    assert elastic.to_dict()["num_workers"] == [1, 4]
+    assert TrainConfig(**{**elastic.to_dict(), "channels": tuple(elastic.channels)}).num_workers == (1, 4)
+    (tmp_path / "c.yaml").write_text("num_workers: [2, 3]\n")
+    assert resolve(TrainConfig, tmp_path / "c.yaml", {}).num_workers == (2, 3)
+    assert TrainConfig(num_workers=[3, 3]).num_workers == 3  # MIN == MAX: fixed
+    for bad in ("0", "4-1", "two", "1-2-3", 1.5):
+        with pytest.raises(ConfigError, match="num_workers"):
+            TrainConfig(num_workers=bad)
+    with pytest.raises(ConfigError, match="largest number of workers"):
+        TrainConfig(num_workers="1-8", batch_size=4)
+
+
+def test_elastic_workers_refuse_a_strict_placement():
+    """Train's elastic policy counts workers by free resources alone: a strict strategy it cannot
+    satisfy would wait for ever, so the combination is refused up front, naming both settings."""
+    with pytest.raises(ConfigError, match="num_workers 1-2.*STRICT_SPREAD"):
+        TrainConfig(num_workers="1-2", placement_strategy="STRICT_SPREAD")
+    assert TrainConfig(num_workers=2, placement_strategy="STRICT_SPREAD").num_workers == 2

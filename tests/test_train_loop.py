@@ -8,7 +8,7 @@ import torch
 
 from ray_galaxy.config import ConfigError, TrainConfig, resolve
 from ray_galaxy.config import PRESETS
-from ray_galaxy.training.loop import LR_FLOOR, GradGuard, lr_at
+from ray_galaxy.training.loop import LR_FLOOR, GradGuard, group_line, lr_at
 
 
 def test_cosine_schedule_starts_at_lr_and_ends_at_the_floor():
@@ -67,3 +67,16 @@ def test_guard_skips_non_finite_steps_and_gives_up_after_too_many():
     with pytest.raises(FloatingPointError, match="non-finite"):
         g(_grads(float("nan")))
     assert g.skipped == 4
+
+
+def test_group_line_says_how_the_worker_group_changed():
+    """The line rank 0 prints when a (resized or restarted) group starts: the counts, which node
+    left or joined, and the epoch training resumes after."""
+    a, b = "a" * 40, "b" * 40
+    assert group_line([a, b]) == "workers: 2 on 2 node(s) (aaaaaaaa, bbbbbbbb)"
+    lost = group_line([a], {"epoch": 5, "node_ids": [a, b]})
+    assert lost == "workers 2 -> 1: node bbbbbbbb lost; resuming from checkpoint after epoch 5"
+    back = group_line([a, b], {"epoch": 7, "node_ids": [a]})
+    assert back == "workers 1 -> 2: node bbbbbbbb joined; resuming from checkpoint after epoch 7"
+    same = group_line([a], {"epoch": 3, "node_ids": [a], "with_critic": True})
+    assert same == "workers: 1; resuming from checkpoint after epoch 3 (with its critic)"

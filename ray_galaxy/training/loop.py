@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import math
 import os
 import tempfile
@@ -35,6 +36,7 @@ from ray_galaxy.training.adversary import Adversary, critic_won
 
 # The metric checkpoints are ranked by (Tune ranks trials by it too).
 VAL_METRIC = "val_loss"
+GROUP_FILE = "workers.json"  # the nodes of the run's current worker group (_swap_group_record)
 # The cosine schedule ends at this fraction of the peak learning rate.
 LR_FLOOR = 0.05
 # Rows of the local shuffle buffer (at least; 4 batches when larger): two prepared shards, so
@@ -252,13 +254,13 @@ def _autocast_for(device: Any) -> Autocast:
     return contextlib.nullcontext
 
 
-def _resume(cfg: TrainConfig, model: ConvVAE, optimizer: torch.optim.Optimizer, rank: int,
-            adversary: Adversary | None, tag: str = "") -> tuple[int, list[dict[str, Any]]]:
-    """Load Ray Train's checkpoint into model, optimizer (and critic): (first epoch to run, history).
-    ``tag`` starts the line saying so (a Tune trial's "trial <id>: ")."""
+def _resume(cfg: TrainConfig, model: ConvVAE, optimizer: torch.optim.Optimizer,
+            adversary: Adversary | None) -> tuple[int, list[dict[str, Any]], dict[str, Any]]:
+    """Load Ray Train's checkpoint into model, optimizer (and critic): (first epoch to run,
+    history, what the checkpoint says of itself: ``epoch``, ``node_ids``, ``with_critic``)."""
     ckpt = ray.train.get_checkpoint()
     if not ckpt:
-        return 0, []
+        return 0, [], {}
     with ckpt.as_directory() as d:
         model_sd, opt_sd, state = load_checkpoint(d)
         with_critic = adversary is not None and adversary.load(d)
@@ -269,9 +271,42 @@ def _resume(cfg: TrainConfig, model: ConvVAE, optimizer: torch.optim.Optimizer, 
             f"({saved_model}); choose a new --name to train this configuration")
     model.load_state_dict(model_sd)
     optimizer.load_state_dict(opt_sd)
-    if rank == 0:
-        log(f"{tag}resuming from checkpoint after epoch {state['epoch'] + 1}" + (" (with its critic)" if with_critic else ""))
-    return state["epoch"] + 1, state.get("history", [])
+    about = {"epoch": state["epoch"] + 1, "with_critic": with_critic,
+             "node_ids": (state.get("metrics") or {}).get("worker_node_ids") or []}
+    return state["epoch"] + 1, state.get("history", []), about
+
+
+def _swap_group_record(node_ids: list[str]) -> list[str]:
+    """Record this worker group's nodes in the run's folder (``workers.json``) and give the
+    previous group's: a group that failed before its first checkpoint still ran, and the next
+    one's line should say what changed since it. Train's storage context is a DeveloperAPI; it is
+    the one place that knows the run folder on any filesystem (local, S3)."""
+    storage = ray.train.get_context().get_storage()
+    fs, path = storage.storage_filesystem, f"{storage.experiment_fs_path}/{GROUP_FILE}"
+    try:
+        with fs.open_input_stream(path) as f:
+            previous = list(json.loads(f.read().decode()).get("node_ids") or [])
+    except (OSError, ValueError):
+        previous = []
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps({"node_ids": node_ids}).encode())
+    return previous
+
+
+def group_line(node_ids: list[str], before: dict[str, Any] | None = None) -> str:
+    """What the worker group is, and how it differs from the checkpoint's group ``before``:
+    'workers 2 -> 1: node 5f3a1c9e lost; resuming from checkpoint after epoch 5'."""
+    def nodes(ids: Any) -> str:
+        return ", ".join(sorted(str(i)[:8] for i in ids))
+
+    if not before:
+        return f"workers: {len(node_ids)} on {len(set(node_ids))} node(s) ({nodes(set(node_ids))})"
+    old = list(before.get("node_ids") or [])
+    gone, joined = set(old) - set(node_ids), set(node_ids) - set(old)
+    changes = ([f"node {nodes(gone)} lost"] if gone else []) + ([f"node {nodes(joined)} joined"] if joined else [])
+    head = f"workers {len(old)} -> {len(node_ids)}" if old and len(old) != len(node_ids) else f"workers: {len(node_ids)}"
+    return (head + (": " + ", ".join(changes) if changes else "") + f"; resuming from checkpoint after epoch "
+            f"{before['epoch']}" + (" (with its critic)" if before.get("with_critic") else ""))
 
 
 def _node_ids(world: int) -> list[str]:
@@ -320,14 +355,21 @@ def setup_worker(loop_config: dict[str, Any]) -> WorkerState:
         adversary.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    resumed, resumed_history = _resume(cfg, model, optimizer, rank, adversary, loop_config.get("tag", ""))
+    resumed, resumed_history, before = _resume(cfg, model, optimizer, adversary)
     if resumed:
         first, history = resumed, resumed_history
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * first)
+    node_ids = _node_ids(world)
+    if rank == 0:
+        last_group = _swap_group_record(node_ids)
+        if before and last_group:  # the group that ran last, which may not have reached a checkpoint
+            before = {**before, "node_ids": last_group}
+        if before or cfg.max_workers > 1:
+            log(loop_config.get("tag", "") + group_line(node_ids, before))
     return WorkerState(cfg=cfg, rank=rank, world=world, device=device, autocast=_autocast_for(device),
                        model=prepare_model(model), optimizer=optimizer, guard=GradGuard(cfg.grad_clip),
                        generator=generator, adversary=adversary, start_epoch=first, history=history,
-                       node_ids=_node_ids(world))
+                       node_ids=node_ids)
 
 
 def train_epoch(w: WorkerState, shard: Any, epoch: int, beta: float) -> list[float]:

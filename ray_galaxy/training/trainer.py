@@ -71,8 +71,11 @@ def make_trainer(cfg: TrainConfig, train_ds: Any, val_ds: Any, extra_loop_config
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
+    # An elastic run (num_workers MIN-MAX) starts with what fits and is resized from its last
+    # checkpoint; batch_size stays the global batch, so the optimisation does not change with it.
     scaling = ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                            resources_per_worker=resources, placement_strategy=cfg.placement_strategy)
+                            resources_per_worker=resources, placement_strategy=cfg.placement_strategy,
+                            elastic_resize_monitor_interval_s=cfg.elastic_check_s)
     if run_config is None:
         run_config = RunConfig(
             name=name or cfg.name,
@@ -97,7 +100,7 @@ def _header(cfg: TrainConfig) -> str:
     hardware = "GPU" if cfg.use_gpu else "CPU"
     return (f"training run {cfg.name!r}: data {cfg.data!r}, {cfg.image_size}px, preset {cfg.preset}, "
             f"latent {cfg.latent_dim}, likelihood {cfg.likelihood}, {cfg.epochs} epochs on "
-            f"{cfg.num_workers} {hardware} worker(s); checkpoints in {join(storage_path(cfg.storage), cfg.name)}")
+            f"{cfg.workers_text()} {hardware} worker(s); checkpoints in {join(storage_path(cfg.storage), cfg.name)}")
 
 
 def _data_lines(stats: DataStats) -> None:
