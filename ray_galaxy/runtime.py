@@ -27,6 +27,7 @@ import ray
 import ray.data
 from ray.exceptions import GetTimeoutError, RayError, WorkerCrashedError
 from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+from ray._private import worker as ray_worker
 from ray._private.ray_logging import global_worker_stdstream_dispatcher
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
@@ -37,7 +38,15 @@ from ray_galaxy.storage import absolute, is_uri
 # Lines Ray 2.60 prints on every Train run that no user can act on: an internal actor's restart
 # caveat (ray-project/ray#53727) and the raylet's note that small machines start workers slowly.
 RAY_NOISE = ("has constructor arguments in the object store and max_restarts > 0",
-             "PYTHON worker processes have been started on node")
+             "PYTHON worker processes have been started on node",
+             # A lost node: the job says so itself (training.loop.group_line).
+             "has been marked dead because the detector has missed too many heartbeats")
+# Output the driver does not echo: Ray's own processes (a lost node's GCS and raylet errors, state
+# dumps) and Ray Train's actors (a dead peer's tracebacks, the controller's retries). The job says
+# in its own lines what happened (training.loop.group_line, the failure's one-line error) and
+# names Ray's log folder, which keeps all of it.
+RAY_INTERNAL_PIDS = ("gcs_server", "raylet", "autoscaler")
+RAY_INTERNAL_ACTORS = ("TrainController", "RayTrainWorker", "PlacementGroupCleaner")
 
 
 def export_cluster_address() -> None:
@@ -322,11 +331,15 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     filter_worker_output()
 
 
-def _drop_noise(handler: Any) -> Any:
-    def filtered(batch: dict[str, Any]) -> None:
+def _drop_noise(handler: Any, drop_internal: bool = True) -> Any:
+    """``handler`` (one of Ray's printers of worker output) without :data:`RAY_NOISE`, and with
+    ``drop_internal`` without the output of Ray's internals; the package's own lines as they are."""
+    def filtered(batch: dict[str, Any], *args: Any, **kwargs: Any) -> None:
         lines = [line for line in batch.get("lines", []) if not any(n in line for n in RAY_NOISE)]
         ours = [line for line in lines if line.startswith(PREFIX)]
-        theirs = [line for line in lines if not line.startswith(PREFIX)]
+        internal = drop_internal and (batch.get("pid") in RAY_INTERNAL_PIDS
+                                      or str(batch.get("actor_name") or "").startswith(RAY_INTERNAL_ACTORS))
+        theirs = [] if internal else [line for line in lines if not line.startswith(PREFIX)]
         if ours:
             # Written as they are: Ray's handler would prefix them, and its de-duplication folds
             # lines that differ only in numbers (two trials' epoch lines) into one.
@@ -334,12 +347,13 @@ def _drop_noise(handler: Any) -> Any:
             sink.write("".join(line + "\n" for line in ours))
             sink.flush()
         if theirs:
-            handler({**batch, "lines": theirs})
+            handler({**batch, "lines": theirs}, *args, **kwargs)
     return filtered
 
 
 def filter_worker_output() -> None:
-    """Drop :data:`RAY_NOISE` from the worker output Ray streams to this driver (Ray's log
+    """Drop :data:`RAY_NOISE` and the output of Ray's internals (:data:`RAY_INTERNAL_PIDS`,
+    :data:`RAY_INTERNAL_ACTORS`) from the worker output Ray streams to this driver (Ray's log
     folder keeps every line), and print the package's own progress lines from workers (one per
     epoch) without Ray's ``(RayTrainWorker pid=...)`` prefix, as the driver's own lines are. Ray
     has no public hook for this, hence its private dispatcher."""
@@ -347,6 +361,13 @@ def filter_worker_output() -> None:
         if name == "ray_print_logs":
             global_worker_stdstream_dispatcher.remove_handler(name)
             global_worker_stdstream_dispatcher.add_handler(name, _drop_noise(handler))
+    # Cluster errors (a node declared dead, ...) reach the driver through another private path,
+    # looked up by name on every message.
+    if not getattr(ray_worker.print_to_stdstream, "_ray_galaxy_filtered", False):
+        # Not drop_internal: the cluster's other errors (a task killed for memory) are the user's business.
+        printer = _drop_noise(ray_worker.print_to_stdstream, drop_internal=False)
+        printer._ray_galaxy_filtered = True  # type: ignore[attr-defined]
+        ray_worker.print_to_stdstream = printer
 
 
 def storage_path(storage: str) -> str:
