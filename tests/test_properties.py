@@ -136,3 +136,17 @@ def test_sample_job_where_writes_the_generators_galaxies(fitted, tmp_path, capsy
     assert not (tmp_path / "x").exists()  # refused before writing anything
     assert _job("generate").main(["--model", uri, "--n", "8", "--out", str(tmp_path / "c"), "--where", "r50_px > 99"]) == 2
     assert "0 of the 64 training galaxies match" in capsys.readouterr().err
+
+
+def test_generate_job_where_writes_the_generators_galaxies(fitted, ray_address, tmp_path):
+    import pyarrow.parquet as pq
+
+    uri = fitted[0]
+    gen = Generator.load(uri)
+    where = f"r50_px >= {float(np.median(gen.sampler.properties['r50_px']))}"
+    out = tmp_path / "cat"
+    assert _job("generate").main(["--model", uri, "--n", "6", "--out", str(out), "--shard-size", "8",
+                                  "--where", where, "--no-detail"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["where"] == where
+    rows = pq.read_table(out / "shards").to_pydict()
+    np.testing.assert_array_equal(np.asarray(rows["latent"], np.float32), gen.latents(6, 0, where=where).numpy())

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ray_galaxy.generation.properties import PROPERTY_NAMES, MIN_MATCHES, selected_images
 from ray_galaxy.generation.where import MAX_WHERE_CHARS, WhereError, where_mask
@@ -85,3 +87,19 @@ def test_too_few_matching_galaxies_say_how_many_match():
     odd = np.arange(48) % 2 == 1
     with pytest.raises(WhereError, match=r"12 of the 24 training galaxies of class 'b' match"):
         selected_images("r50_px >= 24", columns, odd, " of class 'b'")
+
+
+TOKENS = ["r50_px", "m20", "ellipticity", "and", "or", "not", "(", ")", "<", "<=", "==", "!=", ">", "-", "1", "2.5",
+          "1e999", "'a'", ".", "__class__", "[", "]", ",", "lambda", ":", "if", "else", "x", "**", "+", " "]
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(text=st.text(max_size=60) | st.lists(st.sampled_from(TOKENS), max_size=12).map(" ".join))
+def test_any_input_is_a_selection_or_a_where_error(text):
+    """Random text and random token soup: a boolean row mask or a WhereError, nothing else."""
+    try:
+        mask = where_mask(text, COLUMNS)
+    except WhereError as e:
+        assert "known properties: r50_px, ellipticity, m20" in str(e)
+        return
+    assert mask.dtype == bool and mask.shape == (5,)
