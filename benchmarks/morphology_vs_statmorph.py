@@ -1,4 +1,4 @@
-"""Our morphology statistics (ray_galaxy.evaluation.morphology) against statmorph's, per image.
+"""Our morphology statistics (ray_galaxy.morphology) against statmorph's, per image.
 
 statmorph (Rodriguez-Gomez et al. 2019) is the reference implementation of the non-parametric
 statistics; docs/morphology.md holds the table this prints and explains the differences.
@@ -45,7 +45,7 @@ from scipy.stats import pearsonr, spearmanr
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ray_galaxy.console import fmt_seconds, log  # noqa: E402
-from ray_galaxy.evaluation import morphology as M  # noqa: E402
+from ray_galaxy import morphology as M  # noqa: E402
 from ray_galaxy.images import luminance  # noqa: E402
 from ray_galaxy.imageset import load_images  # noqa: E402
 

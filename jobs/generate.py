@@ -3,6 +3,7 @@
     python jobs/generate.py --model runs/galaxy-vae/model --n 100000 --out catalogue/ --num-workers 4
     python jobs/generate.py --model s3://bucket/model --n 1000000 --out s3://bucket/cat --use-gpu
     python jobs/generate.py --model runs/galaxy-vae/model --n 1000 --out spirals/ --label spiral
+    python jobs/generate.py --model runs/galaxy-vae/model --n 1000 --out round/ --where "ellipticity < 0.2"
 
 Rerunning the same command resumes: only missing shards are generated (docs/generate.md).
 """
@@ -16,6 +17,7 @@ from ray_galaxy.catalogue import CatalogueConfig, CatalogueError, generate_catal
 from ray_galaxy.checkpoint import ModelDirError  # noqa: E402
 from ray_galaxy.config import parse_config  # noqa: E402
 from ray_galaxy.generation.generator import LabelError  # noqa: E402
+from ray_galaxy.generation.where import WhereError  # noqa: E402
 from ray_galaxy.storage import StorageError  # noqa: E402
 
 
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_config(CatalogueConfig, argv, __doc__)
     try:
         manifest = generate_catalogue(cfg)
-    except (ModelDirError, CatalogueError, LabelError, StorageError, OSError) as e:
+    except (ModelDirError, CatalogueError, LabelError, WhereError, StorageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"catalogue: {cfg.out} ({manifest['n']} galaxies, {len(manifest['shards'])} shard(s))")

@@ -2,6 +2,7 @@
 
     python jobs/sample.py --model runs/galaxy-vae/model --n 64 --out samples/ --grid
     python jobs/sample.py --model runs/galaxy-vae/model --n 64 --out spirals/ --grid --label spiral
+    python jobs/sample.py --model runs/galaxy-vae/model --n 64 --out big/ --where "r50_px >= 6 and ellipticity > 0.5"
 """
 
 import argparse
@@ -13,10 +14,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ray_galaxy.checkpoint import ModelDirError  # noqa: E402
 from ray_galaxy.figures import write_samples  # noqa: E402
 from ray_galaxy.generation.generator import SAMPLERS, Generator, LabelError  # noqa: E402
+from ray_galaxy.generation.where import WhereError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the flags, load the model directory once and write the PNGs; 2 on a bad model or label."""
+    """Parse the flags, load the model directory once and write the PNGs; 2 on a bad model, label or
+    selection."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory written by jobs/train.py")
     p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
@@ -31,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default=None,
                    help="only galaxies of this class (a model whose sampler was fitted with --labels; an "
                         "unknown class lists the valid ones); default: any class")
+    p.add_argument("--where", default=None,
+                   help="only from training galaxies whose properties satisfy this, e.g. \"r50_px >= 6 and "
+                        "ellipticity > 0.5\" (comparisons with numbers joined by and/or; properties and units: "
+                        "docs/properties.md); default: any")
     p.add_argument("--no-detail", action="store_true",
                    help="with --sampler gmm: write the decoder's means, without the residual detail")
     args = p.parse_args(argv)
@@ -40,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gen = Generator.load(args.model)
         paths = write_samples(gen, args.out, args.n, args.seed, args.temperature, args.grid,
-                              sampler=args.sampler, detail=not args.no_detail, label=args.label)
-    except (ModelDirError, LabelError) as e:
+                              sampler=args.sampler, detail=not args.no_detail, label=args.label, where=args.where)
+    except (ModelDirError, LabelError, WhereError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {len(paths)} files to {args.out}")

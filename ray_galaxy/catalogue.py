@@ -1,6 +1,6 @@
 """Bulk galaxy catalogues with Ray Data (``jobs/generate.py``).
 
-A catalogue is galaxies 0 .. n-1 of one (model, sampler, seed, label): galaxy i is exactly what
+A catalogue is galaxies 0 .. n-1 of one (model, sampler, seed, label, where): galaxy i is exactly what
 ``Generator.load(model).images(...)`` gives for index i (and so what Serve and
 ``jobs/sample.py`` give), because every galaxy is drawn and decoded by the
 :class:`~ray_galaxy.generation.generator.Generator`. The indices are cut into shards of
@@ -85,6 +85,8 @@ class CatalogueConfig:
                          "unit of work and of resuming).", default=1024)
     label: str | None = _h("Only galaxies of this class (a model whose sampler was fitted with --labels; "
                            "docs/generate.md, \"Conditional generation\"); default: any class.", default=None)
+    where: str | None = _h("Only from training galaxies whose properties satisfy this, e.g. 'r50_px >= 6 and "
+                           "ellipticity > 0.5' (docs/properties.md); default: any.", default=None)
 
     def __post_init__(self) -> None:
         for key in ("model", "out"):
@@ -121,6 +123,7 @@ class Plan:
     format: str
     shard_size: int
     label: str | None = None
+    where: str | None = None
 
     @property
     def shards(self) -> int:
@@ -134,7 +137,7 @@ class Plan:
         """What the galaxies in ``out`` are: files written under other settings differ."""
         return {"catalogue_format": CATALOGUE_FORMAT, "model_version": self.version, "sampler": self.sampler,
                 "seed": self.seed, "temperature": self.temperature, "detail": self.detail,
-                "label": self.label, "format": self.format, "shard_size": self.shard_size}
+                "label": self.label, "where": self.where, "format": self.format, "shard_size": self.shard_size}
 
 
 def shard_name(k: int) -> str:
@@ -156,7 +159,8 @@ def catalogue_rows(gen: Generator, plan: Plan, indices: range) -> pa.Table:
     start = indices.start
     while start < indices.stop:
         k = min(indices.stop - start, SEED_BLOCK - start % SEED_BLOCK)
-        z = gen.latents(k, plan.seed, plan.sampler, plan.temperature, start=start, label=plan.label)
+        z = gen.latents(k, plan.seed, plan.sampler, plan.temperature, start=start, label=plan.label,
+                        where=plan.where)
         pngs += [png_bytes(img) for img in gen.decode_uint8(z, detail_seed, offset=start)]
         latents.append(z.numpy().astype(np.float32))
         start += k
@@ -346,13 +350,14 @@ def plan_of(cfg: CatalogueConfig) -> tuple[Plan, Generator]:
     bad model directory fails here, before any actor starts."""
     model = absolute(cfg.model)
     gen = Generator.load(model, weights=False)
-    # Raises when the sampler is unusable or the label unknown (LabelError lists the valid ones).
-    gen.latents(1, cfg.seed, cfg.sampler, cfg.temperature, label=cfg.label)
+    # Raises when the sampler is unusable, the label unknown (LabelError lists the valid ones) or
+    # the selection bad or too narrow (WhereError).
+    gen.latents(1, cfg.seed, cfg.sampler, cfg.temperature, label=cfg.label, where=cfg.where)
     sampler = gen.resolve(cfg.sampler)
     detail = gen.detail_seed(sampler, cfg.detail, cfg.seed) is not None
     plan = Plan(model=model, version=gen.version, out=absolute(cfg.out), n=cfg.n, seed=cfg.seed,
                 sampler=sampler, temperature=float(cfg.temperature), detail=detail,
-                format=cfg.format, shard_size=cfg.shard_size, label=cfg.label)
+                format=cfg.format, shard_size=cfg.shard_size, label=cfg.label, where=cfg.where)
     return plan, gen
 
 
@@ -365,7 +370,8 @@ def generate_catalogue(cfg: CatalogueConfig) -> dict[str, Any]:
     start_output(plan)
     todo = sorted(set(range(plan.shards)) - complete_shards(plan))
     log(f"catalogue of {plan.n} galaxies from {cfg.model} (version {plan.version}, sampler {plan.sampler}, "
-        f"seed {plan.seed}{f', label {plan.label}' if plan.label else ''}) -> {cfg.out}: {plan.shards} shard(s) of {plan.shard_size}, "
+        f"seed {plan.seed}{f', label {plan.label}' if plan.label else ''}{f', where {plan.where}' if plan.where else ''}) "
+        f"-> {cfg.out}: {plan.shards} shard(s) of {plan.shard_size}, "
         f"{plan.shards - len(todo)} already written, {len(todo)} to generate")
     if todo:
         run_shards(plan, todo, cfg)

@@ -48,17 +48,18 @@ def traversal_figure(gen: Generator, kl_per_dim: list[float] | None = None,
 
 def write_samples(gen: Generator, out: str, n: int, seed: int = 0, temperature: float = 1.0,
                   with_grid: bool = False, batch: int = 256, sampler: str = "auto",
-                  detail: bool = True, label: str | None = None) -> list[str]:
-    """Write ``n`` galaxies (of class ``label`` when given) to ``out/sample_00000.png`` ... (a
-    local folder or a URI).
+                  detail: bool = True, label: str | None = None, where: str | None = None) -> list[str]:
+    """Write ``n`` galaxies (of class ``label``, from training galaxies satisfying ``where``, when
+    given) to ``out/sample_00000.png`` ... (a local folder or a URI).
 
     Image i is galaxy i of ``seed`` (:meth:`Generator.latents`): the same whatever ``n`` is.
     """
     gen.check_label(label, sampler)  # before any file is written
+    gen.check_where(where, sampler, label)
     written, shown = [], []
     for start in range(0, n, batch):
         k = min(batch, n - start)
-        imgs = gen.images(k, seed, sampler, temperature, detail, start=start, label=label)
+        imgs = gen.images(k, seed, sampler, temperature, detail, start=start, label=label, where=where)
         for j, img in enumerate(imgs):
             path = join(out, f"sample_{start + j:05d}.png")
             write_bytes(path, png_bytes(img))

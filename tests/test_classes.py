@@ -13,7 +13,7 @@ from tiny_model import SIZE, make_tiny
 from ray_galaxy.evaluation import classes as C
 from ray_galaxy.evaluation import evaluate as E
 from ray_galaxy.evaluation.config import EvaluateConfig
-from ray_galaxy.evaluation.morphology import measure_all
+from ray_galaxy.morphology import measure_all
 from ray_galaxy.generation.fit import fit_sampler
 from ray_galaxy.generation.generator import Generator
 from ray_galaxy.labels import LabelsError

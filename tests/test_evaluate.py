@@ -84,7 +84,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 
 def test_charts_are_pngs_and_survive_nans_constants_and_log_axes():
-    from ray_galaxy.evaluation.morphology import STATS
+    from ray_galaxy.morphology import STATS
 
     rng = np.random.default_rng(0)
     real = {s: rng.normal(size=50) for s in STATS}
@@ -219,7 +219,7 @@ def test_evaluate_job_end_to_end(tiny, tmp_path):
     assert m["sharpness"]["power_deficit_dex"] > m["means_only"]["power_deficit_dex"]
     # The means' morphology distances and high-pass sharpness sit next to the samples', in the
     # JSON and in the report's tables.
-    from ray_galaxy.evaluation.morphology import STATS
+    from ray_galaxy.morphology import STATS
 
     assert set(m["morphology"]["distance_means"]) == set(STATS)
     assert m["morphology"]["mean_distance_means"] == pytest.approx(m["means_only"]["morphology_mean_distance"])

@@ -163,7 +163,8 @@ def test_sampler_missing_fitted_reproducible_and_stale(tiny, copy):
     assert meta["train_images"] < 48  # the training split only, not the images held out by hash
     raw = torch.load(f"{copy}/{SAMPLER_FILE}", weights_only=True)
     assert set(raw) == {"weights", "means", "covariances", "detail_variance_coef", "detail_mix", "detail_spectrum",
-                        "kernel_codes", "kernel_component", "kernel_bandwidth"}
+                        "kernel_codes", "kernel_component", "kernel_bandwidth", "image_properties"}
+    assert raw["image_properties"].shape == (meta["train_images"], len(meta["properties"]))
     assert meta["kernels"] == "codes" and meta["bandwidth"] == KERNEL_BANDWIDTH
     assert raw["kernel_codes"].shape == (meta["codes"], 4) and float(raw["kernel_bandwidth"]) == KERNEL_BANDWIDTH
     d = meta["detail"]  # the gain brings the samples' structure-band power to the training images'

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from ray_galaxy import images as I
-from ray_galaxy.evaluation import morphology as M
+from ray_galaxy import morphology as M
 from ray_galaxy.evaluation import sharpness as SH
 from ray_galaxy.evaluation.distances import wasserstein_table
 
@@ -50,6 +50,14 @@ def test_round_gaussian_is_round_symmetric_with_the_analytic_concentration():
     assert abs(m["asymmetry"]) < 0.01
     assert m["concentration"] == pytest.approx(GAUSS_C, abs=0.05)
     assert m["r_half"] == pytest.approx(4.0 * math.sqrt(2 * math.log(2)), rel=0.03)  # 1.177 sigma
+
+
+def test_flux_is_the_light_above_the_sky():
+    """A Gaussian of peak 0.8 and sigma 4 px holds 0.8 * 2 pi sigma^2 above the sky; at half the
+    peak, half of it (the sky level is subtracted, not counted)."""
+    full = M.measure(rgb(profile("gauss", 4.0)))["flux"]
+    assert full == pytest.approx(0.8 * 2 * math.pi * 16, rel=0.02)
+    assert M.measure(rgb(profile("gauss", 4.0, amp=0.4)))["flux"] == pytest.approx(full / 2, rel=0.02)
 
 
 @pytest.mark.parametrize("q", [0.5, 0.3])
@@ -195,7 +203,7 @@ def test_colour_index_of_red_and_blue_galaxies():
 
 def test_empty_image_gives_nan_everywhere():
     m = M.measure(np.zeros((S, S, 3), np.uint8))
-    assert set(m) == set(M.STATS)
+    assert set(m) == set(M.MEASURED)
     assert all(math.isnan(v) for v in m.values())
 
 

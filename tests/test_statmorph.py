@@ -20,7 +20,7 @@ from scipy.stats import pearsonr
 from conftest import GZ2, REPO
 from synthetic import clumpy_galaxy, galaxy
 
-from ray_galaxy.evaluation import morphology as M
+from ray_galaxy import morphology as M
 from ray_galaxy.imageset import load_images
 
 sys.path.insert(0, str(REPO))

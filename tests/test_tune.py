@@ -141,7 +141,7 @@ def test_ranking_by_morphology_scores_completed_trials_and_orders_by_their_sampl
     import numpy as np
     from tiny_model import SIZE, make_tiny
 
-    from ray_galaxy.evaluation import morphology
+    from ray_galaxy import morphology
     from ray_galaxy.imageset import load_images
     from ray_galaxy.storage import copy_folder
     from ray_galaxy.tuning.ranking import candidates_dir, rank_by_morphology, sample_distance

@@ -28,13 +28,14 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ray_galaxy import morphology
 from ray_galaxy.console import log
-from ray_galaxy.evaluation import distances, morphology
+from ray_galaxy.evaluation import distances
 from ray_galaxy.evaluation.config import EvaluateConfig
-from ray_galaxy.evaluation.morphology import STATS
 from ray_galaxy.generation.generator import Generator
 from ray_galaxy.imageset import ImageSet
 from ray_galaxy.labels import LabelsError, LabelTable, label_counts, labels_for, read_labels
+from ray_galaxy.morphology import STATS
 from ray_galaxy.storage import exists
 
 Stats = dict[str, np.ndarray]  # {statistic: (N,) values, NaN where the measurement failed}

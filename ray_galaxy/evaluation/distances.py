@@ -2,7 +2,7 @@
 
 One home for the normalised 1-D Wasserstein table and its one-number summary, used by the
 evaluation report (morphology, sharpness, per-class), the ranking of Tune trials and the tests.
-The statistics themselves are measured in :mod:`ray_galaxy.evaluation.morphology` and
+The statistics themselves are measured in :mod:`ray_galaxy.morphology` and
 :mod:`ray_galaxy.evaluation.sharpness`.
 """
 

@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ray_galaxy import morphology
 from ray_galaxy.checkpoint import ModelDirError
 from ray_galaxy.config import ConfigError
 from ray_galaxy.console import fmt_seconds, log
 from ray_galaxy.data import DataError
-from ray_galaxy.evaluation import classes, distances, morphology, realism, sharpness
+from ray_galaxy.evaluation import classes, distances, realism, sharpness
 from ray_galaxy.evaluation.config import EvaluateConfig
 from ray_galaxy.evaluation.metrics import (clean, likelihood_bounds, memorisation, morphology_scores,
                                            nearest_training_images, power_spectrum, reconstruct,

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 
-from ray_galaxy.evaluation import distances, morphology
+from ray_galaxy import morphology
+from ray_galaxy.evaluation import distances
 from ray_galaxy.images import (D4, luminance, orient, power_deficit_dex, radial_power_spectrum,
                                structure_band)
 from ray_galaxy.model import LOG_2PI, ConvVAE, to_uint8

@@ -12,9 +12,9 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from ray_galaxy import plots
-from ray_galaxy.evaluation.morphology import LABELS, STATS
 from ray_galaxy.evaluation.sharpness import SETS
 from ray_galaxy.images import grid, png_bytes
+from ray_galaxy.morphology import LABELS, STATS
 
 # --------------------------------------------------------------------------- figure files
 

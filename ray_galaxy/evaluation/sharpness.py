@@ -24,8 +24,8 @@ import numpy as np
 from scipy import ndimage
 
 from ray_galaxy.evaluation.distances import wasserstein_table
-from ray_galaxy.evaluation.morphology import MIN_SKY_PIXELS, blank_sky, segment, sky
 from ray_galaxy.images import luminance
+from ray_galaxy.morphology import MIN_SKY_PIXELS, blank_sky, segment, sky
 
 STAT = "highpass"
 LABEL = "high-pass sharpness"

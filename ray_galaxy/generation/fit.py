@@ -12,6 +12,7 @@ from ray_galaxy.config import DETAIL_MODES
 from ray_galaxy.console import log
 from ray_galaxy.generation.detail import DETAIL_IMAGES, DETAIL_KINDS, GAIN_BOUNDS, calibrate_gain, fit_detail, k_min
 from ray_galaxy.generation.generator import decode
+from ray_galaxy.generation.properties import PROPERTY_NAMES, measure_properties
 from ray_galaxy.generation.sampler import (GMM_COMPONENTS, KERNEL_BANDWIDTH, SAMPLER_ORIENTATIONS,
                                            MixtureSampler, SamplerError, check_fit_arguments, encode_means,
                                            fit_codes, read_sampler, save_sampler)
@@ -44,6 +45,13 @@ def _detail(model: ConvVAE, sampler: MixtureSampler, images: np.ndarray, mu: np.
     return {"kind": kind, "k_min": k_min(model.config.image_size),
             "variance_coef": [float(c) for c in d["variance_coef"]], "gain": cal["gain"],
             "power_deficit_dex_at_gain_1": cal["deficit_dex_at_1"], "power_deficit_dex": cal["deficit_dex"]}
+
+
+def _add_properties(tensors: dict[str, torch.Tensor], meta: dict[str, Any], images: np.ndarray) -> None:
+    """Measure every training image once and keep the values with the kernels (one row per
+    image; kernel k is image k mod N): what --where selects by and /info shows the ranges of."""
+    tensors["image_properties"] = torch.from_numpy(np.ascontiguousarray(measure_properties(images)))
+    meta["properties"] = list(PROPERTY_NAMES)
 
 
 def same_encoder(a: ConvVAE, b: ConvVAE) -> bool:
@@ -103,8 +111,9 @@ def fit_sampler(model_dir: str, train_data: str | None = None, components: int =
 
     ``train_data`` defaults to the model's recorded training data (its training split);
     ``images`` (uint8, already at the model's size) skips reading. With ``bandwidth`` > 0 draws
-    come from kernels on the codes, 0 draws from the mixture's components. With ``detail`` the
-    residual detail model is fitted too. Returns sampler.json's content.
+    come from kernels on the codes, 0 draws from the mixture's components; with kernels, every
+    training image's properties are measured and kept with them (``--where``). With ``detail``
+    the residual detail model is fitted too. Returns sampler.json's content.
 
     Fitted per label when the images have classes: from the ``labels`` CSV (default: the one
     training recorded, ``train.labels``), else from prepared shards that store them, or
@@ -145,6 +154,8 @@ def fit_sampler(model_dir: str, train_data: str | None = None, components: int =
         raise SamplerError(f"{model_dir}: the latent mixture could not be fitted to the codes of {len(images)} "
                            f"training images ({e}); fit fewer components (--components) or train on more "
                            "images") from e
+    if "kernel_codes" in tensors and not codes_from:  # taken-over kernels keep their own properties
+        _add_properties(tensors, meta, images)
     sampler = MixtureSampler(tensors, {**meta, "train_data": source, "labels_source": labels,
                                        "model_sha256": md.sha256})
     try:

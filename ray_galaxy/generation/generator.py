@@ -12,6 +12,11 @@ p(x | z) (:mod:`ray_galaxy.generation.detail`) by the same seed.
 Conditional generation: a sampler fitted with labels (``jobs/fit_sampler.py --labels CSV``)
 draws galaxies of one class (``label=``); galaxy i then depends on (model, sampler, seed, i,
 label). :meth:`Generator.check_label` says why a label cannot be used (:class:`LabelError`).
+
+By property: ``where="r50_px >= 6 and ellipticity > 0.5"`` draws only from the kernels of the
+training galaxies that satisfy it (:mod:`ray_galaxy.generation.where`, docs/properties.md);
+galaxy i then also depends on ``where``. :meth:`Generator.check_where` says why a selection
+cannot be used (:class:`WhereError`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from ray_galaxy.config import ModelConfig
 from ray_galaxy.generation.detail import add_detail
 from ray_galaxy.generation.latents import SEED_BLOCK, most_active_dims, prior_latents, seeded_rows
 from ray_galaxy.generation.sampler import SAMPLER_FILE, LabelError, MixtureSampler, SamplerError, read_sampler
+from ray_galaxy.generation.where import WhereError
 from ray_galaxy.model import ConvVAE, to_uint8
 
 SAMPLERS = ("auto", "prior", "gmm")
@@ -110,6 +116,29 @@ class Generator:
         if label not in self.labels:
             raise LabelError(f"unknown label {label!r}; valid labels are: {', '.join(self.labels)}")
 
+    def property_ranges(self) -> dict[str, dict] | None:
+        """{property: {min, median, max, unit, measured}} of the training galaxies the sampler
+        keeps (what ``where`` selects by), None without them."""
+        return self.sampler.property_ranges() if self.sampler is not None else None
+
+    def check_where(self, where: str | None, sampler: str = "auto", label: str | None = None) -> None:
+        """Raise :class:`WhereError` (a ValueError, one line saying what to change) when galaxies
+        cannot be drawn with the selection ``where`` (None: any) from ``sampler``: a bad
+        expression, fewer than 20 matching training galaxies, or no properties to select by."""
+        if where is None:
+            return
+        refit = f"python jobs/fit_sampler.py --model {self.uri}"
+        if sampler == "prior":
+            raise WhereError("where needs the fitted sampler: the prior N(0, I) has no training galaxies to "
+                             "select; use sampler 'gmm' or 'auto'")
+        if self.sampler is None:
+            raise WhereError(f"{self.uri} has no usable sampler ({self.sampler_problem}); selecting by property "
+                             f"needs one: {refit}")
+        problem = self.sampler.property_problem()
+        if problem:
+            raise WhereError(f"{problem}; refit the sampler: {refit}")
+        self.sampler.kernel_rows(label, where)
+
     def dims_by_activity(self) -> list[int]:
         """Latent dimensions, most used first: by the sampler's per-dimension variance when there
         is one, else by the validation KL per dimension (an inactive dimension carries ~0 KL and
@@ -138,18 +167,20 @@ class Generator:
         return sampler
 
     def latents(self, n: int, seed: int = 0, sampler: str = "auto", temperature: float = 1.0,
-                start: int = 0, label: str | None = None) -> torch.Tensor:
+                start: int = 0, label: str | None = None, where: str | None = None) -> torch.Tensor:
         """(n, latent_dim) codes of galaxies ``start`` .. ``start + n - 1`` of ``seed``: galaxy i
-        depends only on (model, sampler, seed, i, temperature, label), not on n
-        (:data:`SEED_BLOCK`). ``label``: only galaxies of that class (:meth:`check_label`)."""
+        depends only on (model, sampler, seed, i, temperature, label, where), not on n
+        (:data:`SEED_BLOCK`). ``label``: only galaxies of that class (:meth:`check_label`);
+        ``where``: only from training galaxies that satisfy it (:meth:`check_where`)."""
         self.check_label(label, sampler)
+        self.check_where(where, sampler, label)
         if self.resolve(sampler) == "prior":
             return prior_latents(self.model_config.latent_dim, n, seed, temperature, start)
         if self.sampler is None:
             raise SamplerError(f"{self.uri}: no usable sampler ({self.sampler_problem}); fit one with "
                                f"`python jobs/fit_sampler.py --model {self.uri}` or use the prior")
         mixture = self.sampler
-        return seeded_rows(lambda s: mixture.latents(SEED_BLOCK, s, temperature, label), n, seed, start)
+        return seeded_rows(lambda s: mixture.latents(SEED_BLOCK, s, temperature, label, where), n, seed, start)
 
     def detail_seed(self, sampler: str, detail: bool, seed: int) -> int | None:
         """The noise seed of residual detail for a request, None for the decoder's means: only the
@@ -177,16 +208,17 @@ class Generator:
 
     def generate(self, n: int, seed: int = 0, sampler: str = "auto", temperature: float = 1.0,
                  detail: bool = True, start: int = 0, batch_size: int = 256,
-                 label: str | None = None) -> torch.Tensor:
-        """Galaxies ``start`` .. ``start + n - 1`` of ``seed`` (of class ``label`` when given),
-        (n, 3, S, S) floats in [0, 1]."""
-        z = self.latents(n, seed, sampler, temperature, start, label)
+                 label: str | None = None, where: str | None = None) -> torch.Tensor:
+        """Galaxies ``start`` .. ``start + n - 1`` of ``seed`` (of class ``label``, from training
+        galaxies satisfying ``where``, when given), (n, 3, S, S) floats in [0, 1]."""
+        z = self.latents(n, seed, sampler, temperature, start, label, where)
         return self.decode(z, self.detail_seed(sampler, detail, seed), offset=start, batch_size=batch_size)
 
     def images(self, n: int, seed: int = 0, sampler: str = "auto", temperature: float = 1.0,
-               detail: bool = True, start: int = 0, label: str | None = None) -> np.ndarray:
+               detail: bool = True, start: int = 0, label: str | None = None,
+               where: str | None = None) -> np.ndarray:
         """Like :meth:`generate`, as (n, S, S, 3) uint8: what a PNG of them holds."""
-        return to_uint8(self.generate(n, seed, sampler, temperature, detail, start, label=label)).numpy()
+        return to_uint8(self.generate(n, seed, sampler, temperature, detail, start, label=label, where=where)).numpy()
 
     def decode_uint8(self, z: np.ndarray | torch.Tensor, detail_seed: int | None = None,
                      offset: int = 0, batch_size: int = 256) -> np.ndarray:

@@ -22,6 +22,12 @@ that class's kernels only: the class's own kernel density, each kernel shaped by
 mixture. Without kernels (bandwidth 0) a draw for a class picks a random code of that class and
 draws from that code's component. Unconditional draws are the same with or without labels.
 
+By property (``where``): the fit also measures every training image once
+(:mod:`ray_galaxy.generation.properties`; ``image_properties``, one row per image), and a draw
+with a ``where`` selection picks its kernel uniformly among the kernels of the training galaxies
+that satisfy it (and are of ``label``, when both are given), exactly as a class's draw does.
+This needs kernels: a sampler without them, or fitted before properties were kept, says to refit.
+
 On disk, next to the model: ``sampler.pt`` (tensors only) and ``sampler.json`` (written last).
 """
 
@@ -36,6 +42,8 @@ import numpy as np
 import torch
 
 from ray_galaxy.checkpoint import ModelDirError, load_tensors, tensor_bytes
+from ray_galaxy.generation.properties import property_ranges, selected_images
+from ray_galaxy.generation.where import WhereError
 from ray_galaxy.images import D4, orient
 from ray_galaxy.model import ConvVAE
 from ray_galaxy.storage import join, read_bytes, write_bytes
@@ -54,6 +62,7 @@ COVARIANCES = ("full", "diag")
 # training images as the job's own held-out galaxies (the memorisation ratio; the broad
 # components: 1.02-1.03). 0.45 is the smallest with samples about 0.95 as novel as new galaxies.
 KERNEL_BANDWIDTH = 0.45
+MAX_SELECTIONS = 64  # (label, where) kernel selections kept per sampler: a request reuses its rows
 
 
 class SamplerError(ModelDirError):
@@ -106,6 +115,7 @@ class MixtureSampler:
         kl = self.tensors.get("kernel_label")
         self._rows = {name: torch.nonzero(kl == i)[:, 0] for i, name in enumerate(self.labels)} \
             if kl is not None else {}
+        self._selections: dict[tuple[str | None, str], torch.Tensor] = {}
 
     @property
     def latent_dim(self) -> int:
@@ -117,24 +127,76 @@ class MixtureSampler:
         return list(self.meta.get("labels") or [])
 
     @property
+    def properties(self) -> dict[str, np.ndarray] | None:
+        """{property: (N,) values of the N training galaxies}, None when it was fitted without
+        them (before they were kept, or without kernels)."""
+        values, names = self.tensors.get("image_properties"), self.meta.get("properties")
+        if values is None or not names or "kernel_codes" not in self.tensors:
+            return None
+        return {name: values[:, i].double().numpy() for i, name in enumerate(names)}
+
+    def property_ranges(self) -> dict[str, dict[str, Any]] | None:
+        """{property: {min, median, max, unit, measured}} over the training galaxies, or None."""
+        if self.properties is None:
+            return None
+        return property_ranges(self.meta["properties"], self.tensors["image_properties"].double().numpy())
+
+    def property_problem(self) -> str | None:
+        """Why draws cannot be selected by property (``where``), None when they can."""
+        if "kernel_codes" not in self.tensors:
+            return ("where needs a sampler with kernels (fitted with --bandwidth > 0), and this one draws from "
+                    "mixture components")
+        if self.properties is None:
+            return ("where needs the training galaxies' properties, and this sampler was fitted without them "
+                    "(before they were kept)")
+        images = len(self.tensors["image_properties"])
+        if images == 0 or len(self.tensors["kernel_codes"]) % images:
+            return f"{SAMPLER_FILE} has {images} property rows for {len(self.tensors['kernel_codes'])} kernels"
+        return None
+
+    def kernel_rows(self, label: str | None = None, where: str | None = None) -> torch.Tensor | None:
+        """The kernels a draw picks among: those of class ``label`` whose training galaxy
+        satisfies ``where`` (:mod:`ray_galaxy.generation.where`); None for all of them.
+        :class:`LabelError` for an unknown class, :class:`WhereError` for a bad or too narrow
+        selection or a sampler without properties."""
+        if label is not None and label not in self._rows:
+            raise LabelError(f"unknown label {label!r}; valid labels are: {', '.join(self.labels)}"
+                             if self.labels else "this sampler was fitted without labels")
+        if where is None:
+            return self._rows[label] if label is not None else None
+        if (label, where) not in self._selections:
+            problem = self.property_problem()
+            if problem:
+                raise WhereError(f"{problem}; refit the sampler (jobs/fit_sampler.py)")
+            images = len(self.tensors["image_properties"])
+            orientations = len(self.tensors["kernel_codes"]) // images
+            among = None if label is None else (self.tensors["kernel_label"][:images] ==
+                                                self.labels.index(label)).numpy()
+            mask = selected_images(where, self.properties, among, f" of class {label!r}" if label else "",
+                                   orientations)
+            if len(self._selections) >= MAX_SELECTIONS:
+                self._selections.pop(next(iter(self._selections)))
+            self._selections[label, where] = torch.nonzero(torch.from_numpy(np.tile(mask, orientations)))[:, 0]
+        return self._selections[label, where]
+
+    @property
     def detail(self) -> dict[str, torch.Tensor] | None:
         """The residual detail model (:mod:`ray_galaxy.generation.detail`), None without one."""
         d = {k[len("detail_"):]: v for k, v in self.tensors.items() if k.startswith("detail_")}
         return d or None
 
-    def latents(self, n: int, seed: int = 0, temperature: float = 1.0, label: str | None = None) -> torch.Tensor:
+    def latents(self, n: int, seed: int = 0, temperature: float = 1.0, label: str | None = None,
+                where: str | None = None) -> torch.Tensor:
         """(n, D) codes by seed: a uniformly chosen training code plus noise shaped by its
         component's covariance times the bandwidth (with kernels), else a component by weight
         plus noise shaped by its covariance. ``temperature`` scales the noise. With ``label``
         the code is chosen among that class's codes only (without kernels: the component of
-        such a code); raises :class:`LabelError` for a class it does not have."""
+        such a code), with ``where`` among the codes of the training galaxies that satisfy it
+        (:meth:`kernel_rows` says when it cannot)."""
         t = self.tensors
+        rows = self.kernel_rows(label, where)
         g = torch.Generator().manual_seed(int(seed))
-        if label is not None:
-            if label not in self._rows:
-                raise LabelError(f"unknown label {label!r}; valid labels are: {', '.join(self.labels)}"
-                                 if self.labels else "this sampler was fitted without labels")
-            rows = self._rows[label]
+        if rows is not None:
             pick = rows[torch.randint(len(rows), (n,), generator=g)]
             comp = t["kernel_component"][pick]
             if "kernel_codes" in t:
@@ -168,7 +230,7 @@ class MixtureSampler:
     def summary(self) -> dict[str, Any]:
         """What a person wants to know about it (Serve's /info, reports)."""
         return {**{k: self.meta.get(k) for k in ("kind", "components", "covariance", "kernels", "bandwidth")},
-                "labels": self.labels}
+                "labels": self.labels, "properties": list(self.meta.get("properties") or [])}
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from ray.serve.exceptions import RayServeException
 from ray_galaxy.config import ModelConfig
 from ray_galaxy.generation.generator import Generator, LabelError
 from ray_galaxy.generation.latents import most_active_dims, prior_latents
+from ray_galaxy.generation.where import WhereError
 from ray_galaxy.serve.config import DECODER_RETRY_S, INGRESS, MAX_N, ServeConfig, Token
 from ray_galaxy.serve.errors import ApiError
 from ray_galaxy.serve.routes import build_api
@@ -101,9 +102,10 @@ class GalaxyAPI:
 
     # ------------------------------------------------------------------ codes
     def latents(self, cfg: ModelConfig, n: int, seed: int, temperature: float,
-                sampler: str = "auto", label: str | None = None) -> np.ndarray:
+                sampler: str = "auto", label: str | None = None, where: str | None = None) -> np.ndarray:
         """(n, latent_dim) codes of ``cfg``'s model for ``seed``, from the prior or the sampler:
-        the codes of jobs/sample.py's first ``n`` galaxies of that seed (of class ``label``)."""
+        the codes of jobs/sample.py's first ``n`` galaxies of that seed (of class ``label``, from
+        training galaxies satisfying ``where``)."""
         if self.gen.resolve(sampler) == "gmm" and self.gen.sampler is None:
             raise ApiError(422, f"sampler: this model has no GMM sampler ({self.gen.sampler_problem}); "
                                 "use 'prior' or fit one with jobs/fit_sampler.py", "sampler")
@@ -111,10 +113,14 @@ class GalaxyAPI:
             self.gen.check_label(label, sampler)
         except LabelError as e:
             raise ApiError(422, f"label: {e}", "label") from None
+        try:
+            self.gen.check_where(where, sampler, label)
+        except WhereError as e:
+            raise ApiError(422, str(e), "where") from None
         if cfg == self.model_config:
-            return self.gen.latents(n, seed, sampler, temperature, label=label).numpy()
+            return self.gen.latents(n, seed, sampler, temperature, label=label, where=where).numpy()
         # Mid-swap, rebuilt for the decoder's new model: its sampler is not loaded here.
-        if sampler == "gmm" or label is not None:
+        if sampler == "gmm" or label is not None or where is not None:
             raise ApiError(503, "sampler: the model is being replaced; retry", "sampler")
         return prior_latents(cfg.latent_dim, n, seed, temperature).numpy()
 
@@ -207,6 +213,7 @@ class GalaxyAPI:
             "samplers": self.gen.samplers,
             "sampler": sampler.summary() if sampler is not None else None,
             "labels": self.gen.labels,
+            "properties": self.gen.property_ranges(),
             "serving": {
                 "max_batch_size": self.config.max_batch_size,
                 "batch_wait_timeout_s": self.config.batch_wait_timeout_s,

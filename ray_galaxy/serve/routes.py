@@ -30,7 +30,8 @@ from ray_galaxy.serve.explorer import EXPLORER_FILES, explorer_file, explorer_pa
 from ray_galaxy.serve.middleware import add_middleware
 from ray_galaxy.serve.schemas import (PNG, SAMPLE_FORMATS, UPLOAD_DOC, CenterQuery, CropQuery, DecodeRequest,
                                       DetailQuery, DimsQuery, InterpolateRequest, LabelQuery, RangeQuery,
-                                      SampleRequest, SamplerQuery, SeedQuery, TemperatureQuery, TraverseStepsQuery)
+                                      SampleRequest, SamplerQuery, SeedQuery, TemperatureQuery, TraverseStepsQuery,
+                                      WhereQuery)
 
 API_DESCRIPTION = ("Galaxy images from a convolutional VAE. Errors are JSON "
                    '`{"error": ..., "field": ...}`. Send `Authorization: Bearer <token>` when '
@@ -154,8 +155,8 @@ async def info(svc: Svc) -> dict[str, Any]:
                     "(same seed + model: byte-identical PNG)")
 async def sample_one(svc: Svc, seed: SeedQuery = 0, temperature: TemperatureQuery = 1.0,
                      sampler: SamplerQuery = "auto", detail: DetailQuery = True,
-                     label: LabelQuery = None) -> Response:
-    images, version = await svc.run(lambda cfg: svc.latents(cfg, 1, seed, temperature, sampler, label),
+                     label: LabelQuery = None, where: WhereQuery = None) -> Response:
+    images, version = await svc.run(lambda cfg: svc.latents(cfg, 1, seed, temperature, sampler, label, where),
                                     detail_seed=lambda cfg: svc.detail_seed(cfg, sampler, detail, seed))
     return _png(images[0], version)
 
@@ -164,7 +165,7 @@ async def sample_one(svc: Svc, seed: SeedQuery = 0, temperature: TemperatureQuer
              summary="n galaxies as a PNG grid, a zip of PNGs, or a .npy array")
 async def sample_many(svc: Svc, req: Annotated[SampleRequest, Body()]) -> Response:
     images, version = await svc.run(
-        lambda cfg: svc.latents(cfg, req.n, req.seed, req.temperature, req.sampler, req.label),
+        lambda cfg: svc.latents(cfg, req.n, req.seed, req.temperature, req.sampler, req.label, req.where),
         detail_seed=lambda cfg: svc.detail_seed(cfg, req.sampler, req.detail, req.seed))
     if req.format == "grid":
         return _png(grid(images), version)
@@ -208,10 +209,10 @@ async def traverse(svc: Svc, dims: DimsQuery = None, steps: TraverseStepsQuery =
 
 @router.get("/latent", summary="The latent code a seed draws (what GET /sample decodes)", dependencies=KNOWN_QUERY)
 async def latent(svc: Svc, seed: SeedQuery = 0, temperature: TemperatureQuery = 1.0,
-                 sampler: SamplerQuery = "auto", label: LabelQuery = None) -> dict[str, Any]:
-    z = svc.latents(svc.model_config, 1, seed, temperature, sampler, label)[0]
+                 sampler: SamplerQuery = "auto", label: LabelQuery = None, where: WhereQuery = None) -> dict[str, Any]:
+    z = svc.latents(svc.model_config, 1, seed, temperature, sampler, label, where)[0]
     return {"z": [float(v) for v in z], "seed": seed, "temperature": temperature,
-            "sampler": svc.gen.resolve(sampler), "label": label, "version": svc.version}
+            "sampler": svc.gen.resolve(sampler), "label": label, "where": where, "version": svc.version}
 
 
 @router.post("/decode", response_class=Response, responses={200: PNG},

@@ -17,6 +17,9 @@ DETAIL_DOC = ("with the gmm sampler: draw from p(x|z), the decoded mean plus the
               "detail (seeded by seed); false: the decoder's mean")
 LABEL_DOC = ("only galaxies of this class (one of /info labels; needs a sampler fitted with labels); "
              "default: any class")
+WHERE_DOC = ("only from training galaxies whose properties satisfy this, e.g. 'r50_px >= 6 and ellipticity > 0.5' "
+             "(comparisons with numbers joined by and/or; /info properties lists them with their ranges); "
+             "default: any")
 
 Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
 Temperature = Annotated[float, Field(ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)]
@@ -31,6 +34,8 @@ TemperatureQuery = Annotated[float, Query(ge=0, le=MAX_TEMPERATURE, allow_inf_na
 SamplerQuery = Annotated[SamplerName, Query(description=SAMPLER_DOC)]
 DetailQuery = Annotated[bool, Query(description=DETAIL_DOC)]
 LabelQuery = Annotated[str | None, Query(min_length=1, max_length=MAX_LABEL_CHARS, description=LABEL_DOC)]
+# No length limits here: the where parser names what is wrong (empty, too long) in its own words.
+WhereQuery = Annotated[str | None, Query(description=WHERE_DOC)]
 DimsQuery = Annotated[str | None, Query(description="two latent indices, e.g. 0,1 "
                                                     "(default: the training run's traversal dims)")]
 TraverseStepsQuery = Annotated[int, Query(ge=2, le=MAX_TRAVERSE_STEPS)]
@@ -54,6 +59,7 @@ class SampleRequest(BaseModel):
     sampler: SamplerName = Field("auto", description=SAMPLER_DOC)
     detail: bool = Field(True, description=DETAIL_DOC)
     label: Label | None = Field(None, description=LABEL_DOC)
+    where: str | None = Field(None, description=WHERE_DOC)
 
 
 class InterpolateRequest(BaseModel):

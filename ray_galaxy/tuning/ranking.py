@@ -18,8 +18,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ray_galaxy import morphology
 from ray_galaxy.console import log
-from ray_galaxy.evaluation import distances, morphology
+from ray_galaxy.evaluation import distances
 from ray_galaxy.generation.generator import Generator
 from ray_galaxy.imageset import load_images
 from ray_galaxy.storage import join

@@ -1,7 +1,9 @@
 """Non-parametric morphology of galaxy images, following statmorph (numpy; scipy.ndimage).
 
 Every statistic is measured the same way on real and on generated images, so their
-*distributions* can be compared. The definitions are statmorph's (Rodriguez-Gomez et al. 2019,
+*distributions* can be compared (the evaluation), and on every training image when a sampler is
+fitted (its per-kernel properties, :mod:`ray_galaxy.generation.properties`): both layers call
+this one module, which sits below them. The definitions are statmorph's (Rodriguez-Gomez et al. 2019,
 the reference implementation of Lotz, Primack & Madau 2004 and Conselice 2003);
 docs/morphology.md gives them in full, the agreement with statmorph on Galaxy Zoo 2 crops
 (benchmarks/morphology_vs_statmorph.py) and the three places where we differ on purpose:
@@ -14,7 +16,7 @@ sky level and noise from the outer frame (:func:`sky`); the central object's seg
 other sources (:func:`segment`), which are masked; the blank sky (:func:`blank_sky`), where the
 background terms of A and S are measured; Petrosian radii (eta 0.2, annulus
 r +- 0.5 px) about the centroid, about the asymmetry centre and in ellipses. Then
-concentration C = 5 log10(r80/r20) and r50 within 1.5 r_p, asymmetry A within 1.5 r_p,
+concentration C = 5 log10(r80/r20), r50 and the flux within 1.5 r_p, asymmetry A within 1.5 r_p,
 smoothness S over 0.25-1.5 r_p (all circular, about the asymmetry centre), Gini and M20 over
 the Gini segment (:func:`gini_segment`), ellipticity from the segment's second moments, and a
 colour index -2.5 log10(F_B / F_R) in the segment (larger is redder; not in statmorph).
@@ -27,18 +29,22 @@ The sky frame, luminance and the power spectra behind the sharpness metric live 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from ray_galaxy.images import as_float_rgb, border
 
+# The statistics the evaluation compares (distances, charts); :func:`measure` also gives MEASURED.
 STATS = ("concentration", "asymmetry", "smoothness", "gini", "m20", "r_half", "ellipticity", "colour")
+# Flux depends on the image's brightness scale, not on shape: not a morphology distance term,
+# but a property a sampler's kernels are selected by.
+MEASURED = STATS + ("flux",)
 LABELS = {
     "concentration": "concentration C", "asymmetry": "asymmetry A", "smoothness": "smoothness S",
     "gini": "Gini G", "m20": "M20", "r_half": "half-light radius (px)",
-    "ellipticity": "ellipticity 1 - b/a", "colour": "colour -2.5 log10(B/R)",
+    "ellipticity": "ellipticity 1 - b/a", "colour": "colour -2.5 log10(B/R)", "flux": "flux (image units)",
 }
 PETRO_ETA = 0.2
 PETRO_EXTENT = 1.5  # CAS apertures, in Petrosian radii
@@ -397,7 +403,7 @@ def colour(rgb: np.ndarray, mask: np.ndarray) -> float:
 
 def cas(img: np.ndarray, valid: np.ndarray, cy: float, cx: float, sky: np.ndarray,
         noise: float) -> dict[str, float]:
-    """C, A, S, r50 and the asymmetry centre (ay, ax) of ``img`` (masked pixels 0, ``valid``
+    """C, A, S, r50, the flux within 1.5 r_p and the asymmetry centre (ay, ax) of ``img`` (masked pixels 0, ``valid``
     False) about the centroid (cy, cx), in statmorph's order: r_p about the centroid sets the
     asymmetry aperture; r_p about the asymmetry centre sets everything else. With no ``sky``
     and ``noise`` 0, A and S come without background terms."""
@@ -413,7 +419,7 @@ def cas(img: np.ndarray, valid: np.ndarray, cy: float, cx: float, sky: np.ndarra
         "concentration": 5 * math.log10(r80 / r20) if r20 > 0 and r80 > 0 else math.nan,
         "asymmetry": a,
         "smoothness": smoothness(img, ay, ax, r_p, sky_smoothness(img, sky, noise, width)),
-        "r_half": r50, "ay": ay, "ax": ax,
+        "r_half": r50, "flux": f_tot, "ay": ay, "ax": ax,
     }
 
 
@@ -433,18 +439,18 @@ def _gini_m20(img: np.ndarray, valid: np.ndarray, f_obj: np.ndarray, cy: float, 
 
 
 def measure(image: np.ndarray) -> dict[str, float]:
-    """Every statistic in :data:`STATS` for one (S, S, 3) image (uint8 or float in [0, 1])."""
+    """Every statistic in :data:`MEASURED` for one (S, S, 3) image (uint8 or float in [0, 1])."""
     rgb = as_float_rgb(image)
     lum = rgb.mean(-1)
     bg, noise = sky(lum)
     lum = lum - bg
     seg = segment(lum, noise)
     if seg is None:
-        return {k: math.nan for k in STATS}
+        return {k: math.nan for k in MEASURED}
     obj, others = seg
     f_obj = np.where(obj, lum, 0.0)
     if f_obj.sum() <= 0 or obj.sum() < 4:
-        return {k: math.nan for k in STATS}
+        return {k: math.nan for k in MEASURED}
     valid = ~others  # neighbours masked, the object's own faint wings kept
     img = np.where(valid, lum, 0.0)
     cy, cx = centroid(f_obj)
@@ -453,10 +459,12 @@ def measure(image: np.ndarray) -> dict[str, float]:
         "concentration": c["concentration"], "asymmetry": c["asymmetry"], "smoothness": c["smoothness"],
         **_gini_m20(img, valid, f_obj, cy, cx, c["ay"], c["ax"]),
         "r_half": c["r_half"], "ellipticity": ellipticity(lum, obj), "colour": colour(rgb, obj),
+        "flux": c["flux"],
     }
 
 
-def measure_all(images: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
-    """{statistic: (N,) float array, NaN where the measurement failed} for many images."""
+def measure_all(images: Iterable[np.ndarray], stats: Sequence[str] = STATS) -> dict[str, np.ndarray]:
+    """{statistic: (N,) float array, NaN where the measurement failed} for many images, for
+    each of ``stats`` (names in :data:`MEASURED`)."""
     rows = [measure(im) for im in images]
-    return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in STATS}
+    return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in stats}
