@@ -202,6 +202,27 @@ def labelled_server(server, models, tmp_path_factory) -> dict:
         serve.delete("labelled")
 
 
+@pytest.fixture(scope="session")
+def multi_server(server, models) -> dict:
+    """Models A and B behind one application (``/multi``; Serve's model multiplexing, at most
+    one model loaded per decoder replica, so every change of model evicts the other), beside the
+    session's apps; shared by the Serve and explorer tests (the last test of test_serve_multi.py
+    redeploys it with a third model). Gives its ``url`` and a Generator per model name (``gens``)
+    for byte-exact comparisons."""
+    from ray import serve
+    from serving import SMALL
+
+    from ray_galaxy.generation.generator import Generator
+    from ray_galaxy.serve.app import build_app
+
+    args = {**server.args, "model": [models.a, models.b], "max_num_models_per_replica": 1}
+    serve.run(build_app(args, SMALL, token=None), name="multi", route_prefix="/multi")
+    try:
+        yield {"url": server.base + "/multi", "gens": {"a": Generator.load(models.a), "b": Generator.load(models.b)}}
+    finally:
+        serve.delete("multi")
+
+
 def job_env(extra: dict | None = None) -> dict:
     """Environment for a job subprocess: joins the shared cluster, imports this checkout."""
     env = dict(os.environ)

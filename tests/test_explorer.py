@@ -294,3 +294,38 @@ def test_class_selector_is_off_for_a_model_without_labels(watched, server):
     assert page.eval_on_selector_all("#label option", "els => els.map(e => e.value)") == [""]
     assert seen and all("label" not in q for q in seen)
     assert watched.errors == []
+
+
+def test_model_selector_switches_the_page_to_another_model(watched, multi_server):
+    """An endpoint serving several models: the selector lists /models, and choosing one redraws
+    the page for it (its sliders, samplers and panel), every request naming it (``model`` in the
+    query of GETs and in the JSON of POSTs), every image that model's decoding."""
+    gens, page = multi_server["gens"], watched.page
+    seen = latent_queries(watched)
+    bodies: list[dict] = []
+    page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.method == "POST" else None)
+    open_explorer(watched, multi_server["url"] + "/")
+    assert page.is_visible("#model-box")
+    names = [m["name"] for m in requests.get(multi_server["url"] + "/models", timeout=30).json()["models"]]
+    assert names[:2] == ["a", "b"]  # (test_serve_multi.py adds a third at its end)
+    assert page.eval_on_selector_all("#model option", "els => els.map(e => e.value)") == names
+    assert page.input_value("#model") == "a" and page.input_value("#sampler") == "gmm"
+    z = code(watched)
+    assert len(z) == 4 and shown_png(watched) == png_of(gens["a"].model, z)
+    assert seen and all(q["model"] == "a" for q in seen) and bodies and all(b["model"] == "a" for b in bodies)
+
+    seen.clear()
+    bodies.clear()
+    page.select_option("#model", "b")
+    page.wait_for_function("JSON.parse(document.getElementById('zvec').value).length === 6")
+    idle(watched)
+    seed, z = int(page.input_value("#seed")), code(watched)
+    assert sorted(sliders(watched)) == list(range(6))
+    # B has no GMM sampler: the prior is the only one, and the code is the seed's prior draw.
+    assert page.eval_on_selector_all("#sampler option", "els => els.map(e => e.value)") == ["prior"]
+    np.testing.assert_allclose(z, gens["b"].latents(1, seed, "prior")[0].numpy(), atol=1e-6)
+    assert shown_png(watched) == png_of(gens["b"].model, z)
+    assert gens["b"].version in page.inner_text("#info")
+    assert seen and all(q["model"] == "b" for q in seen)
+    assert bodies and all(b["model"] == "b" for b in bodies)  # /decode and /interpolate
+    assert watched.errors == []

@@ -334,6 +334,11 @@ BAD = [
     ("center-short", "get", "/traverse?center=1,2", {}, 422, "center"),
     ("center-text", "get", "/traverse?center=a,b,c,d", {}, 422, "center"),
     ("center-inf", "get", "/traverse?center=0,inf,0,0", {}, 422, "center"),
+    ("model-unknown", "get", "/sample?model=b", {}, 422, "model"),
+    ("model-empty", "get", "/info?model=", {}, 422, "model"),
+    ("model-unknown-json", "post", "/sample", {"json": {"model": "b"}}, 422, "model"),
+    ("model-not-text-json", "post", "/decode", {"json": {"z": [0, 0, 0, 0], "model": 3}}, 422, "model"),
+    ("models-unknown-query", "get", "/models?model=a", {}, 422, "model"),
     ("explorer-file-unknown", "get", "/explorer/secrets.txt", {}, 404, "name"),
     ("explorer-file-traversal", "get", "/explorer/..%2Fserve.py", {}, 404, None),
     ("no-route", "get", "/nope", {}, 404, None),
@@ -581,7 +586,7 @@ def test_model_name_activity_order_and_chunk_rows_config():
     from ray_galaxy.generation.generator import Generator
     from ray_galaxy.generation.sampler import MixtureSampler
     from ray_galaxy.serve.config import ServeConfig
-    from ray_galaxy.serve.ingress import model_name
+    from ray_galaxy.serve.config import model_name
 
     assert model_name("s3://bucket/runs/galaxy-vae/model") == "galaxy-vae"
     assert model_name("/tmp/x/a/") == "a" and model_name("s3://bucket") == "bucket"

@@ -1,7 +1,8 @@
 """The Serve application: ``GalaxyAPI`` (the HTTP ingress) bound to a ``Decoder``.
 
-Start it with ``python jobs/serve.py --model URI`` or ``serve run cluster/serve.yaml``
-(``import_path: ray_galaxy.serve.app:app_builder``, the :class:`ServeConfig` fields as ``args``).
+Start it with ``python jobs/serve.py --model URI [--model URI2 ...]`` or ``serve run
+cluster/serve.yaml`` (``import_path: ray_galaxy.serve.app:app_builder``, the :class:`ServeConfig`
+fields as ``args``; several models share the app through Serve's model multiplexing).
 Redeploying with a new model URI replaces the replicas with a rolling update that starts the
 new replicas before the old ones stop (``max_surge_percent: 100``), so no request is dropped.
 """
@@ -15,10 +16,19 @@ from typing import Any, Mapping
 from ray import serve
 
 from ray_galaxy.config import ConfigError
-from ray_galaxy.serve.config import DECODER, DEPLOYMENT_NAMES, INGRESS, ServeConfig, Token, serve_config
+from ray_galaxy.serve.config import DECODER, DEPLOYMENT_NAMES, INGRESS, ServeConfig, Token, serve_config, split_model
 from ray_galaxy.serve.decoder import Decoder
 from ray_galaxy.serve.ingress import GalaxyAPI
 from ray_galaxy.storage import absolute
+
+
+def absolute_models(model: str | tuple[str, ...]) -> str | tuple[str, ...]:
+    """``model`` with every local path made absolute (replicas may run in another directory),
+    names given as NAME=PATH kept."""
+    def one(entry: str) -> str:
+        name, location = split_model(entry)
+        return f"{name}={absolute(location)}" if location != entry else absolute(entry)
+    return one(model) if isinstance(model, str) else tuple(one(m) for m in model)
 
 
 def default_deployment_options(cfg: ServeConfig) -> dict[str, dict[str, Any]]:
@@ -71,7 +81,7 @@ def build_app(config: Mapping[str, Any] | ServeConfig,
     pass ``None`` to disable auth, or a string to set it.
     """
     cfg = serve_config(config)
-    cfg = dataclasses.replace(cfg, model=absolute(cfg.model))  # replicas may run in another directory
+    cfg = dataclasses.replace(cfg, model=absolute_models(cfg.model))
     if token is ...:
         token = os.environ.get(cfg.token_env) if cfg.token_env else None
     options = merge_deployment_options(cfg, deployment_options)

@@ -1,79 +1,29 @@
 """The ``GalaxyAPI`` deployment: the HTTP ingress.
 
-It loads the model directory without its weights (:meth:`Generator.load` with
-``weights=False``: config, metrics, version and sampler), so it draws the same codes for a
-seed as every other way of making galaxies, validates every input (a bad one is a 4xx JSON
-error naming the field, never a 5xx) and calls the ``Decoder`` through a
-:class:`DeploymentHandle`, retrying while no decoder replica is available.
-
-Redeploying with a new model URI replaces the replicas with a rolling update, so for a while
-an old ingress may meet a new decoder (or the other way round): :meth:`GalaxyAPI.run` then
-rebuilds the request for the decoder's model, so the request is still served.
+It holds one :class:`~ray_galaxy.serve.served.ServedModel` per model of the application (each
+loaded without weights: config, metrics, version and sampler), validates every input (a bad
+one is a 4xx JSON error naming the field, never a 5xx) and hands each request to the model it
+names (``model=NAME``; default: the first), which calls the ``Decoder``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from typing import Any, Callable, Mapping
+from typing import Any
 
-import numpy as np
-import ray.exceptions
 from fastapi import FastAPI
 from ray import serve
-from ray.serve.exceptions import RayServeException
 
-from ray_galaxy.config import ModelConfig
-from ray_galaxy.generation.generator import Generator, LabelError
-from ray_galaxy.generation.latents import most_active_dims, prior_latents
-from ray_galaxy.generation.where import WhereError
-from ray_galaxy.serve.config import DECODER_RETRY_S, INGRESS, MAX_N, ServeConfig, Token
+from ray_galaxy.serve.config import INGRESS, ServeConfig, Token
 from ray_galaxy.serve.errors import ApiError
 from ray_galaxy.serve.routes import build_api
+from ray_galaxy.serve.served import ServedModel
 
 logger = logging.getLogger("ray.serve")
 
-Build = Callable[[ModelConfig], np.ndarray]
-
-
-def metrics_summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """The scalar training metrics worth showing in /info (best epoch, data counts)."""
-    best = metrics.get("best") or {}
-    keys = ("epoch", "train_loss", "val_loss", "val_recon", "val_kl", "val_psnr", "val_bpd",
-            "decoder_sigma")
-    data = metrics.get("data") or {}
-    return {
-        "best_epoch": metrics.get("best_epoch"),
-        "epochs_run": metrics.get("epochs_run"),
-        "best": {k: best[k] for k in keys if isinstance(best.get(k), (int, float))},
-        "data": {k: data[k] for k in ("source", "train_images", "val_images", "skipped") if k in data},
-    }
-
-
-def default_traverse_dims(metrics: Mapping[str, Any], latent_dim: int) -> tuple[int, int] | None:
-    """The two latent dims the training run drew its traversal with, else the most active."""
-    dims = metrics.get("traversal_dims")
-    if isinstance(dims, list) and len(dims) == 2 and all(isinstance(d, int) for d in dims) \
-            and dims[0] != dims[1] and all(0 <= d < latent_dim for d in dims):
-        return int(dims[0]), int(dims[1])
-    kl = (metrics.get("best") or {}).get("val_kl_per_dim")
-    if isinstance(kl, list) and len(kl) == latent_dim and latent_dim >= 2:
-        a, b = most_active_dims(kl, 2)
-        return a, b
-    return (0, 1) if latent_dim >= 2 else None
-
-
-def model_name(uri: str) -> str:
-    """A short display name: the run directory of ``<storage>/<name>/model``, else the last part."""
-    parts = [p for p in uri.rstrip("/").replace("\\", "/").split("/") if p and not p.endswith(":")]
-    if len(parts) >= 2 and parts[-1] == "model":
-        return parts[-2]
-    return parts[-1] if parts else uri
-
-
-def _retry_later(message: str) -> ApiError:
-    return ApiError(503, message, None, {"Retry-After": "5"})
+# How long GET /models waits for a decoder replica to say which models it holds.
+REPLICA_STATS_TIMEOUT_S = 5.0
 
 
 @serve.deployment(name=INGRESS)
@@ -84,141 +34,41 @@ class GalaxyAPI:
 
     def __init__(self, config: ServeConfig, decoder: Any, token: Token | None = None) -> None:
         self.config, self.decoder, self.token = config, decoder, token
-        self.gen = Generator.load(config.model, weights=False)
-        if self.gen.sampler is None:
-            logger.warning("serving %s without a fitted sampler: %s", config.model, self.gen.sampler_problem)
-        self.model_config = self.gen.model_config
-        self.latent_dim = self.model_config.latent_dim
-        self.traverse_dims = default_traverse_dims(self.gen.model_dir.metrics, self.latent_dim)
-        crop = self.gen.model_dir.train_config.get("crop", 1.0)
-        self.crop = float(crop) if isinstance(crop, (int, float)) and 0 < crop <= 1 else 1.0
+        self.models = {name: ServedModel(name, uri, config, decoder, token is not None)
+                       for name, uri in config.models}
+        self.default = next(iter(self.models))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self, self.token, self.config.max_body_bytes)
 
-    @property
-    def version(self) -> str:
-        return self.gen.version
-
-    # ------------------------------------------------------------------ codes
-    def latents(self, cfg: ModelConfig, n: int, seed: int, temperature: float,
-                sampler: str = "auto", label: str | None = None, where: str | None = None) -> np.ndarray:
-        """(n, latent_dim) codes of ``cfg``'s model for ``seed``, from the prior or the sampler:
-        the codes of jobs/sample.py's first ``n`` galaxies of that seed (of class ``label``, from
-        training galaxies satisfying ``where``)."""
-        if self.gen.resolve(sampler) == "gmm" and self.gen.sampler is None:
-            raise ApiError(422, f"sampler: this model has no GMM sampler ({self.gen.sampler_problem}); "
-                                "use 'prior' or fit one with jobs/fit_sampler.py", "sampler")
+    def pick(self, name: str | None) -> ServedModel:
+        """The model a request names (None: the default); 422 listing the valid names."""
+        if name is None:
+            return self.models[self.default]
         try:
-            self.gen.check_label(label, sampler)
-        except LabelError as e:
-            raise ApiError(422, f"label: {e}", "label") from None
+            return self.models[name]
+        except KeyError:
+            raise ApiError(422, f"model: unknown model {name!r}; valid models are: "
+                                f"{', '.join(self.models)}", "model") from None
+
+    async def _replica_models(self) -> dict[str, Any] | None:
+        """Which models the decoder replica that answers holds (None when none answers soon)."""
+        async def ask() -> dict[str, Any]:
+            return await self.decoder.stats.remote()
+
         try:
-            self.gen.check_where(where, sampler, label)
-        except WhereError as e:
-            raise ApiError(422, str(e), "where") from None
-        if cfg == self.model_config:
-            return self.gen.latents(n, seed, sampler, temperature, label=label, where=where).numpy()
-        # Mid-swap, rebuilt for the decoder's new model: its sampler is not loaded here.
-        if sampler == "gmm" or label is not None or where is not None:
-            raise ApiError(503, "sampler: the model is being replaced; retry", "sampler")
-        return prior_latents(cfg.latent_dim, n, seed, temperature).numpy()
+            stats = await asyncio.wait_for(ask(), REPLICA_STATS_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - the listing stands without it
+            logger.info("GET /models: no decoder replica stats (%s: %s)", type(e).__name__, e)
+            return None
+        return {"replica": stats.get("replica"), "loaded": stats.get("loaded")}
 
-    def detail_seed(self, cfg: ModelConfig, sampler: str, detail: bool, seed: int) -> int | None:
-        """The residual detail's seed for a /sample request, None for the decoder's means (and
-        for a request rebuilt for another model, whose sampler this replica does not have)."""
-        return self.gen.detail_seed(sampler, detail, seed) if cfg == self.model_config else None
-
-    # ------------------------------------------------------------------ decoder calls
-    async def _call(self, method: str, arg: Any, deadline: float) -> dict[str, Any]:
-        """One decoder call, retried while no replica is available; 503 past ``deadline``."""
-        delay = 0.05
-        while True:
-            try:
-                return await getattr(self.decoder, method).remote(arg)
-            except (RayServeException, ray.exceptions.RayActorError) as e:
-                reason = f"{type(e).__name__}: {e}"
-            if time.monotonic() + delay > deadline:
-                raise _retry_later(f"decoder unavailable: {reason}")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
-
-    async def _send(self, method: str, data: np.ndarray, noise: int | None,
-                    deadline: float) -> list[dict[str, Any]]:
-        """``data`` to the decoder: latent rows in chunks of at most max_batch_size."""
-        if method != "decode":
-            return [await self._call(method, data, deadline)]
-        step = self.config.max_batch_size
-        calls = [self._call("decode", data[i:i + step] if noise is None else
-                            {"z": data[i:i + step], "detail_seed": noise, "offset": i}, deadline)
-                 for i in range(0, len(data), step)]
-        if len(calls) == 1:  # a single galaxy: no task for gather to wrap it in
-            return [await calls[0]]
-        return await asyncio.gather(*calls)
-
-    def _rebuild(self, build: Build, answer: Mapping[str, Any], cfg: ModelConfig
-                 ) -> tuple[np.ndarray | None, ModelConfig]:
-        """After a mismatch answer: the input rebuilt for the decoder's model (None when the
-        decoder's model is the one already built for: wait for a matching replica)."""
-        other = ModelConfig.from_dict(answer["model_config"])
-        if other == cfg:
-            return None, cfg
-        logger.info("decoder %s serves another model (%s); rebuilding the request for it",
-                    answer["version"], answer["mismatch"])
-        try:
-            return build(other), other
-        except (ApiError, ValueError):
-            raise _retry_later("the model is being replaced and this request does not fit the new one; "
-                               "retry") from None
-
-    async def run(self, build: Build, method: str = "decode",
-                  detail_seed: Callable[[ModelConfig], int | None] | None = None) -> tuple[np.ndarray, str]:
-        """Decoder input built by ``build(model_config)`` -> (uint8 images, model version(s)).
-
-        A decoder of another model answers with its model config, and the input is rebuilt for
-        it; one that cannot be (a latent vector of the old length) gets 503 and Retry-After.
-        ``detail_seed(cfg)``, when given and not None, asks for draws with residual detail.
-        """
-        cfg = self.model_config
-        data = build(cfg)  # validation errors (422) come from here, against this replica's model
-        deadline = time.monotonic() + DECODER_RETRY_S
-        delay = 0.05
-        while True:
-            outs = await self._send(method, data, detail_seed(cfg) if detail_seed else None, deadline)
-            mismatched = [o for o in outs if "mismatch" in o]
-            if not mismatched:
-                versions = sorted({o["version"] for o in outs})
-                return np.concatenate([o["images"] for o in outs]), ",".join(versions)
-            rebuilt, cfg = self._rebuild(build, mismatched[0], cfg)
-            data = data if rebuilt is None else rebuilt
-            if time.monotonic() + delay > deadline:
-                raise _retry_later(f"decoder unavailable: {mismatched[0]['mismatch']}")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
-
-    def info(self) -> dict[str, Any]:
-        """What GET /info answers: the model, its version, training metrics, serving settings."""
-        md, sampler = self.gen.model_dir, self.gen.sampler
+    async def listing(self) -> dict[str, Any]:
+        """What GET /models answers: every model (name, location, version, samplers, labels),
+        the default, the per-replica bound and the models one decoder replica holds now."""
         return {
-            "model": self.config.model,
-            "version": self.version,
-            "latent_dim": self.latent_dim,
-            "image_size": self.model_config.image_size,
-            "model_config": self.model_config.to_dict(),
-            "train_config": md.train_config,
-            "metrics": metrics_summary(md.metrics),
-            "traverse_dims": list(self.traverse_dims) if self.traverse_dims else None,
-            "name": model_name(self.config.model),
-            "dims_by_activity": self.gen.dims_by_activity(),
-            "samplers": self.gen.samplers,
-            "sampler": sampler.summary() if sampler is not None else None,
-            "labels": self.gen.labels,
-            "properties": self.gen.property_ranges(),
-            "serving": {
-                "max_batch_size": self.config.max_batch_size,
-                "batch_wait_timeout_s": self.config.batch_wait_timeout_s,
-                "max_n": MAX_N,
-                "max_body_bytes": self.config.max_body_bytes,
-                "auth": self.token is not None,
-            },
+            "default": self.default,
+            "models": [m.summary() for m in self.models.values()],
+            "max_num_models_per_replica": self.config.max_num_models_per_replica,
+            "decoder": await self._replica_models(),
         }

@@ -1,9 +1,11 @@
 """The HTTP API's routes (a FastAPI :class:`APIRouter`) and the app of one ingress replica.
 
 Each route validates its input (FastAPI and pydantic, :mod:`ray_galaxy.serve.schemas`; what
-depends on the model, such as a latent vector's length, against the replica's model), builds
-latent codes or an image with the replica's :class:`Generator`, and hands them to
-``GalaxyAPI.run``, which the routes reach as ``request.app.state.svc``.
+depends on the model, such as a latent vector's length, against the model the request names),
+builds latent codes or an image with that model's :class:`Generator`, and hands them to
+``ServedModel.run``. The routes reach the ingress as ``request.app.state.svc`` and the model a
+request names (``model=``, query parameter or JSON field; default: the first) through the
+``Svc`` dependency.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the route signatures at runtime.
@@ -29,9 +31,9 @@ from ray_galaxy.serve.errors import ApiError, install_error_handlers
 from ray_galaxy.serve.explorer import EXPLORER_FILES, explorer_file, explorer_page
 from ray_galaxy.serve.middleware import add_middleware
 from ray_galaxy.serve.schemas import (PNG, SAMPLE_FORMATS, UPLOAD_DOC, CenterQuery, CropQuery, DecodeRequest,
-                                      DetailQuery, DimsQuery, InterpolateRequest, LabelQuery, RangeQuery,
-                                      SampleRequest, SamplerQuery, SeedQuery, TemperatureQuery, TraverseStepsQuery,
-                                      WhereQuery)
+                                      DetailQuery, DimsQuery, InterpolateRequest, LabelQuery, ModelQuery,
+                                      RangeQuery, SampleRequest, SamplerQuery, SeedQuery, TemperatureQuery,
+                                      TraverseStepsQuery, WhereQuery)
 
 API_DESCRIPTION = ("Galaxy images from a convolutional VAE. Errors are JSON "
                    '`{"error": ..., "field": ...}`. Send `Authorization: Bearer <token>` when '
@@ -41,14 +43,26 @@ API_DESCRIPTION = ("Galaxy images from a convolutional VAE. Errors are JSON "
 # The dependencies are ``async def`` although they never await: FastAPI runs a plain ``def``
 # dependency in its thread pool, two thread hand-offs per request for a dict lookup
 # (docs/benchmarks-history.md, single-galaxy requests).
-async def _service(request: Request) -> Any:
+async def _service(request: Request, model: ModelQuery = None) -> Any:
+    """The model (``ray_galaxy.serve.served.ServedModel``) that ``?model=`` names, else the
+    default; 422 listing the valid names for an unknown one."""
+    request.state.model_query = model
+    return request.app.state.svc.pick(model)
+
+
+async def _api(request: Request) -> Any:
     """The ingress replica (``ray_galaxy.serve.ingress.GalaxyAPI``) that serves this app."""
     return request.app.state.svc
 
 
+def _query_names(dependant: Any) -> list[str]:
+    """The query parameters of a route and of its dependencies (``model`` comes from ``Svc``)."""
+    return [p.alias for p in dependant.query_params] + [n for d in dependant.dependencies for n in _query_names(d)]
+
+
 async def _known_query(request: Request) -> None:
     """422 naming a query parameter the route does not take (a typo would else be ignored)."""
-    allowed = [p.alias for p in request.scope["route"].dependant.query_params]
+    allowed = _query_names(request.scope["route"].dependant)
     for key in request.query_params:
         if key not in allowed:
             raise ApiError(422, f"{key}: unknown query parameter; valid ones are: "
@@ -56,6 +70,7 @@ async def _known_query(request: Request) -> None:
 
 
 Svc = Annotated[Any, Depends(_service)]
+Api = Annotated[Any, Depends(_api)]
 KNOWN_QUERY = [Depends(_known_query)]
 router = APIRouter()
 
@@ -76,6 +91,17 @@ def _zip_of_pngs(images: np.ndarray) -> bytes:
         for i, img in enumerate(images):
             zf.writestr(zipfile.ZipInfo(f"galaxy_{i:02d}.png", date_time=(1980, 1, 1, 0, 0, 0)), png_bytes(img))
     return buf.getvalue()
+
+
+def _body_model(request: Request, svc: Any, name: str | None) -> Any:
+    """The model of a JSON request: its ``model`` field, else ``?model=`` (``svc``); 422 when
+    the two name different models."""
+    if name is None:
+        return svc
+    query = request.state.model_query
+    if query is not None and query != name:
+        raise ApiError(422, f"model: the body names {name!r} and the query {query!r}; give one", "model")
+    return request.app.state.svc.pick(name)
 
 
 def endpoint_latent(cfg: ModelConfig, value: int | list[float], field: str,
@@ -150,6 +176,12 @@ async def info(svc: Svc) -> dict[str, Any]:
     return svc.info()
 
 
+@router.get("/models", summary="The models this endpoint serves (model=NAME picks one), and the ones a "
+                               "decoder replica holds now", dependencies=KNOWN_QUERY)
+async def models(api: Api) -> dict[str, Any]:
+    return await api.listing()
+
+
 @router.get("/sample", response_class=Response, responses={200: PNG}, dependencies=KNOWN_QUERY,
             summary="One galaxy from the prior or sampler, of any class or one "
                     "(same seed + model: byte-identical PNG)")
@@ -163,7 +195,8 @@ async def sample_one(svc: Svc, seed: SeedQuery = 0, temperature: TemperatureQuer
 
 @router.post("/sample", response_class=Response, responses={200: SAMPLE_FORMATS},
              summary="n galaxies as a PNG grid, a zip of PNGs, or a .npy array")
-async def sample_many(svc: Svc, req: Annotated[SampleRequest, Body()]) -> Response:
+async def sample_many(svc: Svc, request: Request, req: Annotated[SampleRequest, Body()]) -> Response:
+    svc = _body_model(request, svc, req.model)
     images, version = await svc.run(
         lambda cfg: svc.latents(cfg, req.n, req.seed, req.temperature, req.sampler, req.label, req.where),
         detail_seed=lambda cfg: svc.detail_seed(cfg, req.sampler, req.detail, req.seed))
@@ -178,7 +211,9 @@ async def sample_many(svc: Svc, req: Annotated[SampleRequest, Body()]) -> Respon
 
 @router.post("/interpolate", response_class=Response, responses={200: PNG},
              summary="A strip of galaxies along the spherical path (slerp) between two codes")
-async def interpolate(svc: Svc, req: Annotated[InterpolateRequest, Body()]) -> Response:
+async def interpolate(svc: Svc, request: Request, req: Annotated[InterpolateRequest, Body()]) -> Response:
+    svc = _body_model(request, svc, req.model)
+
     def build(cfg: ModelConfig) -> np.ndarray:
         def draw(seed: int) -> np.ndarray:
             return svc.latents(cfg, 1, seed, req.temperature, req.sampler, req.label)[0]
@@ -217,7 +252,9 @@ async def latent(svc: Svc, seed: SeedQuery = 0, temperature: TemperatureQuery = 
 
 @router.post("/decode", response_class=Response, responses={200: PNG},
              summary="Decode one latent vector to a PNG galaxy")
-async def decode(svc: Svc, req: Annotated[DecodeRequest, Body()]) -> Response:
+async def decode(svc: Svc, request: Request, req: Annotated[DecodeRequest, Body()]) -> Response:
+    svc = _body_model(request, svc, req.model)
+
     def build(cfg: ModelConfig) -> np.ndarray:
         if len(req.z) != cfg.latent_dim:
             raise ApiError(422, f"z: a latent vector must have {cfg.latent_dim} values, got {len(req.z)}", "z")

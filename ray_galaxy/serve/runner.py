@@ -17,24 +17,28 @@ from ray import serve
 
 from ray_galaxy.checkpoint import load_model_dir
 from ray_galaxy.console import log
-from ray_galaxy.serve.app import build_app
-from ray_galaxy.serve.config import APP_NAME
+from ray_galaxy.serve.app import absolute_models, build_app
+from ray_galaxy.serve.config import APP_NAME, serve_config
 from ray_galaxy.serve.yaml_check import load_serve_config
-from ray_galaxy.storage import absolute
 
 QUIET = {"log_level": "WARNING", "enable_access_log": False}
 
 
-def prepare(model: str, config_path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(app args, deployment overrides, the config's application) for ``model``; raises
-    ConfigError for a bad config file and ModelDirError for a model directory that is not
-    finished, here rather than later in a replica's log."""
+def prepare(models: list[str] | None, config_path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(app args, deployment overrides, the config's application) for ``models`` (one or more
+    ``[NAME=]PATH``; None: the config's ``model``); raises ConfigError for a bad config file or
+    two models of one name, and ModelDirError for a model directory that is not finished, here
+    rather than later in a replica's log."""
     _, app_cfg = load_serve_config(config_path)
-    model = absolute(model)
-    load_model_dir(model, weights=False)
-    app_args = {**(app_cfg.get("args") or {}), "model": model}
+    args = dict(app_cfg.get("args") or {})
+    if models:
+        args["model"] = models[0] if len(models) == 1 else list(models)
+    cfg = serve_config(args)
+    args["model"] = absolute_models(cfg.model)
+    for _, location in serve_config(args).models:
+        load_model_dir(location, weights=False)
     overrides = {d["name"]: d for d in app_cfg.get("deployments") or []}
-    return app_args, overrides, app_cfg
+    return args, overrides, app_cfg
 
 
 def _explorer_url(url: str, app_args: dict[str, Any]) -> str:
@@ -53,10 +57,11 @@ def _wait_for_stop() -> None:
         pass
 
 
-def serve_model(model: str, config_path: str, host: str = "127.0.0.1", port: int = 8000,
+def serve_model(models: list[str] | None, config_path: str, host: str = "127.0.0.1", port: int = 8000,
                 name: str | None = None) -> None:
-    """Serve ``model`` at http://host:port/ until Ctrl-C or SIGTERM, then shut Serve down."""
-    app_args, overrides, app_cfg = prepare(model, config_path)
+    """Serve ``models`` (None: the config's) at http://host:port/ until Ctrl-C or SIGTERM, then
+    shut Serve down."""
+    app_args, overrides, app_cfg = prepare(models, config_path)
     application = build_app(app_args, overrides)
     route_prefix = app_cfg.get("route_prefix", "/") or "/"
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines are in Ray's log folder
@@ -65,7 +70,9 @@ def serve_model(model: str, config_path: str, host: str = "127.0.0.1", port: int
     serve.run(application, name=name or app_cfg.get("name", APP_NAME), route_prefix=route_prefix,
               logging_config=QUIET)
     url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
-    log(f"serving {app_args['model']}: latent explorer: open {_explorer_url(url, app_args)} in a browser "
+    served = serve_config(app_args).models
+    what = served[0][1] if len(served) == 1 else ", ".join(f"{n} ({loc})" for n, loc in served)
+    log(f"serving {what}: latent explorer: open {_explorer_url(url, app_args)} in a browser "
         f"(API docs {url}/docs; Ctrl-C to stop)")
     _wait_for_stop()
     log("shutting down")

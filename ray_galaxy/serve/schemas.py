@@ -8,13 +8,14 @@ from typing import Annotated, Literal, Union
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from ray_galaxy.serve.config import (MAX_ABS_LATENT, MAX_INTERP_STEPS, MAX_LABEL_CHARS, MAX_N, MAX_SEED,
-                                     MAX_TEMPERATURE, MAX_TRAVERSE_RANGE, MAX_TRAVERSE_STEPS)
+from ray_galaxy.serve.config import (MAX_ABS_LATENT, MAX_INTERP_STEPS, MAX_LABEL_CHARS, MAX_MODEL_CHARS, MAX_N,
+                                     MAX_SEED, MAX_TEMPERATURE, MAX_TRAVERSE_RANGE, MAX_TRAVERSE_STEPS)
 
 SAMPLER_DOC = ("prior: N(0, T^2 I); gmm: the model's two-stage sampler (see /info samplers); "
                "auto (default): gmm when the model has one, else prior")
 DETAIL_DOC = ("with the gmm sampler: draw from p(x|z), the decoded mean plus the sampler's residual "
               "detail (seeded by seed); false: the decoder's mean")
+MODEL_DOC = "the model, by name (one of /models); default: the first the endpoint serves"
 LABEL_DOC = ("only galaxies of this class (one of /info labels; needs a sampler fitted with labels); "
              "default: any class")
 WHERE_DOC = ("only from training galaxies whose properties satisfy this, e.g. 'r50_px >= 6 and ellipticity > 0.5' "
@@ -27,12 +28,14 @@ LatentValue = Annotated[float, Field(ge=-MAX_ABS_LATENT, le=MAX_ABS_LATENT, allo
 Endpoint = Union[Seed, list[LatentValue]]
 SamplerName = Literal["auto", "prior", "gmm"]
 Label = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS)]
+ModelName = Annotated[str, Field(min_length=1, max_length=MAX_MODEL_CHARS)]
 
 # Query parameters.
 SeedQuery = Annotated[int, Query(ge=0, le=MAX_SEED)]
 TemperatureQuery = Annotated[float, Query(ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)]
 SamplerQuery = Annotated[SamplerName, Query(description=SAMPLER_DOC)]
 DetailQuery = Annotated[bool, Query(description=DETAIL_DOC)]
+ModelQuery = Annotated[str | None, Query(min_length=1, max_length=MAX_MODEL_CHARS, description=MODEL_DOC)]
 LabelQuery = Annotated[str | None, Query(min_length=1, max_length=MAX_LABEL_CHARS, description=LABEL_DOC)]
 # No length limits here: the where parser names what is wrong (empty, too long) in its own words.
 WhereQuery = Annotated[str | None, Query(description=WHERE_DOC)]
@@ -60,6 +63,7 @@ class SampleRequest(BaseModel):
     detail: bool = Field(True, description=DETAIL_DOC)
     label: Label | None = Field(None, description=LABEL_DOC)
     where: str | None = Field(None, description=WHERE_DOC)
+    model: ModelName | None = Field(None, description=MODEL_DOC)
 
 
 class InterpolateRequest(BaseModel):
@@ -72,6 +76,7 @@ class InterpolateRequest(BaseModel):
     temperature: Temperature = Field(1.0, description="prior scale for seed endpoints")
     sampler: SamplerName = Field("auto", description="sampler of seed endpoints: " + SAMPLER_DOC)
     label: Label | None = Field(None, description="class of seed endpoints: " + LABEL_DOC)
+    model: ModelName | None = Field(None, description=MODEL_DOC)
 
 
 class DecodeRequest(BaseModel):
@@ -79,6 +84,7 @@ class DecodeRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     z: list[LatentValue] = Field(..., description="one latent vector (latent_dim values)")
+    model: ModelName | None = Field(None, description=MODEL_DOC)
 
 
 PNG = {"content": {"image/png": {}}, "description": "PNG image"}

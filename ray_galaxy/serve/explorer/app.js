@@ -1,7 +1,8 @@
 // ray-galaxy latent explorer. Plain script, no build step, no requests beyond this app:
 // every URL is relative to <base href>, i.e. to the Serve app's route prefix. When the server
 // has a token, the page was opened once as ?token=...; the server then keeps it in a
-// same-site cookie, which fetch() sends along (credentials: "same-origin").
+// same-site cookie, which fetch() sends along (credentials: "same-origin"). An endpoint that
+// serves several models gets the chosen one's name in every request (?model= or "model").
 "use strict";
 
 const PAD = 2;            // figures.grid: pixels between and around tiles
@@ -11,6 +12,7 @@ const DEBOUNCE_MS = 30;
 
 const $ = (id) => document.getElementById(id);
 const state = {
+  models: [],     // the names /models lists, when there are several
   info: null,
   z: [],          // the current latent code (full precision; sliders show it rounded)
   shown: [],      // latent dims that have a slider, most used first
@@ -30,9 +32,16 @@ async function api(path, options = {}) {
   return resp;
 }
 
+// The chosen model as a request parameter; none where the endpoint serves one model.
+function modelParam() {
+  return state.models.length > 1 ? { model: $("model").value } : {};
+}
+
+function query(params = {}) { return new URLSearchParams({ ...params, ...modelParam() }); }
+
 function postJSON(path, body) {
   return api(path, { method: "POST", headers: { "Content-Type": "application/json" },
-                     body: JSON.stringify(body) });
+                     body: JSON.stringify({ ...body, ...modelParam() }) });
 }
 
 function setStatus(text, error = false) {
@@ -166,8 +175,8 @@ function syncLabelBox() {
 }
 
 async function loadSeed(seed) {
-  const params = new URLSearchParams({ seed: String(seed), temperature: $("temperature").value,
-                                       sampler: $("sampler").value, ...labelParam() });
+  const params = query({ seed: String(seed), temperature: $("temperature").value,
+                         sampler: $("sampler").value, ...labelParam() });
   const ticket = ++latest.latent;
   const body = await (await api(`latent?${params}`)).json();
   if (ticket !== latest.latent) return body.z;  // a newer seed was asked for meanwhile
@@ -221,8 +230,7 @@ async function drawTraversal() {
   const steps = Math.max(2, Math.min(12, Number($("trav-steps").value) || 7));
   const span = Number($("trav-range").value) || 3;
   const center = $("trav-center").checked ? state.z.slice() : state.z.map(() => 0);
-  const params = new URLSearchParams({ dims: `${a},${b}`, steps: String(steps), range: String(span),
-                                       center: center.join(",") });
+  const params = query({ dims: `${a},${b}`, steps: String(steps), range: String(span), center: center.join(",") });
   const ticket = ++latest.traverse;
   const blob = await (await api(`traverse?${params}`)).blob();
   if (ticket !== latest.traverse) return;
@@ -261,8 +269,11 @@ function fillSelect(select, values, label, selected) {
 
 // ------------------------------------------------------------------ start
 
-async function start() {
-  const info = await (await api("info")).json();
+// Everything that depends on the model: the info panel, the selectors, the sliders and the
+// first view (seed 0, an interpolation from it to seed 1, the traversal around it).
+async function loadModel() {
+  for (const k of Object.keys(latest)) latest[k] += 1;  // answers for the previous model are stale
+  const info = await (await api(`info?${query()}`)).json();
   state.info = info;
   document.title = `${info.name} · ray-galaxy latent explorer`;
   showInfo(info);
@@ -272,10 +283,11 @@ async function start() {
   $("sampler-box").hidden = info.samplers.length < 2;
   fillSelect($("label"), [""].concat(info.labels || []), (l) => l || "any class", "");
   syncLabelBox();
+  $("dimcount").replaceChildren();
+  $("dimcount-box").hidden = info.latent_dim <= DEFAULT_SLIDERS;
   if (info.latent_dim > DEFAULT_SLIDERS) {
     const counts = [DEFAULT_SLIDERS, 24, 48].filter((c) => c < info.latent_dim).concat([info.latent_dim]);
     fillSelect($("dimcount"), counts, (c) => (c === info.latent_dim ? `all ${c}` : `first ${c}`), DEFAULT_SLIDERS);
-    $("dimcount-box").hidden = false;
   }
   const dims = [...Array(info.latent_dim).keys()];
   // The traversal starts on the two most used dimensions: the first two sliders.
@@ -284,8 +296,17 @@ async function start() {
   fillSelect($("dim-b"), dims, (d) => `z${d}`, tb ?? ta);
 
   state.z = new Array(info.latent_dim).fill(0);
+  state.interpolation = state.traversal = null;
   buildSliders();
 
+  const first = query({ seed: "1", sampler: $("sampler").value, ...labelParam() });
+  state.b = (await (await api(`latent?${first}`)).json()).z;
+  state.a = await loadSeed(Number($("seed").value) || 0);
+  await Promise.all([drawInterpolation(), drawTraversal()]);
+}
+
+function bindControls() {
+  $("model").addEventListener("change", () => report(loadModel()));
   $("dimcount").addEventListener("change", buildSliders);
   $("random").addEventListener("click", () => report(loadSeed(Math.floor(Math.random() * 1e9))));
   $("sampler").addEventListener("change", syncLabelBox);
@@ -294,9 +315,9 @@ async function start() {
   }
   $("apply-z").addEventListener("click", () => {
     try {
-      const z = JSON.parse($("zvec").value);
-      if (!Array.isArray(z) || z.length !== info.latent_dim || !z.every(Number.isFinite)) {
-        throw new Error(`need a JSON list of ${info.latent_dim} numbers`);
+      const z = JSON.parse($("zvec").value), n = state.info.latent_dim;
+      if (!Array.isArray(z) || z.length !== n || !z.every(Number.isFinite)) {
+        throw new Error(`need a JSON list of ${n} numbers`);
       }
       setCode(z);
     } catch (err) { setStatus(`latent vector: ${err.message}`, true); }
@@ -323,12 +344,17 @@ async function start() {
     z[fig.b] = fig.values[col];
     setCode(z);
   });
+}
 
-  // First view: seed 0, an interpolation from it to seed 1, the traversal around it.
-  const first = new URLSearchParams({ seed: "1", sampler: $("sampler").value, ...labelParam() });
-  state.b = (await (await api(`latent?${first}`)).json()).z;
-  state.a = await loadSeed(Number($("seed").value) || 0);
-  await tracked(Promise.all([drawInterpolation(), drawTraversal()]));
+async function start() {
+  const listing = await (await api("models")).json();
+  const byName = Object.fromEntries(listing.models.map((m) => [m.name, m]));
+  state.models = Object.keys(byName);
+  fillSelect($("model"), state.models, (n) => `${n} (latent ${byName[n].latent_dim}, ${byName[n].image_size} px)`,
+             listing.default);
+  $("model-box").hidden = state.models.length < 2;
+  bindControls();
+  await tracked(loadModel());
 }
 
 start().catch((err) => setStatus(err.message, true));
