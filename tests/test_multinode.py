@@ -17,6 +17,7 @@ import pytest
 
 from conftest import REPO, free_port
 
+ARTIFACTS = REPO / "test-artifacts"
 # The ray CLI of the interpreter running the tests, whether or not its venv is activated.
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -172,7 +173,10 @@ def test_submitted_elastic_job_survives_losing_a_node_and_grows_when_one_joins(t
     epoch_lines = [line for line in ours if line.startswith("[ray-galaxy] epoch ")]
     assert len(set(epoch_lines)) == len(epoch_lines), "".join(epoch_lines)
     assert sorted({int(line.split()[2].split("/")[0]) for line in epoch_lines}) == list(range(1, 21))
+    # How long recovery took (docs/reliability.md quotes it): printed with -s, kept as an artifact.
     print(f"\nnode lost -> resuming line {times['resumed']:.1f} s, -> first epoch after it {times['first_epoch']:.1f} s")
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "node_loss.json").write_text(json.dumps({**times, "load_average_1m": os.getloadavg()[0]}, indent=1))
     metrics = json.loads((storage / "el" / "model" / "metrics.json").read_text())
     history = metrics["history"]
     assert [h["epoch"] for h in history] == list(range(1, 21))
