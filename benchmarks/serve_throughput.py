@@ -11,7 +11,12 @@ then p50/p99 latency of one request at a time. With ``--per-request K`` (default
 N galaxies are also fetched as N/K ``POST /sample {"n": K, "format": "zip"}`` requests (K
 PNGs each), the way a program that wants many galaxies asks for them. Prints one JSON object.
 
+With ``--proxies default,haproxy`` each proxy runs in its own Ray (HAProxy mode is set when Ray
+starts), one after the other, ``--rounds`` times alternating, and a side-by-side summary comes
+first: single-galaxy ratio, p50 of one request at a time, /healthz per second, bulk ratio.
+
     python benchmarks/serve_throughput.py --model runs/galaxy-vae/model
+    python benchmarks/serve_throughput.py --model runs/galaxy-vae/model --proxies default,haproxy --rounds 2
 """
 
 import argparse
@@ -19,7 +24,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -124,7 +131,15 @@ def main() -> None:
     p.add_argument("--chunk-rows", type=int, default=0,
                    help="decode_chunk_rows of the Serve app (0 = auto: 1 on CPU)")
     p.add_argument("--out", default=None, help="also write the JSON here (Ray may print to stdout too)")
+    p.add_argument("--proxies", default="default",
+                   help="HTTP proxies to compare, each in its own Ray: default, haproxy or both (default,haproxy)")
+    p.add_argument("--rounds", type=int, default=1, help="with several proxies: runs of each, alternating")
+    p.add_argument("--proxy", default=None, help=argparse.SUPPRESS)  # internal: this process runs one proxy
     args = p.parse_args()
+    if args.proxy is None:
+        return compare_proxies(args)
+    if args.proxy == "haproxy":  # before Ray starts: every Ray process of this run inherits it
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     import socket
@@ -157,6 +172,9 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 logging_config={"log_level": "WARNING", "enable_access_log": False})
     url = f"http://127.0.0.1:{port}/bench"
+    # Whether HAProxy really fronts Serve in this run (the flag alone does not prove it).
+    haproxy_seen = any(b"haproxy" in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[0]
+                       for pid in os.listdir("/proc") if pid.isdigit() and os.path.exists(f"/proc/{pid}/cmdline"))
     results = {}
     for batch in batch_sizes:
         cfg = {"model": model, "max_batch_size": batch, "batch_wait_timeout_s": args.batch_wait_timeout_s,
@@ -203,12 +221,47 @@ def main() -> None:
         "decoder_cpus": args.decoder_cpus,
         "decode_chunk_rows": args.chunk_rows,
         "batch_wait_timeout_s": args.batch_wait_timeout_s,
+        "proxy": args.proxy,
+        "haproxy_process_seen": haproxy_seen,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "in_process_batch_sweep": {b: r["galaxies_per_s"] for b, r in sweep.items()},
         "in_process_best_batch": best,
         **results,
         "load_average_1m_at_end": os.getloadavg()[0],
     }, indent=1)
+    print(report, flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report + "\n")
+
+
+def _summary(run: dict) -> dict:
+    first = next(v for k, v in run.items() if k.startswith("serve_max_batch_size_"))
+    return {"single_galaxy_ratio": first["ratio_vs_in_process"],
+            "p50_ms_one_at_a_time": first["latency_single_request"]["p50_ms"],
+            "healthz_per_s": run["http_stack_only_healthz_per_s"],
+            "bulk_ratio": first.get("bulk_ratio_vs_in_process")}
+
+
+def compare_proxies(args: argparse.Namespace) -> None:
+    """Run this benchmark once per proxy and round, each in a fresh process (and Ray), and print
+    the side-by-side summary (means over rounds) before every run's full figures."""
+    proxies = [p.strip() for p in args.proxies.split(",") if p.strip()]
+    runs: dict[str, list[dict]] = {p: [] for p in proxies}
+    argv = [a for a in sys.argv[1:]]
+    for i in range(args.rounds):
+        for proxy in (proxies if i % 2 == 0 else proxies[::-1]):
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                cmd = [sys.executable, os.path.abspath(__file__), *argv, "--proxy", proxy, "--out", out.name]
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                runs[proxy].append(json.load(open(out.name)))
+            print(f"round {i + 1}, {proxy}: {_summary(runs[proxy][-1])}", file=sys.stderr, flush=True)
+    summary = {}
+    for proxy, rs in runs.items():
+        values = {k: [_summary(r)[k] for r in rs if _summary(r)[k] is not None] for k in _summary(rs[0])}
+        summary[proxy] = {k: statistics.mean(v) for k, v in values.items() if v}
+        summary[proxy]["haproxy_process_seen"] = all(r.get("haproxy_process_seen") for r in rs)
+    report = json.dumps({"side_by_side_means": summary, "rounds": args.rounds, "runs": runs}, indent=1)
     print(report, flush=True)
     if args.out:
         with open(args.out, "w") as f:

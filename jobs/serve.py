@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=os.path.join(REPO, "cluster", "serve.yaml"),
                    help="Serve config file for app args and deployment options (default cluster/serve.yaml)")
     p.add_argument("--name", default=None, help="application name (default: the config's)")
+    p.add_argument("--proxy", choices=("default", "haproxy"), default=None,
+                   help="HTTP proxy in front of the app: Serve's own or HAProxy (default: the config's args.proxy)")
     args = p.parse_args(argv)
 
     # After parsing: --help answers without importing Ray.
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray_galaxy.serve.runner import serve_model
 
     try:
-        serve_model(args.model, args.config, args.host, args.port, args.name)
+        serve_model(args.model, args.config, args.host, args.port, args.name, proxy=args.proxy)
     except (ConfigError, ModelDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

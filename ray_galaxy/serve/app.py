@@ -19,6 +19,7 @@ from ray_galaxy.config import ConfigError
 from ray_galaxy.serve.config import DECODER, DEPLOYMENT_NAMES, INGRESS, ServeConfig, Token, serve_config, split_model
 from ray_galaxy.serve.decoder import Decoder
 from ray_galaxy.serve.ingress import GalaxyAPI
+from ray_galaxy.serve.proxy import HAPROXY_ENV
 from ray_galaxy.storage import absolute
 
 
@@ -90,5 +91,12 @@ def build_app(config: Mapping[str, Any] | ServeConfig,
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
-    """Application builder for ``import_path: ray_galaxy.serve.app:app_builder`` in a Serve config."""
+    """Application builder for ``import_path: ray_galaxy.serve.app:app_builder`` in a Serve config.
+
+    It runs where Serve builds the app (``serve run``'s process, or a task on the cluster for
+    ``serve deploy``), whose environment is the cluster's: ``proxy: haproxy`` is checked there."""
+    if serve_config(args).proxy == "haproxy" and os.environ.get(HAPROXY_ENV) != "1":
+        raise ConfigError(f"proxy: haproxy needs {HAPROXY_ENV}=1 in the environment Ray starts with "
+                          f"(`{HAPROXY_ENV}=1 serve run ...`, or in `ray start` on the cluster's nodes); "
+                          "it is not set, or use proxy: default")
     return build_app(args)

@@ -32,6 +32,8 @@ MAX_MODEL_CHARS = 200      # a model's name (``model=``); the served names are c
 # The explorer page sets this cookie from ``GET /?token=...``: a browser cannot send a bearer
 # header when it loads a page, its script and its images.
 TOKEN_COOKIE = "ray_galaxy_token"
+# The HTTP proxies Serve can run in front of the app (ServeConfig.proxy).
+PROXIES = ("default", "haproxy")
 # How long the ingress keeps retrying while the decoder is unavailable or mid-swap.
 DECODER_RETRY_S = 20.0
 # A name given to a model as NAME=PATH (also what tells such an entry from a bare path).
@@ -94,6 +96,9 @@ class ServeConfig:
     decode_chunk_rows: int = 0
     # Models a Decoder replica keeps loaded when several are served (least recently used out).
     max_num_models_per_replica: int = 3
+    # The HTTP proxy in front of the app: Ray Serve's own ("default") or HAProxy, which Ray 2.60
+    # runs when RAY_SERVE_ENABLE_HA_PROXY=1 is in the cluster's environment (serve.proxy).
+    proxy: str = "default"
 
     def __post_init__(self) -> None:
         if isinstance(self.model, list):
@@ -113,6 +118,8 @@ class ServeConfig:
             raise ConfigError(f"torch_threads must be >= 0, got {self.torch_threads}")
         if self.decode_chunk_rows < 0:
             raise ConfigError(f"decode_chunk_rows must be >= 0 (0 = auto), got {self.decode_chunk_rows}")
+        if self.proxy not in PROXIES:
+            raise ConfigError(f"proxy must be one of {', '.join(PROXIES)}; got {self.proxy!r}")
 
     @property
     def models(self) -> list[tuple[str, str]]:

@@ -19,6 +19,7 @@ from ray_galaxy.checkpoint import load_model_dir
 from ray_galaxy.console import log
 from ray_galaxy.serve.app import absolute_models, build_app
 from ray_galaxy.serve.config import APP_NAME, serve_config
+from ray_galaxy.serve.proxy import check_cluster, enable_for_local_ray
 from ray_galaxy.serve.yaml_check import load_serve_config
 
 QUIET = {"log_level": "WARNING", "enable_access_log": False}
@@ -58,21 +59,27 @@ def _wait_for_stop() -> None:
 
 
 def serve_model(models: list[str] | None, config_path: str, host: str = "127.0.0.1", port: int = 8000,
-                name: str | None = None) -> None:
-    """Serve ``models`` (None: the config's) at http://host:port/ until Ctrl-C or SIGTERM, then
-    shut Serve down."""
+                name: str | None = None, proxy: str | None = None) -> None:
+    """Serve ``models`` (None: the config's) at http://host:port/ behind ``proxy`` (None: the
+    config's) until Ctrl-C or SIGTERM, then shut Serve down."""
     app_args, overrides, app_cfg = prepare(models, config_path)
+    if proxy:
+        app_args = {**app_args, "proxy": proxy}
     application = build_app(app_args, overrides)
     route_prefix = app_cfg.get("route_prefix", "/") or "/"
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines are in Ray's log folder
+    proxy = serve_config(app_args).proxy
+    if proxy == "haproxy" and not os.environ.get("RAY_ADDRESS"):
+        enable_for_local_ray()  # this job's own Ray: before it starts
     ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="warning", log_to_driver=False)
+    check_cluster(proxy)
     serve.start(http_options={"host": host, "port": port}, logging_config=QUIET)
     serve.run(application, name=name or app_cfg.get("name", APP_NAME), route_prefix=route_prefix,
               logging_config=QUIET)
     url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
     served = serve_config(app_args).models
     what = served[0][1] if len(served) == 1 else ", ".join(f"{n} ({loc})" for n, loc in served)
-    log(f"serving {what}: latent explorer: open {_explorer_url(url, app_args)} in a browser "
+    log(f"serving {what} behind {'HAProxy' if proxy == 'haproxy' else 'Serve'}'s HTTP proxy: latent explorer: open {_explorer_url(url, app_args)} in a browser "
         f"(API docs {url}/docs; Ctrl-C to stop)")
     _wait_for_stop()
     log("shutting down")
