@@ -169,6 +169,8 @@ class TrainConfig:
     placement_strategy: str = _h("How workers are placed on nodes: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD.",
                                  default="PACK")
     max_failures: int = _h("Worker-group restarts allowed; each resumes from the last checkpoint.", default=2)
+    max_preemptions: int = _h("Node preemptions survived (spot reclaims: nodes drained with reason preemption), "
+                              "counted apart from max_failures; -1: any number.", default=-1)
     keep_checkpoints: int = _h("Checkpoints kept, best by validation loss (the latest is always kept).", default=3)
     seed: int = _h("Random seed for initialisation, augmentation, the data order and sample figures: "
                    "on CPU with one worker the same seed gives the same run (docs/data.md).", default=0)
@@ -190,6 +192,8 @@ class TrainConfig:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be at least the largest number of workers ({self.max_workers})"
             )
+        if self.max_preemptions < -1:
+            raise ConfigError(f"max_preemptions must be -1 (any number) or >= 0, got {self.max_preemptions}")
         if self.elastic and self.placement_strategy.startswith("STRICT_"):
             # Train's elastic policy counts the workers that fit by each node's free resources
             # alone; a strict strategy that cannot place that many waits for ever.

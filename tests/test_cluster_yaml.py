@@ -120,7 +120,7 @@ def test_aws_config_has_gpus_for_train_gpu_yaml(aws_config):
     head = aws_config["head_node_type"]
     gpus = sum(t.get("max_workers", 0) * t["resources"].get("GPU", 0)
                for k, t in aws_config["available_node_types"].items() if k != head)
-    assert cfg.use_gpu and gpus >= cfg.num_workers
+    assert cfg.use_gpu and gpus >= cfg.max_workers
 
 
 @pytest.mark.parametrize("where", ["node_type", "docker", "top_level"])

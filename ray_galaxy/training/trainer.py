@@ -80,7 +80,8 @@ def make_trainer(cfg: TrainConfig, train_ds: Any, val_ds: Any, extra_loop_config
         run_config = RunConfig(
             name=name or cfg.name,
             storage_path=storage_path(cfg.storage),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.max_failures,
+                                         max_preemption_failures=cfg.max_preemptions),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                checkpoint_score_attribute=VAL_METRIC,
                                                checkpoint_score_order="min"),
