@@ -106,24 +106,46 @@ def _alive_nodes(two_nodes: dict) -> set[str]:
     return {n["node_id"] for n in json.loads(nodes.stdout) if n["state"] == "ALIVE"}
 
 
-def _submit_and_lose_a_node(two_nodes: dict, cmd: list[str]) -> tuple[list[str], dict[str, float]]:
-    """Run ``cmd`` (a ``ray job submit``), SIGKILL every process of the second node once epoch 2
-    is reported (mid-epoch: lines reach the submitter a little after the epoch ends), and start a third node one epoch after the job says it resumed.
-    Gives the job's output lines and the seconds from the kill to the resuming line and to the
-    first epoch after it."""
+def _drain_as_preemption(two_nodes: dict, short_id: str, deadline_s: int) -> str:
+    """``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`` of the alive node whose id starts
+    with ``short_id``, as a cloud's spot reclaim notice does; gives its full id."""
+    node_id = next(n for n in _alive_nodes(two_nodes) if n.startswith(short_id))
+    r = subprocess.run([RAY, "drain-node", "--address", f"127.0.0.1:{two_nodes['port']}", "--node-id", node_id,
+                        "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)",
+                        "--deadline-remaining-seconds", str(deadline_s)],
+                       env=two_nodes["env"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return node_id
+
+
+def _submit_lose_join_and_preempt(two_nodes: dict, cmd: list[str]) -> tuple[list[str], dict[str, float]]:
+    """Run ``cmd`` (a ``ray job submit``) through three faults: SIGKILL every process of the second
+    node once epoch 2 is reported (mid-epoch: lines reach the submitter a little after the epoch
+    ends); start a third node one epoch after the job says it resumed; one epoch after it grew,
+    drain that node as a preemption, and kill it once the job has seen the notice (as the cloud
+    does at the deadline). Gives the job's output lines and the seconds from the kill to the
+    resuming line and to the first epoch after it."""
     proc = subprocess.Popen(cmd, env=two_nodes["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, times, t_kill = [], {}, 0.0
+    lines, times, t_kill, third, grown = [], {}, 0.0, "", False
     try:
         for line in proc.stdout:
             lines.append(line)
+            epoch = line.startswith("[ray-galaxy] epoch ")
             if not t_kill and line.startswith("[ray-galaxy] epoch 2/"):
                 _kill_cluster(two_nodes["temp_dirs"][1])
                 t_kill = time.time()
             elif t_kill and "resumed" not in times and " lost; resuming" in line:
                 times["resumed"] = time.time() - t_kill
-            elif "resumed" in times and "first_epoch" not in times and line.startswith("[ray-galaxy] epoch "):
+            elif "resumed" in times and "first_epoch" not in times and epoch:
                 times["first_epoch"] = time.time() - t_kill
                 _start_node(two_nodes, '{"third_node": 1}')
+            elif " joined; resuming" in line and not third:
+                third = line.split("node ")[1].split()[0]
+            elif third and not grown and epoch:
+                grown = True
+                _drain_as_preemption(two_nodes, third, deadline_s=60)
+            elif " is being preempted" in line:
+                _kill_cluster(two_nodes["temp_dirs"][2])
         proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
@@ -138,8 +160,9 @@ def test_submitted_elastic_job_survives_losing_a_node_and_grows_when_one_joins(t
     and ignores STRICT_SPREAD, so resources keep a second worker off a node). Every process of the
     second node is SIGKILLed mid-epoch. The run goes on from its last checkpoint on the head node
     and says so in our words (no Ray dumps or tracebacks), grows back to two workers when a node
-    joins, and finishes with every epoch once, every checkpoint loadable, and its MLflow run in a
-    storage folder that did not exist (a submitted job is tracked like a direct one)."""
+    joins, shrinks again when that node is drained as a preemption (a spot reclaim, said as such),
+    and finishes with every epoch once, every checkpoint loadable, and its MLflow run in a storage
+    folder that did not exist (a submitted job is tracked like a direct one)."""
     from synthetic import write_folder
 
     from ray_galaxy.checkpoint import load_checkpoint
@@ -147,16 +170,16 @@ def test_submitted_elastic_job_survives_losing_a_node_and_grows_when_one_joins(t
     alive = _alive_nodes(two_nodes)
     assert len(alive) == 2
     data = tmp_path / "data"
-    write_folder(data, 160, size=32)
+    write_folder(data, 96, size=32)
     storage = tmp_path / "new" / "runs"
     # Train's worker-group start timeout bounds the wait when its elastic policy still counts the
     # lost node's CPUs (Ray's default 60 s; docs/reliability.md).
     runtime_env = json.dumps({"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}})
-    lines, times = _submit_and_lose_a_node(two_nodes, [
+    lines, times = _submit_lose_join_and_preempt(two_nodes, [
         RAY, "job", "submit", "--address", two_nodes["dashboard"], "--working-dir", str(REPO),
         "--runtime-env-json", runtime_env, "--",
         "python", "jobs/train.py", "--data", str(data), "--storage", str(storage), "--name", "el",
-        "--epochs", "20", "--num-workers", "1-2", "--placement-strategy", "SPREAD", "--elastic-check-s", "3",
+        "--epochs", "24", "--num-workers", "1-2", "--placement-strategy", "SPREAD", "--elastic-check-s", "3",
         "--cpus-per-worker", "1.5", "--image-size", "32", "--channels", "8,16,32,32", "--latent-dim", "4",
         "--batch-size", "8", "--no-fit-sampler", "--keep-checkpoints", "20"])
     out = "".join(lines)
@@ -164,7 +187,9 @@ def test_submitted_elastic_job_survives_losing_a_node_and_grows_when_one_joins(t
     started = [line for line in ours if "workers: 2 on 2 node(s)" in line]
     lost = [line for line in ours if "workers 2 -> 1: node" in line and " lost; resuming from checkpoint after epoch" in line]
     grew = [line for line in ours if "workers 1 -> 2: node" in line and " joined; resuming from checkpoint after epoch" in line]
-    assert len(started) == 1 and len(lost) == 1 and len(grew) == 1, "".join(ours)
+    noticed = [line for line in ours if " is being preempted within " in line]
+    preempted = [line for line in ours if "workers 2 -> 1: node" in line and " preempted; resuming from checkpoint" in line]
+    assert len(started) == len(lost) == len(grew) == len(noticed) == len(preempted) == 1, "".join(ours)
     for noise in ("[state-dump]", "gcs_server", "Traceback", "RayTrainWorker pid=", "TrainController",
                   "marked dead", "tracking is off"):
         assert noise not in out, f"{noise!r} in the job's log:\n{out[-5000:]}"
@@ -172,21 +197,21 @@ def test_submitted_elastic_job_survives_losing_a_node_and_grows_when_one_joins(t
     # group finished but could not checkpoint is trained, and printed, again after the resume.
     epoch_lines = [line for line in ours if line.startswith("[ray-galaxy] epoch ")]
     assert len(set(epoch_lines)) == len(epoch_lines), "".join(epoch_lines)
-    assert sorted({int(line.split()[2].split("/")[0]) for line in epoch_lines}) == list(range(1, 21))
+    assert sorted({int(line.split()[2].split("/")[0]) for line in epoch_lines}) == list(range(1, 25))
     # How long recovery took (docs/reliability.md quotes it): printed with -s, kept as an artifact.
     print(f"\nnode lost -> resuming line {times['resumed']:.1f} s, -> first epoch after it {times['first_epoch']:.1f} s")
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "node_loss.json").write_text(json.dumps({**times, "load_average_1m": os.getloadavg()[0]}, indent=1))
     metrics = json.loads((storage / "el" / "model" / "metrics.json").read_text())
     history = metrics["history"]
-    assert [h["epoch"] for h in history] == list(range(1, 21))
+    assert [h["epoch"] for h in history] == list(range(1, 25))
     resumed_after = int(lost[0].split("after epoch ")[1].split()[0])
     assert {h["workers"] for h in history[:resumed_after]} == {2} and history[resumed_after]["workers"] == 1
-    assert history[-1]["workers"] == 2 and history[-1]["worker_nodes"] == 2
+    assert {h["workers"] for h in history} == {1, 2} and history[-1]["workers"] == 1  # the third node went too
     for ckpt in sorted((storage / "el").glob("checkpoint_epoch_*")):
         load_checkpoint(str(ckpt))
     client = mlflow.MlflowClient(f"sqlite:///{storage}/mlflow.db")
     run = client.get_run(metrics["tracking"]["run_id"])
     assert run.info.status == "FINISHED"
     # A resumed group records its checkpoint's epochs again, so steps repeat; none is missing.
-    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "val_loss")}) == list(range(1, 21))
+    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "val_loss")}) == list(range(1, 25))

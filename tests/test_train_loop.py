@@ -8,7 +8,8 @@ import torch
 
 from ray_galaxy.config import ConfigError, TrainConfig, resolve
 from ray_galaxy.config import PRESETS
-from ray_galaxy.training.loop import LR_FLOOR, GradGuard, group_line, lr_at
+from ray_galaxy.training.group import group_line
+from ray_galaxy.training.loop import LR_FLOOR, GradGuard, lr_at
 
 
 def test_cosine_schedule_starts_at_lr_and_ends_at_the_floor():
@@ -78,5 +79,7 @@ def test_group_line_says_how_the_worker_group_changed():
     assert lost == "workers 2 -> 1: node bbbbbbbb lost; resuming from checkpoint after epoch 5"
     back = group_line([a, b], {"epoch": 7, "node_ids": [a]})
     assert back == "workers 1 -> 2: node bbbbbbbb joined; resuming from checkpoint after epoch 7"
+    spot = group_line([a], {"epoch": 6, "node_ids": [a, b], "preempted": [b]})
+    assert spot == "workers 2 -> 1: node bbbbbbbb preempted; resuming from checkpoint after epoch 6"
     same = group_line([a], {"epoch": 3, "node_ids": [a], "with_critic": True})
     assert same == "workers: 1; resuming from checkpoint after epoch 3 (with its critic)"

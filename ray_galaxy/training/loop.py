@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import math
 import os
 import tempfile
@@ -33,10 +32,10 @@ from ray_galaxy.model import ConvVAE
 from ray_galaxy.runtime import quiet_train_worker
 from ray_galaxy.tracking import Tracker
 from ray_galaxy.training.adversary import Adversary, critic_won
+from ray_galaxy.training.group import check_preemption, group_line, group_node_ids, swap_group_record
 
 # The metric checkpoints are ranked by (Tune ranks trials by it too).
 VAL_METRIC = "val_loss"
-GROUP_FILE = "workers.json"  # the nodes of the run's current worker group (_swap_group_record)
 # The cosine schedule ends at this fraction of the peak learning rate.
 LR_FLOOR = 0.05
 # Rows of the local shuffle buffer (at least; 4 batches when larger): two prepared shards, so
@@ -231,6 +230,7 @@ class WorkerState:
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     node_ids: list[str] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)  # nodes announced as being preempted
 
     @property
     def batch_size(self) -> int:
@@ -276,49 +276,6 @@ def _resume(cfg: TrainConfig, model: ConvVAE, optimizer: torch.optim.Optimizer,
     return state["epoch"] + 1, state.get("history", []), about
 
 
-def _swap_group_record(node_ids: list[str]) -> list[str]:
-    """Record this worker group's nodes in the run's folder (``workers.json``) and give the
-    previous group's: a group that failed before its first checkpoint still ran, and the next
-    one's line should say what changed since it. Train's storage context is a DeveloperAPI; it is
-    the one place that knows the run folder on any filesystem (local, S3)."""
-    storage = ray.train.get_context().get_storage()
-    fs, path = storage.storage_filesystem, f"{storage.experiment_fs_path}/{GROUP_FILE}"
-    try:
-        with fs.open_input_stream(path) as f:
-            previous = list(json.loads(f.read().decode()).get("node_ids") or [])
-    except (OSError, ValueError):
-        previous = []
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps({"node_ids": node_ids}).encode())
-    return previous
-
-
-def group_line(node_ids: list[str], before: dict[str, Any] | None = None) -> str:
-    """What the worker group is, and how it differs from the checkpoint's group ``before``:
-    'workers 2 -> 1: node 5f3a1c9e lost; resuming from checkpoint after epoch 5'."""
-    def nodes(ids: Any) -> str:
-        return ", ".join(sorted(str(i)[:8] for i in ids))
-
-    if not before:
-        return f"workers: {len(node_ids)} on {len(set(node_ids))} node(s) ({nodes(set(node_ids))})"
-    old = list(before.get("node_ids") or [])
-    gone, joined = set(old) - set(node_ids), set(node_ids) - set(old)
-    changes = ([f"node {nodes(gone)} lost"] if gone else []) + ([f"node {nodes(joined)} joined"] if joined else [])
-    head = f"workers {len(old)} -> {len(node_ids)}" if old and len(old) != len(node_ids) else f"workers: {len(node_ids)}"
-    return (head + (": " + ", ".join(changes) if changes else "") + f"; resuming from checkpoint after epoch "
-            f"{before['epoch']}" + (" (with its critic)" if before.get("with_critic") else ""))
-
-
-def _node_ids(world: int) -> list[str]:
-    """The node of every rank (placement is part of what a run did, recorded with the metrics)."""
-    node_id = ray.get_runtime_context().get_node_id()
-    if world == 1:
-        return [node_id]
-    ids: list[Any] = [None] * world
-    dist.all_gather_object(ids, node_id)
-    return ids
-
-
 def _finetune_start(cfg: TrainConfig, model: ConvVAE, init_model: str, rank: int,
                     seed: int) -> tuple[Adversary, list[dict[str, Any]]]:
     """Begin the fine-tuning phase from the likelihood model directory ``init_model``: its weights
@@ -359,11 +316,11 @@ def setup_worker(loop_config: dict[str, Any]) -> WorkerState:
     if resumed:
         first, history = resumed, resumed_history
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * first)
-    node_ids = _node_ids(world)
+    node_ids = group_node_ids(world)
     if rank == 0:
-        last_group = _swap_group_record(node_ids)
-        if before and last_group:  # the group that ran last, which may not have reached a checkpoint
-            before = {**before, "node_ids": last_group}
+        last_group = swap_group_record(node_ids)
+        if before and last_group.get("node_ids"):  # the group that ran last, maybe without a checkpoint
+            before = {**before, "node_ids": last_group["node_ids"], "preempted": last_group.get("preempted", [])}
         if before or cfg.max_workers > 1:
             log(loop_config.get("tag", "") + group_line(node_ids, before))
     return WorkerState(cfg=cfg, rank=rank, world=world, device=device, autocast=_autocast_for(device),
@@ -491,6 +448,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if w.rank == 0:
             log(tag + _progress_line(w.cfg, metrics, epoch_times, last))
         _report(w, epoch, metrics)
+        w.preempted = check_preemption(w.rank, w.node_ids, w.preempted, epoch)
         tracker.log_history(w.history[-1:])
         if w.rank == 0 and critic_won(w.history) and not critic_won(w.history[:-1]):
             log(f"{tag}warning: the critic has won outright (accuracy >= 0.95 on real and generated images for "
