@@ -169,6 +169,9 @@ class TrainConfig:
     placement_strategy: str = _h("How workers are placed on nodes: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD.",
                                  default="PACK")
     max_failures: int = _h("Worker-group restarts allowed; each resumes from the last checkpoint.", default=2)
+    placement_tries: int = _h("How many times Train waits for room for the worker group (each wait is "
+                              "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default) before the run fails "
+                              "with a clear error instead of waiting; -1: wait for ever.", default=5)
     max_preemptions: int = _h("Node preemptions survived (spot reclaims: nodes drained with reason preemption), "
                               "counted apart from max_failures; -1: any number.", default=-1)
     keep_checkpoints: int = _h("Checkpoints kept, best by validation loss (the latest is always kept).", default=3)
@@ -192,6 +195,8 @@ class TrainConfig:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be at least the largest number of workers ({self.max_workers})"
             )
+        if self.placement_tries < -1:
+            raise ConfigError(f"placement_tries must be -1 (wait for ever) or >= 0, got {self.placement_tries}")
         if self.max_preemptions < -1:
             raise ConfigError(f"max_preemptions must be -1 (any number) or >= 0, got {self.max_preemptions}")
         if self.elastic and self.placement_strategy.startswith("STRICT_"):

@@ -108,3 +108,7 @@ def test_elastic_workers_refuse_a_strict_placement():
     with pytest.raises(ConfigError, match="num_workers 1-2.*STRICT_SPREAD"):
         TrainConfig(num_workers="1-2", placement_strategy="STRICT_SPREAD")
     assert TrainConfig(num_workers=2, placement_strategy="STRICT_SPREAD").num_workers == 2
+    for key in ("placement_tries", "max_preemptions"):  # -1 is "no limit"; below that is an error
+        assert getattr(TrainConfig(**{key: -1}), key) == -1
+        with pytest.raises(ConfigError, match=key):
+            TrainConfig(**{key: -2})

@@ -80,8 +80,11 @@ def make_trainer(cfg: TrainConfig, train_ds: Any, val_ds: Any, extra_loop_config
         run_config = RunConfig(
             name=name or cfg.name,
             storage_path=storage_path(cfg.storage),
+            # Train retries a worker group it cannot place (WorkerGroupStartupTimeoutError, a
+            # controller error) without end unless controller_failure_limit bounds it.
             failure_config=FailureConfig(max_failures=cfg.max_failures,
-                                         max_preemption_failures=cfg.max_preemptions),
+                                         max_preemption_failures=cfg.max_preemptions,
+                                         controller_failure_limit=cfg.placement_tries),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                checkpoint_score_attribute=VAL_METRIC,
                                                checkpoint_score_order="min"),
@@ -123,6 +126,14 @@ def _fit(trainer: TorchTrainer, cfg: TrainConfig) -> tuple[Any, Any]:
     try:
         result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - give one clear line, keep the cause chained
+        failure = getattr(e, "controller_failure", None)  # Train's ControllerError carries the cause
+        if type(failure).__name__ == "WorkerGroupStartupTimeoutError":
+            raise ClusterError(
+                f"training run {cfg.name!r}: the cluster had no room for {cfg.min_workers} worker(s) of "
+                f"{cfg.cpus_per_worker} CPU{' + 1 GPU' if cfg.use_gpu else ''} each in {cfg.placement_tries + 1} "
+                f"tries (Train waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default, per try); lower "
+                f"--num-workers or --cpus-per-worker, " + ("" if cfg.elastic else f"give a range (--num-workers "
+                f"1-{cfg.max_workers}) to train with what there is, ") + "or add nodes") from e
         raise RuntimeError(f"training run {cfg.name!r} failed: {type(e).__name__}: {e}") from e
     best = result.get_best_checkpoint(metric=VAL_METRIC, mode="min") or result.checkpoint
     if best is None:
