@@ -85,6 +85,9 @@ def test_bad_targets_tables_are_one_line_errors_naming_the_column_or_row(tmp_pat
     assert "row 1 (counting from 0 below the header), column 'flux': 'bright' is not a number" in \
         error("r50_px,flux\n3,40\n4,bright\n")
     assert "row 0 (counting from 0 below the header), column 'flux': is empty" in error("r50_px,flux\n3,\n")
+    assert "row 1 (counting from 0 below the header), column 'flux': is nan, not a finite number" in \
+        error("r50_px,flux\n3,4\n5,nan\n")
+    assert "column 'gini': 'True' is not a number" in error("gini\ntrue\n")
     assert "no rows" in error("r50_px,flux\n") and "the file is empty" in error("")
     assert "must be a .csv or .parquet file" in error("r50_px\n3\n", "t.txt")
     assert "no property column" in str(pytest.raises(MatchError, targets_from_table, pa.table({}), "x.parquet").value)

@@ -73,6 +73,8 @@ def _column_values(source: str, name: str, column: pa.ChunkedArray) -> np.ndarra
             if v is None:
                 raise MatchError(f"{_where(source, i, name)}: is empty; every requested value must be a number")
             try:
+                if isinstance(v, bool):
+                    raise TypeError
                 float(v)
             except (TypeError, ValueError):
                 raise MatchError(f"{_where(source, i, name)}: {str(v)[:40]!r} is not a number") from None
@@ -115,7 +117,9 @@ def read_targets(uri: str) -> Targets:
     if not data.strip():
         raise MatchError(f"{uri}: the file is empty; give a header row of properties and one row per galaxy")
     try:
-        table = (pacsv.read_csv(io.BytesIO(data)) if kind == "csv" else pq.read_table(io.BytesIO(data)))
+        # Only an empty cell is missing: "nan" or "NA" is a value that is not a number, and says so.
+        table = (pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(null_values=[""]))
+                 if kind == "csv" else pq.read_table(io.BytesIO(data)))
     except (pa.ArrowInvalid, OSError) as e:
         raise MatchError(f"{uri}: not a readable {kind.upper()} table ({str(e).splitlines()[0]})") from None
     return targets_from_table(table, uri, hashlib.sha256(data).hexdigest())
