@@ -464,10 +464,9 @@ def measure(image: np.ndarray) -> dict[str, float]:
     }
 
 
-# Fewer images than this are measured in this process: a pool's start (each worker a fresh
-# interpreter importing numpy, scipy, torch and the job's own modules, 2-4 s of CPU) would cost
-# more than it saves; at ~15 ms an image, 2 cores break even near 350 images.
-PARALLEL_MIN_IMAGES = 400
+# Fewer images than this are measured in this process: a handful is over before a pool has
+# started and sent them out.
+PARALLEL_MIN_IMAGES = 64
 
 
 def measure_all(images: Iterable[np.ndarray], stats: Sequence[str] = STATS,
