@@ -23,7 +23,7 @@ from tiny_model import copy_fixture, tiny_fixture  # noqa: F401 - fixtures
 
 from conftest import REPO
 from ray_galaxy import morphology
-from ray_galaxy.catalogue import CatalogueConfig, generate_catalogue
+from ray_galaxy.catalogue import CatalogueConfig, CatalogueError, generate_catalogue, plan_of, start_output
 from ray_galaxy.generation.fit import fit_sampler
 from ray_galaxy.generation.generator import Generator
 from ray_galaxy.generation.match import MatchError, read_targets, targets_from_table
@@ -154,21 +154,23 @@ def test_match_catalogue_local_and_s3_resumes_byte_for_byte(fitted, targets_csv,
         np.testing.assert_array_equal(rows[f"measured_{p}"], measured[stat])
     assert manifest["columns"][-len(PROPERTY_NAMES):] == [f"measured_{p}" for p in PROPERTY_NAMES]
 
-    # To S3 through the job, the targets there too; then stopped part-way (a shard and the
-    # manifest gone, as a killed run leaves it) and resumed: every shard is the local run's bytes.
+    # To S3 through the job, the targets there too, into a prefix where a run was stopped after
+    # two of the three shards (its settings and those shards, no manifest): it makes the third,
+    # and every shard is the local run's bytes.
     before = {p.name: p.read_bytes() for p in (out / "shards").iterdir()}
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="match")
     s3.upload_file(str(targets_csv), "match", "in/targets.csv")
-    argv = ["--model", uri, "--match", "s3://match/in/targets.csv", "--out", "s3://match/cat", "--seed", "2",
-            "--shard-size", str(SHARD)]
-    assert _job().main(argv) == 0
-    s3.delete_object(Bucket="match", Key=f"cat/shards/{names[2]}")
-    s3.delete_object(Bucket="match", Key="cat/manifest.json")
-    assert _job().main(argv) == 0
+    s3.upload_file(str(out / "settings.json"), "match", "cat/settings.json")
+    for name in names[:2]:
+        s3.upload_file(str(out / "shards" / name), "match", f"cat/shards/{name}")
+    capsys.readouterr()
+    assert _job().main(["--model", uri, "--match", "s3://match/in/targets.csv", "--out", "s3://match/cat",
+                        "--seed", "2", "--shard-size", str(SHARD)]) == 0
     assert "2 already written, 1 to generate" in capsys.readouterr().out
     for name in names:
         assert s3.get_object(Bucket="match", Key=f"cat/shards/{name}")["Body"].read() == before[name]
+    assert json.loads(s3.get_object(Bucket="match", Key="cat/manifest.json")["Body"].read())["n"] == ROWS
     settings = json.loads(s3.get_object(Bucket="match", Key="cat/settings.json")["Body"].read())
     assert settings["match"]["columns"] == ["r50_px", "ellipticity"] and settings["match"]["k"] == 8
     table = pq.read_table(io.BytesIO(s3.get_object(Bucket="match", Key=f"cat/shards/{names[2]}")["Body"].read()))
@@ -187,6 +189,12 @@ def test_match_job_errors_are_one_line(fitted, targets_csv, tmp_path, capsys):
         _job().main(["--model", uri, "--match", str(targets_csv), "--format", "png", "--out", str(tmp_path / "o")])
     assert "use --format parquet" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # A resume asked another table (or k) is refused, naming what differs; nothing is generated.
+    other = _write(tmp_path / "other.csv", "r50_px\n3\n4\n")
+    start_output(plan_of(CatalogueConfig(model=uri, out=str(tmp_path / "c"), match=str(targets_csv)))[0])
+    with pytest.raises(CatalogueError, match=r"holds galaxies of other settings \(match .*'columns': \['r50_px', "
+                                             r"'ellipticity'\].* there, .*'columns': \['r50_px'\]"):
+        start_output(plan_of(CatalogueConfig(model=uri, out=str(tmp_path / "c"), match=str(other)))[0])
 
 
 def test_the_evaluation_compares_requested_with_measured_and_with_the_nearest_real_galaxy(tiny, copy, tmp_path):
