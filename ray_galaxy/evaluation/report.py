@@ -65,7 +65,7 @@ def requested_measured_chart(points: dict[str, tuple[np.ndarray, np.ndarray, np.
     for ax, (p, (requested, generated, floor)) in zip(axes, points.items()):
         v = per_property[p]
         plots.scatter(ax, [("generated", requested, generated), ("nearest real", requested, floor)],
-                      f"{p}: median |error|/spread {fmt(v['generated'], 2)} ({fmt(v['floor'], 2)} real)",
+                      f"{p}: |error|/spread {fmt(v['generated'], 2)}, real {fmt(v['floor'], 2)}",
                       "requested", "measured", diagonal=True)
     fig.suptitle("Galaxies to order: requested against measured")
     return plots.png(fig)
