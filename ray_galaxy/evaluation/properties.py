@@ -56,11 +56,10 @@ def skip_reason(cfg: EvaluateConfig, gen: Generator) -> str | None:
 
 def nearest_other(values: np.ndarray, spread: np.ndarray) -> np.ndarray:
     """(n,) index of each row's nearest other row of ``values`` (n, P), by the spread-scaled
-    Euclidean distance --match uses; ties go to the lower index."""
-    scaled = values / spread
-    d2 = ((scaled[:, None, :] - scaled[None, :, :]) ** 2).sum(-1)
-    np.fill_diagonal(d2, np.inf)
-    return np.argmin(d2, axis=1)
+    Euclidean distance --match uses (:func:`~ray_galaxy.generation.match.nearest`)."""
+    two = nearest(values, spread, np.ones(len(values), bool), values, 2)
+    rows = np.arange(len(values))
+    return np.where(two[:, 0] == rows, two[:, 1], two[:, 0])  # a row is its own nearest, unless tied
 
 
 def by_catalogue(cfg: EvaluateConfig, gen: Generator, real: Stats) -> tuple[dict[str, Any], dict | None]:
