@@ -4,6 +4,7 @@
     python jobs/generate.py --model s3://bucket/model --n 1000000 --out s3://bucket/cat --use-gpu
     python jobs/generate.py --model runs/galaxy-vae/model --n 1000 --out spirals/ --label spiral
     python jobs/generate.py --model runs/galaxy-vae/model --n 1000 --out round/ --where "ellipticity < 0.2"
+    python jobs/generate.py --model runs/galaxy-vae/model --match targets.csv --out matched/  # one per row
 
 Rerunning the same command resumes: only missing shards are generated (docs/generate.md).
 """
@@ -17,6 +18,7 @@ from ray_galaxy.catalogue import CatalogueConfig, CatalogueError, generate_catal
 from ray_galaxy.checkpoint import ModelDirError  # noqa: E402
 from ray_galaxy.config import parse_config  # noqa: E402
 from ray_galaxy.generation.generator import LabelError  # noqa: E402
+from ray_galaxy.generation.match import MatchError  # noqa: E402
 from ray_galaxy.generation.where import WhereError  # noqa: E402
 from ray_galaxy.storage import StorageError  # noqa: E402
 
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_config(CatalogueConfig, argv, __doc__)
     try:
         manifest = generate_catalogue(cfg)
-    except (ModelDirError, CatalogueError, LabelError, WhereError, StorageError, OSError) as e:
+    except (ModelDirError, CatalogueError, LabelError, WhereError, MatchError, StorageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"catalogue: {cfg.out} ({manifest['n']} galaxies, {len(manifest['shards'])} shard(s))")

@@ -8,6 +8,11 @@ A catalogue is galaxies 0 .. n-1 of one (model, sampler, seed, label, where): ga
 runs one row per missing shard through a pool of actors, each holding one Generator, that
 draws, decodes, encodes and writes its shard.
 
+To order (``--match targets.csv``): galaxy i is drawn for row i of a targets table near the
+training galaxies whose properties are nearest to the row's (:mod:`ray_galaxy.generation.match`),
+and its row also holds the requested properties and those measured on its image
+(:mod:`ray_galaxy.morphology`, as the training galaxies were): :data:`MATCH_COLUMNS`.
+
 Output layout (local folder or s3:// prefix)::
 
     <out>/settings.json                    what the galaxies are (model version, sampler, seed, ...)
@@ -38,10 +43,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
+from ray_galaxy import morphology
 from ray_galaxy.config import ConfigError, _h
 from ray_galaxy.console import fmt_seconds, log
 from ray_galaxy.generation.generator import SAMPLERS, Generator
 from ray_galaxy.generation.latents import SEED_BLOCK
+from ray_galaxy.generation.match import MATCH_K, Targets, read_targets
+from ray_galaxy.generation.properties import PROPERTIES, PROPERTY_NAMES
 from ray_galaxy.images import png_bytes
 from ray_galaxy.runtime import ensure_ray
 from ray_galaxy.storage import absolute, join, resolve
@@ -52,6 +60,10 @@ MANIFEST = "manifest.json"
 SETTINGS = "settings.json"
 SHARDS_DIR = "shards"
 COLUMNS = ("image", "index", "seed", "latent", "sampler", "label", "model_version")
+# With --match, after COLUMNS: requested_<p> for each requested property p, then measured_<p>
+# for every property.
+MEASURED_COLUMNS = tuple(f"measured_{p}" for p in PROPERTY_NAMES)
+DEFAULT_N = 1000
 # PNG names are zero-padded to this many digits so that they sort by index (more past 10^8).
 PNG_DIGITS = 8
 # A progress line at most this often (and always for the last shard).
@@ -69,7 +81,8 @@ class CatalogueConfig:
     """Settings of ``jobs/generate.py`` (each is also a ``--flag`` and a YAML key)."""
 
     model: str = _h("Model directory written by jobs/train.py (path or URI).", default="")
-    n: int = _h("Number of galaxies: indices 0 .. n-1.", default=1000)
+    n: int | None = _h(f"Number of galaxies: indices 0 .. n-1 (default {DEFAULT_N}); with --match, one per row "
+                       "of the targets (leave it out).", default=None)
     out: str = _h("Output folder or URI (s3://bucket/prefix); rerunning resumes it.", default="")
     seed: int = _h("Random seed; galaxy i depends only on (model, sampler, seed, i).", default=0)
     sampler: str = _h("Latent sampler: 'prior' (N(0, I)), 'gmm' (the model's fitted sampler, with its "
@@ -87,13 +100,23 @@ class CatalogueConfig:
                            "docs/generate.md, \"Conditional generation\"); default: any class.", default=None)
     where: str | None = _h("Only from training galaxies whose properties satisfy this, e.g. 'r50_px >= 6 and "
                            "ellipticity > 0.5' (docs/properties.md); default: any.", default=None)
+    match: str | None = _h("Targets table (CSV or Parquet, local or s3://) with columns named like the properties: "
+                           "one galaxy per row, drawn near the training galaxies nearest to the row's values, "
+                           "with requested and measured properties in its row (docs/properties.md).", default=None)
+    match_k: int = _h("With --match: each row draws among this many nearest training galaxies (1: always the "
+                      "nearest, a near-copy of it).", default=MATCH_K)
 
     def __post_init__(self) -> None:
         for key in ("model", "out"):
             if not getattr(self, key):
                 raise ConfigError(f"--{key} is required")
-        if self.n < 1:
+        if self.n is not None and self.n < 1:
             raise ConfigError(f"n must be >= 1, got {self.n}")
+        if self.match_k < 1:
+            raise ConfigError(f"match_k must be >= 1, got {self.match_k}")
+        if self.match and self.format != "parquet":
+            raise ConfigError("--match writes each galaxy's requested and measured properties next to it: use "
+                              "--format parquet")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.format not in FORMATS:
@@ -124,6 +147,8 @@ class Plan:
     shard_size: int
     label: str | None = None
     where: str | None = None
+    targets: Targets | None = None  # --match: row i is galaxy i's request
+    match_k: int = MATCH_K
 
     @property
     def shards(self) -> int:
@@ -135,9 +160,19 @@ class Plan:
 
     def settings(self) -> dict[str, Any]:
         """What the galaxies in ``out`` are: files written under other settings differ."""
-        return {"catalogue_format": CATALOGUE_FORMAT, "model_version": self.version, "sampler": self.sampler,
-                "seed": self.seed, "temperature": self.temperature, "detail": self.detail,
-                "label": self.label, "where": self.where, "format": self.format, "shard_size": self.shard_size}
+        out = {"catalogue_format": CATALOGUE_FORMAT, "model_version": self.version, "sampler": self.sampler,
+               "seed": self.seed, "temperature": self.temperature, "detail": self.detail,
+               "label": self.label, "where": self.where, "format": self.format, "shard_size": self.shard_size}
+        if self.targets is not None:  # the table by its bytes: a resume must be asked the same
+            out["match"] = {"sha256": self.targets.sha256, "columns": list(self.targets.names), "k": self.match_k}
+        return out
+
+    @property
+    def columns(self) -> list[str]:
+        """The Parquet columns of its rows."""
+        if self.targets is None:
+            return list(COLUMNS)
+        return [*COLUMNS, *(f"requested_{p}" for p in self.targets.names), *MEASURED_COLUMNS]
 
 
 def shard_name(k: int) -> str:
@@ -151,11 +186,24 @@ def png_name(i: int) -> str:
 # --------------------------------------------------------------------------- one shard
 
 
-def catalogue_rows(gen: Generator, plan: Plan, indices: range) -> pa.Table:
-    """The catalogue's rows for ``indices`` (columns :data:`COLUMNS`), drawn and decoded a seed
-    block at a time, as ``Generator.images`` does, so the bytes are the same."""
+def _matched(gen: Generator, plan: Plan, indices: range, detail_seed: int | None
+             ) -> tuple[np.ndarray, list[bytes], dict[str, pa.Array]]:
+    """--match: the codes, PNGs and property columns of rows ``indices`` of the targets. The
+    images are measured as the training galaxies were, one process per actor (it holds 1 CPU)."""
+    z, _ = gen.matched_latents(plan.targets, len(indices), plan.seed, indices.start, plan.match_k,
+                               plan.temperature, plan.sampler, plan.label, plan.where)
+    images = gen.decode_uint8(z, detail_seed, offset=indices.start)
+    measured = morphology.measure_all(images, [stat for stat, _ in PROPERTIES.values()], workers=1)
+    columns = {f"requested_{p}": pa.array(plan.targets.values[indices.start:indices.stop, j])
+               for j, p in enumerate(plan.targets.names)}
+    columns.update({f"measured_{p}": pa.array(measured[stat]) for p, (stat, _) in PROPERTIES.items()})
+    return z.numpy().astype(np.float32), [png_bytes(img) for img in images], columns
+
+
+def _drawn(gen: Generator, plan: Plan, indices: range, detail_seed: int | None) -> tuple[np.ndarray, list[bytes]]:
+    """The codes and PNGs of galaxies ``indices``, drawn and decoded a seed block at a time, as
+    ``Generator.images`` does, so the bytes are the same."""
     latents, pngs = [], []
-    detail_seed = gen.detail_seed(plan.sampler, plan.detail, plan.seed)
     start = indices.start
     while start < indices.stop:
         k = min(indices.stop - start, SEED_BLOCK - start % SEED_BLOCK)
@@ -164,7 +212,16 @@ def catalogue_rows(gen: Generator, plan: Plan, indices: range) -> pa.Table:
         pngs += [png_bytes(img) for img in gen.decode_uint8(z, detail_seed, offset=start)]
         latents.append(z.numpy().astype(np.float32))
         start += k
-    z = np.concatenate(latents)
+    return np.concatenate(latents), pngs
+
+
+def catalogue_rows(gen: Generator, plan: Plan, indices: range) -> pa.Table:
+    """The catalogue's rows for ``indices`` (columns ``plan.columns``)."""
+    detail_seed = gen.detail_seed(plan.sampler, plan.detail, plan.seed)
+    if plan.targets is None:
+        (z, pngs), extra = _drawn(gen, plan, indices, detail_seed), {}
+    else:
+        z, pngs, extra = _matched(gen, plan, indices, detail_seed)
     rows, dim = z.shape
     offsets = pa.array(np.arange(0, rows * dim + 1, dim, dtype=np.int32))
     return pa.table({
@@ -175,6 +232,7 @@ def catalogue_rows(gen: Generator, plan: Plan, indices: range) -> pa.Table:
         "sampler": pa.array([plan.sampler] * rows, pa.string()),
         "label": pa.array([plan.label] * rows, pa.string()),
         "model_version": pa.array([plan.version] * rows, pa.string()),
+        **extra,
     })
 
 
@@ -202,7 +260,7 @@ def write_shard(gen: Generator, plan: Plan, k: int) -> int:
     else:
         sink = pa.BufferOutputStream()
         # PNG bytes do not compress: only the small columns are worth zstd's time.
-        pq.write_table(table, sink, compression={c: "zstd" if c != "image" else "none" for c in COLUMNS},
+        pq.write_table(table, sink, compression={c: "zstd" if c != "image" else "none" for c in table.column_names},
                        use_dictionary=["sampler", "label", "model_version"])
         write_atomic(fs, join(root, SHARDS_DIR, shard_name(k)), sink.getvalue().to_pybytes())
     return table.num_rows
@@ -295,7 +353,9 @@ def manifest(plan: Plan, gen: Generator) -> dict[str, Any]:
     out = {"n": plan.n, "model": plan.model, "image_size": cfg.image_size, "latent_dim": cfg.latent_dim,
            **plan.settings()}
     if plan.format == "parquet":
-        out["columns"] = list(COLUMNS)
+        out["columns"] = plan.columns
+        if plan.targets is not None:
+            out["match_source"] = plan.targets.source
         out["shards"] = [{"path": f"{SHARDS_DIR}/{shard_name(k)}", "start": r.start, "count": len(r)}
                          for k in range(plan.shards) for r in [plan.shard_range(k)]]
     else:
@@ -345,20 +405,42 @@ def run_shards(plan: Plan, todo: list[int], cfg: CatalogueConfig) -> None:
             last = now
 
 
+def _targets(cfg: CatalogueConfig, gen: Generator) -> Targets | None:
+    """The --match table, read and checked against the model (MatchError says what is wrong)."""
+    if not cfg.match:
+        return None
+    targets = read_targets(cfg.match)
+    if cfg.n is not None and cfg.n != len(targets):
+        raise CatalogueError(f"--n {cfg.n}, but {cfg.match} has {len(targets)} rows: with --match the catalogue has "
+                             "one galaxy per row; leave --n out")
+    gen.matched_latents(targets, 1, cfg.seed, 0, cfg.match_k, cfg.temperature, cfg.sampler, cfg.label, cfg.where)
+    return targets
+
+
 def plan_of(cfg: CatalogueConfig) -> tuple[Plan, Generator]:
     """Read the model directory's metadata (no weights) and fix the plan; a missing sampler or a
     bad model directory fails here, before any actor starts."""
     model = absolute(cfg.model)
     gen = Generator.load(model, weights=False)
-    # Raises when the sampler is unusable, the label unknown (LabelError lists the valid ones) or
-    # the selection bad or too narrow (WhereError).
+    # Raises when the sampler is unusable, the label unknown (LabelError lists the valid ones),
+    # the selection bad or too narrow (WhereError) or the targets unusable (MatchError).
     gen.latents(1, cfg.seed, cfg.sampler, cfg.temperature, label=cfg.label, where=cfg.where)
+    targets = _targets(cfg, gen)
     sampler = gen.resolve(cfg.sampler)
     detail = gen.detail_seed(sampler, cfg.detail, cfg.seed) is not None
-    plan = Plan(model=model, version=gen.version, out=absolute(cfg.out), n=cfg.n, seed=cfg.seed,
+    n = len(targets) if targets is not None else cfg.n or DEFAULT_N
+    plan = Plan(model=model, version=gen.version, out=absolute(cfg.out), n=n, seed=cfg.seed,
                 sampler=sampler, temperature=float(cfg.temperature), detail=detail,
-                format=cfg.format, shard_size=cfg.shard_size, label=cfg.label, where=cfg.where)
+                format=cfg.format, shard_size=cfg.shard_size, label=cfg.label, where=cfg.where,
+                targets=targets, match_k=cfg.match_k)
     return plan, gen
+
+
+def _matching(plan: Plan) -> str:
+    if plan.targets is None:
+        return ""
+    return (f", one per row of {plan.targets.source} matching {', '.join(plan.targets.names)}, "
+            f"k {plan.match_k}")
 
 
 def generate_catalogue(cfg: CatalogueConfig) -> dict[str, Any]:
@@ -370,7 +452,8 @@ def generate_catalogue(cfg: CatalogueConfig) -> dict[str, Any]:
     start_output(plan)
     todo = sorted(set(range(plan.shards)) - complete_shards(plan))
     log(f"catalogue of {plan.n} galaxies from {cfg.model} (version {plan.version}, sampler {plan.sampler}, "
-        f"seed {plan.seed}{f', label {plan.label}' if plan.label else ''}{f', where {plan.where}' if plan.where else ''}) "
+        f"seed {plan.seed}{f', label {plan.label}' if plan.label else ''}{f', where {plan.where}' if plan.where else ''}"
+        f"{_matching(plan)}) "
         f"-> {cfg.out}: {plan.shards} shard(s) of {plan.shard_size}, "
         f"{plan.shards - len(todo)} already written, {len(todo)} to generate")
     if todo:

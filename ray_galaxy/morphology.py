@@ -35,6 +35,7 @@ import numpy as np
 from scipy import ndimage
 
 from ray_galaxy.images import as_float_rgb, border
+from ray_galaxy.parallel import ordered_map
 
 # The statistics the evaluation compares (distances, charts); :func:`measure` also gives MEASURED.
 STATS = ("concentration", "asymmetry", "smoothness", "gini", "m20", "r_half", "ellipticity", "colour")
@@ -463,8 +464,19 @@ def measure(image: np.ndarray) -> dict[str, float]:
     }
 
 
-def measure_all(images: Iterable[np.ndarray], stats: Sequence[str] = STATS) -> dict[str, np.ndarray]:
+# Fewer images than this are measured in this process: a handful is over before a pool has
+# started and sent them out.
+PARALLEL_MIN_IMAGES = 64
+
+
+def measure_all(images: Iterable[np.ndarray], stats: Sequence[str] = STATS,
+                workers: int | None = None) -> dict[str, np.ndarray]:
     """{statistic: (N,) float array, NaN where the measurement failed} for many images, for
-    each of ``stats`` (names in :data:`MEASURED`)."""
-    rows = [measure(im) for im in images]
+    each of ``stats`` (names in :data:`MEASURED`).
+
+    ``workers``: processes measuring in parallel (:func:`ray_galaxy.parallel.ordered_map`);
+    None: every core this process may run on, from :data:`PARALLEL_MIN_IMAGES` images up;
+    1: in this process (what a Ray actor holding one CPU asks for). The values are the same."""
+    seq = images if isinstance(images, (np.ndarray, list, tuple)) else list(images)
+    rows = ordered_map(measure, seq, workers, min_items=PARALLEL_MIN_IMAGES)
     return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in stats}

@@ -2,8 +2,8 @@
 
 No pyplot: its global figure registry is not thread-safe and keeps figures alive, while jobs,
 Tune callbacks and the evaluation draw charts in whatever process and thread they run in.
-:func:`figure` makes a grid of panels, :func:`png` encodes it; :func:`lines` and
-:func:`histograms` draw the two kinds of panel the reports use onto given axes.
+:func:`figure` makes a grid of panels, :func:`png` encodes it; :func:`lines`, :func:`histograms`
+and :func:`scatter` draw the kinds of panel the reports use onto given axes.
 """
 
 from __future__ import annotations
@@ -67,6 +67,22 @@ def histograms(ax: Axes, samples: Sequence[tuple[str, np.ndarray]], title: str =
         if len(c):
             ax.hist(np.clip(c, lo, hi), bins=edges, density=True, histtype="step", linewidth=1.8, label=label)
     _labels(ax, title, "", "", len(samples))
+
+
+def scatter(ax: Axes, samples: Sequence[Series], title: str = "", xlabel: str = "", ylabel: str = "",
+            diagonal: bool = False) -> None:
+    """Labelled point clouds ``(label, xs, ys)`` on ``ax`` (non-finite points left out);
+    ``diagonal`` draws y = x over the points' range, where y equals x."""
+    lo, hi = np.inf, -np.inf
+    for label, xs, ys in samples:
+        x, y = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+        ok = np.isfinite(x) & np.isfinite(y)
+        ax.scatter(x[ok], y[ok], s=6, alpha=0.5, label=label, linewidths=0)
+        if ok.any():
+            lo, hi = min(lo, x[ok].min(), y[ok].min()), max(hi, x[ok].max(), y[ok].max())
+    if diagonal and hi > lo:
+        ax.plot([lo, hi], [lo, hi], color="black", linewidth=1, zorder=0)
+    _labels(ax, title, xlabel, ylabel, len(samples))
 
 
 def _labels(ax: Axes, title: str, xlabel: str, ylabel: str, n_series: int) -> None:

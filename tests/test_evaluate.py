@@ -189,7 +189,7 @@ def test_evaluate_job_end_to_end(tiny, tmp_path):
     assert sorted(linked) == pngs
     assert {"samples.png", "traversal.png", "interpolations.png", "reconstructions.png", "morphology.png",
             "power_spectrum.png", "training_curves.png", "nearest_neighbours.png", "samples_means.png",
-            "side_by_side.png", "realism_surest.png"} <= set(pngs)
+            "side_by_side.png", "realism_surest.png", "requested_vs_measured.png"} <= set(pngs)
     with Image.open(out / "side_by_side.png") as img:  # three titled panels of 2 x 8 galaxies, one above the other
         assert img.height > img.width / 8 * 3 * 2 * 0.8
     m = json.loads((out / "metrics.json").read_text())
@@ -239,6 +239,10 @@ def test_evaluate_job_end_to_end(tiny, tmp_path):
     assert {"evaluation/report.md", "evaluation/morphology.png"} <= {
         a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert f"tracking: evaluation recorded in MLflow run {run.info.run_id}" in r.stdout
+    # Galaxies to order: every held-out galaxy requested, in the report, metrics.json and MLflow.
+    assert m["properties"]["match"]["requests"] == 24 and "## Galaxies to order" in report
+    assert run.data.metrics["eval.properties.match.per_property.r50_px.floor"] == pytest.approx(
+        m["properties"]["match"]["per_property"]["r50_px"]["floor"])
 
     # Without training data the memorisation check is skipped, and said to be.
     out2 = tmp_path / "eval2"

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ray_galaxy"
 
 # Each group may import itself and the groups listed for it (and, through them, nothing else).
 GROUPS = {
-    "base": ("config", "console", "storage", "images", "morphology", "plots", "runtime", "tracking"),
+    "base": ("config", "console", "storage", "images", "morphology", "parallel", "plots", "runtime", "tracking"),
     "data": ("data", "prepare", "imageset", "builtin", "shards", "streaming", "labels"),
     "model": ("model", "checkpoint", "critic"),
     "generation": ("generation",),

@@ -150,3 +150,12 @@ def test_generate_job_where_writes_the_generators_galaxies(fitted, ray_address, 
     assert json.loads((out / "manifest.json").read_text())["where"] == where
     rows = pq.read_table(out / "shards").to_pydict()
     np.testing.assert_array_equal(np.asarray(rows["latent"], np.float32), gen.latents(6, 0, where=where).numpy())
+
+
+def test_measuring_on_a_process_pool_gives_the_same_values_in_the_same_order(fitted):
+    images = fitted[1][:12]
+    alone = morphology.measure_all(images, morphology.MEASURED, workers=1)
+    pooled = morphology.measure_all(images, morphology.MEASURED, workers=2)
+    for stat in morphology.MEASURED:
+        np.testing.assert_array_equal(pooled[stat], alone[stat])
+    assert len(set(alone["r_half"].tolist())) == 12  # every image differs: a reordering would show

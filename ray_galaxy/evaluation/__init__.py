@@ -5,6 +5,7 @@
   and the metric keys of metrics.json;
 * :mod:`.morphology`: CAS, Gini/M20, size, shape and colour of galaxy images;
 * :mod:`.classes`: whether conditional samples come out as the class asked for;
+* :mod:`.properties`: whether galaxies to order (--match, --where) come out as asked;
 * :mod:`.report`: the charts and report.md;
 * :mod:`.evaluate`: the steps of one evaluation, in order.
 

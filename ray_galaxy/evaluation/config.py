@@ -9,6 +9,7 @@ from typing import Any
 from ray_galaxy.config import ConfigError, _h, check_experiment
 from ray_galaxy.evaluation.realism import STEPS
 from ray_galaxy.generation.generator import SAMPLERS
+from ray_galaxy.generation.match import MATCH_K
 from ray_galaxy.generation.sampler import COVARIANCES, GMM_COMPONENTS, KERNEL_BANDWIDTH
 
 
@@ -52,6 +53,15 @@ class EvaluateConfig:
     realism_steps: tuple[int, ...] = _h("Training budgets of the realism test's CNN (optimiser steps of 32 real + 32 "
                                         "generated images) after which its held-out accuracy is measured; the last is "
                                         "the headline.", default=STEPS)
+    properties: bool = _h("Check galaxies to order (docs/properties.md): held-out galaxies' own size, flux, "
+                          "ellipticity and colour requested by --match and measured, against the nearest real "
+                          "galaxy; and --where selections against the held-out galaxies satisfying them; "
+                          "--no-properties skips it.", default=True)
+    match_k: int = _h("Nearest training galaxies each request of the properties check draws among (as "
+                      "jobs/generate.py --match-k).", default=MATCH_K)
+    where: str = _h("The --where selection the properties check compares with the held-out galaxies that "
+                    "satisfy it; default: the upper quartile of the training galaxies' r50_px, ellipticity "
+                    "and colour, one at a time.", default="")
     iwae_k: int = _h("Importance samples per image for the IWAE bound.", default=32)
     temperature: float = _h("Scale of the sampler's noise (1 = as fitted).", default=1.0)
     seed: int = _h("Random seed (subsets, samples, IWAE noise); the same seed gives the same report.",
@@ -73,7 +83,7 @@ class EvaluateConfig:
             raise ConfigError(f"gmm_covariance must be one of {COVARIANCES}, got {self.gmm_covariance!r}")
         if not 0 <= self.crop <= 1:
             raise ConfigError(f"crop must be in (0, 1] (or 0 for the model's own), got {self.crop}")
-        for key in ("n", "max_images", "max_train", "gmm_components", "iwae_k", "batch_size"):
+        for key in ("n", "max_images", "max_train", "gmm_components", "iwae_k", "batch_size", "match_k"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
         if self.n_per_class < 0 or self.class_train < 2:

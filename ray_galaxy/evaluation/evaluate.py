@@ -24,7 +24,7 @@ from ray_galaxy.checkpoint import ModelDirError
 from ray_galaxy.config import ConfigError
 from ray_galaxy.console import fmt_seconds, log
 from ray_galaxy.data import DataError
-from ray_galaxy.evaluation import classes, distances, realism, sharpness
+from ray_galaxy.evaluation import classes, distances, properties, realism, sharpness
 from ray_galaxy.evaluation.config import EvaluateConfig
 from ray_galaxy.evaluation.metrics import (clean, likelihood_bounds, memorisation, morphology_scores,
                                            nearest_training_images, power_spectrum, reconstruct,
@@ -271,7 +271,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     gen = ensure_sampler(cfg, gen, inputs)
     lik, rec, recon = score_real(cfg, gen, inputs.real)
     generated, means = generate(cfg, gen)
-    m_real, m_gen = morphology.measure_all(inputs.real), morphology.measure_all(generated)
+    m_real_all, m_gen = morphology.measure_all(inputs.real, morphology.MEASURED), morphology.measure_all(generated)
+    m_real = {s: m_real_all[s] for s in morphology.STATS}  # flux is a property, not a morphology distance
     m_means = morphology.measure_all(means) if means is not None else None
     means_only = score_means(cfg, means, inputs, m_real, m_means) if means is not None else None
     morph, sharp, mem = score_generated(cfg, generated, means, recon, inputs,
@@ -285,6 +286,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     charts = {"morphology": morphology_chart(m_real, m_gen, morph["distance"]),
               "power_spectrum": power_spectrum_chart(sharp), "band": sharp["band_cycles_per_image"]}
     data_figures(figs, gen, inputs, recon, generated, mem, charts)
+    to_order = properties.score_properties(cfg, gen, figs, m_real_all, m_gen)
 
     metrics = clean({
         "format": 1, "model": cfg.model, "data": cfg.data, "held_out": inputs.real_info,
@@ -294,7 +296,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "detail": means is not None, "means_only": means_only,
         "n_generated": int(len(generated)), "seed": cfg.seed, "temperature": cfg.temperature,
         "likelihood": lik, "reconstruction": rec, "morphology": morph, "sharpness": sharp,
-        "memorisation": mem, "classes": by_class, "realism": real_vs_fake, "figures": figs.names, "config": cfg.to_dict(),
+        "memorisation": mem, "classes": by_class, "properties": to_order,
+        "realism": real_vs_fake, "figures": figs.names, "config": cfg.to_dict(),
         "seconds": round(time.time() - t0, 1),
     })
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))

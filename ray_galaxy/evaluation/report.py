@@ -57,6 +57,20 @@ def morphology_chart(m_real: dict[str, np.ndarray], m_gen: dict[str, np.ndarray]
     return plots.png(fig)
 
 
+def requested_measured_chart(points: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+                             per_property: dict[str, dict[str, Any]]) -> bytes:
+    """One panel per requested property: requested (x) against measured (y) for the generated
+    galaxies and for the nearest real ones, with the diagonal, as PNG."""
+    fig, axes = plots.figure(1, len(points), panel=(3.4, 3.2))
+    for ax, (p, (requested, generated, floor)) in zip(axes, points.items()):
+        v = per_property[p]
+        plots.scatter(ax, [("generated", requested, generated), ("nearest real", requested, floor)],
+                      f"{p}: |error|/spread {fmt(v['generated'], 2)}, real {fmt(v['floor'], 2)}",
+                      "requested", "measured", diagonal=True)
+    fig.suptitle("Galaxies to order: requested against measured")
+    return plots.png(fig)
+
+
 def side_by_side_chart(sets: list[tuple[str, np.ndarray]], per_row: int = 8, rows: int = 2) -> bytes:
     """Real and generated galaxies at the same size, one titled panel per set (``rows`` x
     ``per_row`` images each, pixels shown 1:1 scaled up without smoothing), as PNG."""
@@ -275,10 +289,41 @@ def _classes(c: dict[str, Any] | None) -> list[str]:
     return lines + [""]
 
 
+def _properties(pr: dict[str, Any] | None) -> list[str]:
+    if not pr:
+        return []
+    if pr.get("skipped"):
+        return ["## Galaxies to order", "", f"Skipped: {pr['skipped']}.", ""]
+    match = pr["match"]
+    lines = ["## Galaxies to order", ""]
+    if match.get("skipped"):
+        lines += [f"By catalogue (`--match`): skipped: {match['skipped']}.", ""]
+    else:
+        lines += [
+            f"By catalogue (`--match`): {match['requests']} held-out galaxies' own values requested, one galaxy "
+            f"generated for each (among the k = {match['k']} nearest training galaxies) and measured. Median "
+            "|measured - requested| in units of the held-out set's spread (IQR / 1.349), next to the same for the "
+            "nearest other real held-out galaxy to each request (the floor); ratio = generated / floor.", "",
+            "| property | generated | nearest real (floor) | ratio | not measured |", "|---|---|---|---|---|"]
+        lines += [f"| {p} | {fmt(v['generated'])} | {fmt(v['floor'])} | {fmt(v['ratio'], 2)} | {v['failed']:.1%} |"
+                  for p, v in match["per_property"].items()]
+        lines.append("")
+    lines += ["By range (`--where`): the morphology distance (mean W/sd over the statistics) from the held-out "
+              "galaxies that satisfy each selection to its samples and to the unconditional samples.", "",
+              "| where | held-out matching | W/sd selected | W/sd unconditional | floor |", "|---|---|---|---|---|"]
+    for r in pr["where"]:
+        lines.append(f"| `{r['where']}` | {r.get('real', 'n/a')} | " + (f"skipped: {r['skipped']} | | |" if r["skipped"]
+                     else f"{fmt(r['distance_selected'])} | {fmt(r['distance_unconditional'])} | "
+                          f"{fmt(r['distance_floor'])} |"))
+    return lines + [""]
+
+
 def report_markdown(m: dict[str, Any], files: list[tuple[str, str, str]]) -> str:
-    """The human-readable report: headline table, realism, residual detail, morphology table, classes, figures."""
+    """The human-readable report: headline table, realism, residual detail, morphology table, classes,
+    galaxies to order, figures."""
     lines = _header(m) + _summary(m) + _realism(m.get("realism")) + _residual_detail(m) + _morphology(m["morphology"])
-    lines += [""] + _highpass(m["sharpness"]["highpass"]) + _classes(m.get("classes")) + ["## Figures", ""]
+    lines += [""] + _highpass(m["sharpness"]["highpass"]) + _classes(m.get("classes")) + _properties(m.get("properties"))
+    lines += ["## Figures", ""]
     for name, title, caption in files:
         lines += [f"### {title}", "", f"![{title}]({name})", "", caption, ""]
     lines += ["Definitions and caveats: docs/model.md of ray-galaxy, section \"Evaluation\".", ""]

@@ -12,7 +12,7 @@ from ray_galaxy.tracking import Tracker, resolve_uri
 
 # The sections of the evaluation's metrics.json that hold its results (the rest describes inputs).
 RESULT_SECTIONS = ("likelihood", "reconstruction", "morphology", "sharpness", "memorisation", "means_only",
-                   "classes", "realism")  # classes: its summary numbers (per-class rows are a list, left out)
+                   "classes", "properties", "realism")  # lists (per-class, per-selection rows) are left out
 LOCAL_STORAGE = "./runs"  # where the local store is when the model has no run: jobs/train.py's default
 
 

@@ -17,6 +17,9 @@ By property: ``where="r50_px >= 6 and ellipticity > 0.5"`` draws only from the k
 training galaxies that satisfy it (:mod:`ray_galaxy.generation.where`, docs/properties.md);
 galaxy i then also depends on ``where``. :meth:`Generator.check_where` says why a selection
 cannot be used (:class:`WhereError`).
+
+To order: :meth:`Generator.matched_latents` draws one galaxy per row of a targets table near
+the training galaxies whose properties are nearest to the row's (:mod:`ray_galaxy.generation.match`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from ray_galaxy.checkpoint import ModelDir, ModelDirError, load_model_dir
 from ray_galaxy.config import ModelConfig
 from ray_galaxy.generation.detail import add_detail
 from ray_galaxy.generation.latents import SEED_BLOCK, most_active_dims, prior_latents, seeded_rows
+from ray_galaxy.generation.match import MATCH_K, MatchError, Targets, match_latents
 from ray_galaxy.generation.sampler import SAMPLER_FILE, LabelError, MixtureSampler, SamplerError, read_sampler
 from ray_galaxy.generation.where import WhereError
 from ray_galaxy.model import ConvVAE, to_uint8
@@ -138,6 +142,31 @@ class Generator:
         if problem:
             raise WhereError(f"{problem}; refit the sampler: {refit}")
         self.sampler.kernel_rows(label, where)
+
+    def check_match(self, sampler: str = "auto") -> None:
+        """Raise :class:`MatchError` when galaxies cannot be drawn to order (``--match``) with
+        ``sampler``: it needs the fitted sampler's kernels and the training galaxies' properties."""
+        refit = f"python jobs/fit_sampler.py --model {self.uri}"
+        if sampler == "prior":
+            raise MatchError("match needs the fitted sampler: the prior N(0, I) has no training galaxies to draw "
+                             "near; use sampler 'gmm' or 'auto'")
+        if self.sampler is None:
+            raise MatchError(f"{self.uri} has no usable sampler ({self.sampler_problem}); matching a catalogue "
+                             f"needs one: {refit}")
+        problem = self.sampler.property_problem()
+        if problem:
+            raise MatchError(f"{problem.replace('where needs', 'match needs', 1)}; refit the sampler: {refit}")
+
+    def matched_latents(self, targets: Targets, n: int, seed: int = 0, start: int = 0, k: int = MATCH_K,
+                        temperature: float = 1.0, sampler: str = "auto", label: str | None = None,
+                        where: str | None = None) -> tuple[torch.Tensor, np.ndarray]:
+        """(codes, training galaxy of each) of rows ``start`` .. ``start + n - 1`` of ``targets``:
+        each drawn near the ``k`` training galaxies whose properties are nearest to its row's
+        (:mod:`ray_galaxy.generation.match`); ``label`` and ``where`` narrow the candidates."""
+        self.check_match(sampler)
+        self.check_label(label, sampler)
+        self.check_where(where, sampler, label)
+        return match_latents(self.sampler, targets, n, seed, start, k, temperature, label, where)
 
     def dims_by_activity(self) -> list[int]:
         """Latent dimensions, most used first: by the sampler's per-dimension variance when there

@@ -39,6 +39,7 @@ PROPERTY_NAMES = tuple(PROPERTIES)
 # Fewer matching training galaxies than this is an error, not a draw: the samples would be
 # near-copies of a handful of galaxies (one galaxy is eight kernels, its D4 orientations).
 MIN_MATCHES = 20
+IQR_PER_SIGMA = 1.349  # the interquartile range of a normal distribution, in standard deviations
 
 
 def measure_properties(images: np.ndarray) -> np.ndarray:
@@ -62,6 +63,21 @@ def property_ranges(names: Sequence[str], values: np.ndarray) -> dict[str, dict[
         stats = {k: (float(f(finite)) if len(finite) else None)
                  for k, f in (("min", np.min), ("median", np.median), ("max", np.max))}
         out[name] = {**stats, "unit": PROPERTIES.get(name, ("", ""))[1], "measured": int(len(finite))}
+    return out
+
+
+def robust_spread(values: np.ndarray) -> np.ndarray:
+    """(P,) spread of each column of (N, P) ``values``, NaN left out: the interquartile range
+    over 1.349, the standard deviation of a normal distribution with that IQR. Robust: a few
+    galaxies measured far off (a bright neighbour, a failed fit) do not widen it. NaN for a
+    column with fewer than two finite values."""
+    values = np.asarray(values, np.float64)
+    out = np.full(values.shape[1], np.nan)
+    for j, column in enumerate(values.T):
+        finite = column[np.isfinite(column)]
+        if len(finite) >= 2:
+            q1, q3 = np.percentile(finite, [25, 75])
+            out[j] = (q3 - q1) / IQR_PER_SIGMA
     return out
 
 

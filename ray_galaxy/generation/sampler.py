@@ -179,6 +179,26 @@ class MixtureSampler:
             self._selections[label, where] = torch.nonzero(torch.from_numpy(np.tile(mask, orientations)))[:, 0]
         return self._selections[label, where]
 
+    def selected_images(self, label: str | None = None, where: str | None = None) -> np.ndarray | None:
+        """(N,) bool over the training galaxies: those a draw for (``label``, ``where``) may start
+        from (:meth:`kernel_rows`, whose errors it raises); None for all of them."""
+        rows = self.kernel_rows(label, where)
+        if rows is None:
+            return None
+        images = len(self.tensors["image_properties"])
+        mask = np.zeros(images, bool)
+        mask[rows[rows < images].numpy()] = True  # kernel k is image k mod N, orientation by orientation
+        return mask
+
+    def around_kernels(self, kernels: torch.Tensor, eps: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """(n, D) codes: kernel ``kernels[i]``'s code plus the noise ``eps[i]`` (n, D standard
+        normal, float64) shaped by its component's covariance times the bandwidth and
+        ``temperature``: what :meth:`latents` draws once it has picked its kernels."""
+        t = self.tensors
+        centre = t["kernel_codes"][kernels].double()
+        scale = temperature * float(t["kernel_bandwidth"])
+        return (centre + scale * (self._chol[t["kernel_component"][kernels]] @ eps[..., None])[..., 0]).float()
+
     @property
     def detail(self) -> dict[str, torch.Tensor] | None:
         """The residual detail model (:mod:`ray_galaxy.generation.detail`), None without one."""
@@ -196,23 +216,17 @@ class MixtureSampler:
         t = self.tensors
         rows = self.kernel_rows(label, where)
         g = torch.Generator().manual_seed(int(seed))
-        if rows is not None:
-            pick = rows[torch.randint(len(rows), (n,), generator=g)]
-            comp = t["kernel_component"][pick]
-            if "kernel_codes" in t:
-                centre, scale = t["kernel_codes"][pick].double(), temperature * float(t["kernel_bandwidth"])
-            else:
-                centre, scale = t["means"].double()[comp], temperature
-        elif "kernel_codes" in t:
-            codes = t["kernel_codes"]  # index first, so a request converts only its own rows
-            pick = torch.randint(len(codes), (n,), generator=g)
-            comp, centre = t["kernel_component"][pick], codes[pick].double()
-            scale = temperature * float(t["kernel_bandwidth"])
+        if "kernel_codes" in t:
+            pick = (rows[torch.randint(len(rows), (n,), generator=g)] if rows is not None
+                    else torch.randint(len(t["kernel_codes"]), (n,), generator=g))
+            return self.around_kernels(pick, torch.randn(n, self.latent_dim, generator=g, dtype=torch.float64),
+                                       temperature)
+        if rows is not None:  # a class without kernels: the component of one of its codes
+            comp = t["kernel_component"][rows[torch.randint(len(rows), (n,), generator=g)]]
         else:
             comp = torch.multinomial(t["weights"].double(), n, replacement=True, generator=g)
-            centre, scale = t["means"].double()[comp], temperature
         eps = torch.randn(n, self.latent_dim, generator=g, dtype=torch.float64)
-        return (centre + scale * (self._chol[comp] @ eps[..., None])[..., 0]).float()
+        return (t["means"].double()[comp] + temperature * (self._chol[comp] @ eps[..., None])[..., 0]).float()
 
     def variance(self) -> np.ndarray:
         """Per-dimension variance of the mixture (law of total variance): how much each latent
