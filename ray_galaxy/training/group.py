@@ -64,8 +64,9 @@ def check_preemption(rank: int, node_ids: list[str], announced: list[str], epoch
     announced = sorted(set(announced) | set(info.preempted_node_ids))
     if rank == 0:
         left = f" within {max(0.0, info.deadline_ms / 1000 - time.time()):.0f} s" if info.deadline_ms else ""
-        log(f"node {', '.join(n[:8] for n in info.preempted_node_ids)} is being preempted{left}: training "
-            f"resumes from the checkpoint after epoch {epoch + 1} on the nodes that are left")
+        log(f"node {', '.join(n[:8] for n in info.preempted_node_ids)} is being preempted{left}: checkpoint "
+            f"after epoch {epoch + 1} saved; when the node goes, training resumes from the latest checkpoint "
+            "on the nodes that are left")
         _write_group_record({"node_ids": node_ids, "preempted": announced})
     return announced
 
