@@ -125,37 +125,37 @@ class Generator:
         keeps (what ``where`` selects by), None without them."""
         return self.sampler.property_ranges() if self.sampler is not None else None
 
+    def _by_property_problem(self, sampler: str, needs: str, select: str) -> str | None:
+        """Why galaxies cannot be drawn by their properties from ``sampler`` (None: they can);
+        ``needs`` names what asks ('where', 'match'), ``select`` what it does with the galaxies."""
+        refit = f"python jobs/fit_sampler.py --model {self.uri}"
+        if sampler == "prior":
+            return (f"{needs} needs the fitted sampler: the prior N(0, I) has no training galaxies to "
+                    f"{select}; use sampler 'gmm' or 'auto'")
+        if self.sampler is None:
+            return f"{self.uri} has no usable sampler ({self.sampler_problem}); {needs} needs one: {refit}"
+        problem = self.sampler.property_problem()
+        if problem:
+            return f"{problem.replace('where needs', f'{needs} needs', 1)}; refit the sampler: {refit}"
+        return None
+
     def check_where(self, where: str | None, sampler: str = "auto", label: str | None = None) -> None:
         """Raise :class:`WhereError` (a ValueError, one line saying what to change) when galaxies
         cannot be drawn with the selection ``where`` (None: any) from ``sampler``: a bad
         expression, fewer than 20 matching training galaxies, or no properties to select by."""
         if where is None:
             return
-        refit = f"python jobs/fit_sampler.py --model {self.uri}"
-        if sampler == "prior":
-            raise WhereError("where needs the fitted sampler: the prior N(0, I) has no training galaxies to "
-                             "select; use sampler 'gmm' or 'auto'")
-        if self.sampler is None:
-            raise WhereError(f"{self.uri} has no usable sampler ({self.sampler_problem}); selecting by property "
-                             f"needs one: {refit}")
-        problem = self.sampler.property_problem()
+        problem = self._by_property_problem(sampler, "where", "select")
         if problem:
-            raise WhereError(f"{problem}; refit the sampler: {refit}")
+            raise WhereError(problem)
         self.sampler.kernel_rows(label, where)
 
     def check_match(self, sampler: str = "auto") -> None:
         """Raise :class:`MatchError` when galaxies cannot be drawn to order (``--match``) with
         ``sampler``: it needs the fitted sampler's kernels and the training galaxies' properties."""
-        refit = f"python jobs/fit_sampler.py --model {self.uri}"
-        if sampler == "prior":
-            raise MatchError("match needs the fitted sampler: the prior N(0, I) has no training galaxies to draw "
-                             "near; use sampler 'gmm' or 'auto'")
-        if self.sampler is None:
-            raise MatchError(f"{self.uri} has no usable sampler ({self.sampler_problem}); matching a catalogue "
-                             f"needs one: {refit}")
-        problem = self.sampler.property_problem()
+        problem = self._by_property_problem(sampler, "match", "draw near")
         if problem:
-            raise MatchError(f"{problem.replace('where needs', 'match needs', 1)}; refit the sampler: {refit}")
+            raise MatchError(problem)
 
     def matched_latents(self, targets: Targets, n: int, seed: int = 0, start: int = 0, k: int = MATCH_K,
                         temperature: float = 1.0, sampler: str = "auto", label: str | None = None,
