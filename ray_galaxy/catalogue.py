@@ -43,13 +43,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from ray_galaxy import morphology
 from ray_galaxy.config import ConfigError, _h
 from ray_galaxy.console import fmt_seconds, log
 from ray_galaxy.generation.generator import SAMPLERS, Generator
 from ray_galaxy.generation.latents import SEED_BLOCK
-from ray_galaxy.generation.match import MATCH_K, Targets, read_targets
-from ray_galaxy.generation.properties import PROPERTIES, PROPERTY_NAMES
+from ray_galaxy.generation.match import MATCH_K, MATCH_TRIES, Targets, read_targets
+from ray_galaxy.generation.properties import PROPERTY_NAMES
 from ray_galaxy.images import png_bytes
 from ray_galaxy.runtime import ensure_ray
 from ray_galaxy.storage import absolute, join, resolve
@@ -105,6 +104,8 @@ class CatalogueConfig:
                            "with requested and measured properties in its row (docs/properties.md).", default=None)
     match_k: int = _h("With --match: each row draws among this many nearest training galaxies (1: always the "
                       "nearest, a near-copy of it).", default=MATCH_K)
+    match_tries: int = _h("With --match: draws made and measured per row, the one nearest to the request "
+                          "kept (1: the first draw; each try costs a decode and a measurement).", default=MATCH_TRIES)
 
     def __post_init__(self) -> None:
         for key in ("model", "out"):
@@ -112,8 +113,8 @@ class CatalogueConfig:
                 raise ConfigError(f"--{key} is required")
         if self.n is not None and self.n < 1:
             raise ConfigError(f"n must be >= 1, got {self.n}")
-        if self.match_k < 1:
-            raise ConfigError(f"match_k must be >= 1, got {self.match_k}")
+        if self.match_k < 1 or self.match_tries < 1:
+            raise ConfigError(f"match_k and match_tries must be >= 1, got {self.match_k} and {self.match_tries}")
         if self.match and self.format != "parquet":
             raise ConfigError("--match writes each galaxy's requested and measured properties next to it: use "
                               "--format parquet")
@@ -149,6 +150,7 @@ class Plan:
     where: str | None = None
     targets: Targets | None = None  # --match: row i is galaxy i's request
     match_k: int = MATCH_K
+    match_tries: int = MATCH_TRIES
 
     @property
     def shards(self) -> int:
@@ -164,7 +166,8 @@ class Plan:
                "seed": self.seed, "temperature": self.temperature, "detail": self.detail,
                "label": self.label, "where": self.where, "format": self.format, "shard_size": self.shard_size}
         if self.targets is not None:  # the table by its bytes: a resume must be asked the same
-            out["match"] = {"sha256": self.targets.sha256, "columns": list(self.targets.names), "k": self.match_k}
+            out["match"] = {"sha256": self.targets.sha256, "columns": list(self.targets.names), "k": self.match_k,
+                            "tries": self.match_tries}
         return out
 
     @property
@@ -186,17 +189,16 @@ def png_name(i: int) -> str:
 # --------------------------------------------------------------------------- one shard
 
 
-def _matched(gen: Generator, plan: Plan, indices: range, detail_seed: int | None
-             ) -> tuple[np.ndarray, list[bytes], dict[str, pa.Array]]:
-    """--match: the codes, PNGs and property columns of rows ``indices`` of the targets. The
-    images are measured as the training galaxies were, one process per actor (it holds 1 CPU)."""
-    z, _ = gen.matched_latents(plan.targets, len(indices), plan.seed, indices.start, plan.match_k,
-                               plan.temperature, plan.sampler, plan.label, plan.where)
-    images = gen.decode_uint8(z, detail_seed, offset=indices.start)
-    measured = morphology.measure_all(images, [stat for stat, _ in PROPERTIES.values()], workers=1)
+def _matched(gen: Generator, plan: Plan, indices: range) -> tuple[np.ndarray, list[bytes], dict[str, pa.Array]]:
+    """--match: the codes, PNGs and property columns of rows ``indices`` of the targets, each the
+    best of ``plan.match_tries`` measured draws. The images are measured as the training galaxies
+    were, one process per actor (it holds 1 CPU)."""
+    z, images, measured = gen.matched_images(plan.targets, len(indices), plan.seed, indices.start, plan.match_k,
+                                             plan.temperature, plan.sampler, plan.label, plan.where, plan.detail,
+                                             plan.match_tries, workers=1)
     columns = {f"requested_{p}": pa.array(plan.targets.values[indices.start:indices.stop, j])
                for j, p in enumerate(plan.targets.names)}
-    columns.update({f"measured_{p}": pa.array(measured[stat]) for p, (stat, _) in PROPERTIES.items()})
+    columns.update({f"measured_{p}": pa.array(measured[p]) for p in PROPERTY_NAMES})
     return z.numpy().astype(np.float32), [png_bytes(img) for img in images], columns
 
 
@@ -217,11 +219,10 @@ def _drawn(gen: Generator, plan: Plan, indices: range, detail_seed: int | None) 
 
 def catalogue_rows(gen: Generator, plan: Plan, indices: range) -> pa.Table:
     """The catalogue's rows for ``indices`` (columns ``plan.columns``)."""
-    detail_seed = gen.detail_seed(plan.sampler, plan.detail, plan.seed)
     if plan.targets is None:
-        (z, pngs), extra = _drawn(gen, plan, indices, detail_seed), {}
+        (z, pngs), extra = _drawn(gen, plan, indices, gen.detail_seed(plan.sampler, plan.detail, plan.seed)), {}
     else:
-        z, pngs, extra = _matched(gen, plan, indices, detail_seed)
+        z, pngs, extra = _matched(gen, plan, indices)
     rows, dim = z.shape
     offsets = pa.array(np.arange(0, rows * dim + 1, dim, dtype=np.int32))
     return pa.table({
@@ -432,7 +433,7 @@ def plan_of(cfg: CatalogueConfig) -> tuple[Plan, Generator]:
     plan = Plan(model=model, version=gen.version, out=absolute(cfg.out), n=n, seed=cfg.seed,
                 sampler=sampler, temperature=float(cfg.temperature), detail=detail,
                 format=cfg.format, shard_size=cfg.shard_size, label=cfg.label, where=cfg.where,
-                targets=targets, match_k=cfg.match_k)
+                targets=targets, match_k=cfg.match_k, match_tries=cfg.match_tries)
     return plan, gen
 
 
@@ -440,7 +441,7 @@ def _matching(plan: Plan) -> str:
     if plan.targets is None:
         return ""
     return (f", one per row of {plan.targets.source} matching {', '.join(plan.targets.names)}, "
-            f"k {plan.match_k}")
+            f"k {plan.match_k}, best of {plan.match_tries}")
 
 
 def generate_catalogue(cfg: CatalogueConfig) -> dict[str, Any]:

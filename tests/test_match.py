@@ -26,7 +26,7 @@ from ray_galaxy import morphology
 from ray_galaxy.catalogue import CatalogueConfig, CatalogueError, generate_catalogue, plan_of, start_output
 from ray_galaxy.generation.fit import fit_sampler
 from ray_galaxy.generation.generator import Generator
-from ray_galaxy.generation.match import MatchError, read_targets, targets_from_table
+from ray_galaxy.generation.match import MATCH_TRIES, MatchError, best_tries, read_targets, targets_from_table
 from ray_galaxy.generation.properties import PROPERTIES, PROPERTY_NAMES
 from ray_galaxy.images import png_bytes
 
@@ -130,6 +130,50 @@ def test_each_row_draws_among_the_k_training_galaxies_nearest_in_spread_units(fi
         gen.matched_latents(targets, 1, sampler="prior")
 
 
+def test_best_of_tries_keeps_the_draw_measured_nearest_to_the_request(tiny, copy):
+    """make_tiny's model (its samples are measurable galaxies), its sampler fitted to its 48
+    training galaxies; the requests: the sizes and ellipticities of its 24 held-out galaxies."""
+    from ray_galaxy.imageset import load_images
+
+    fit_sampler(copy, components=2, detail=False)
+    gen = Generator.load(copy)
+    held = morphology.measure_all(load_images(str(tiny["val"]), TINY_SIZE, 1.0)[0], ["r_half", "ellipticity"])
+    values = np.stack([held["r_half"], held["ellipticity"]], axis=1)
+    targets = targets_from_table(pa.table({"r50_px": values[:, 0], "ellipticity": values[:, 1]})
+                                 .filter(pa.array(np.isfinite(values).all(1))), "held-out")
+    rows = len(targets)
+    spread = np.array([np.subtract(*np.nanpercentile(gen.sampler.properties[p], [75, 25])) / 1.349
+                       for p in targets.names])
+
+    def distance(measured: dict) -> np.ndarray:
+        got = np.stack([measured[p] for p in targets.names], axis=1)
+        d = np.sqrt((((got - targets.values) / spread) ** 2).sum(1))
+        return np.where(np.isfinite(d), d, np.inf)
+
+    tries = []  # each try of every row, decoded and measured on its own
+    for t in range(4):
+        z = gen.matched_latents(targets, rows, seed=3, k=4, attempt=t)[0]
+        stats = morphology.measure_all(gen.decode_uint8(z), morphology.MEASURED)
+        tries.append((z, distance({p: stats[stat] for p, (stat, _) in PROPERTIES.items()})))
+    z1, _, m1 = gen.matched_images(targets, rows, seed=3, k=4, tries=1)
+    assert torch.equal(z1, tries[0][0]), "one try is the single draw"
+    z4, images, m4 = gen.matched_images(targets, rows, seed=3, k=4, tries=4)
+    d_all = np.stack([d for _, d in tries])  # (tries, rows)
+    np.testing.assert_array_equal(distance(m4), d_all.min(0))
+    kept = d_all.argmin(0)
+    assert torch.equal(z4, torch.stack([tries[t][0][i] for i, t in enumerate(kept)]))
+    assert np.isfinite(d_all.min(0)).all() and (kept > 0).any()
+    assert np.median(distance(m4)) < np.median(distance(m1)), "the best of four comes out nearer than one draw"
+    np.testing.assert_array_equal(gen.decode_uint8(z4), images)
+    # Row i's galaxy does not depend on the rows made with it.
+    z_part, _, _ = gen.matched_images(targets, rows - 5, seed=3, start=5, k=4, tries=4)
+    assert torch.equal(z_part, z4[5:])
+    # An unmeasured try loses to any measured one; a row with none measured keeps the first.
+    nan = float("nan")
+    measured = np.array([[[nan], [5.0], [nan]], [[2.0], [nan], [nan]], [[9.0], [4.0], [nan]]])
+    assert best_tries(np.array([[1.0], [1.0], [1.0]]), measured, np.array([1.0])).tolist() == [1, 2, 0]
+
+
 def _rows(table: pa.Table) -> dict:
     return table.sort_by("index").to_pydict()
 
@@ -147,9 +191,10 @@ def test_match_catalogue_local_and_s3_resumes_byte_for_byte(fitted, targets_csv,
     np.testing.assert_array_equal(np.stack([rows["requested_r50_px"], rows["requested_ellipticity"]], 1),
                                   targets.values)
     gen = Generator.load(uri)
-    images = gen.decode_uint8(gen.matched_latents(targets, ROWS, seed=2)[0])
+    z, images, _ = gen.matched_images(targets, ROWS, seed=2)
     assert rows["image"] == [png_bytes(im) for im in images], "the Generator's galaxies, byte for byte"
-    measured = morphology.measure_all(images, morphology.MEASURED)
+    np.testing.assert_array_equal(np.array(rows["latent"], np.float32), z.numpy().astype(np.float32))
+    measured = morphology.measure_all(images, morphology.MEASURED)  # measured again, from the PNGs' pixels
     for p, (stat, _) in PROPERTIES.items():
         np.testing.assert_array_equal(rows[f"measured_{p}"], measured[stat])
     assert manifest["columns"][-len(PROPERTY_NAMES):] == [f"measured_{p}" for p in PROPERTY_NAMES]
@@ -173,6 +218,7 @@ def test_match_catalogue_local_and_s3_resumes_byte_for_byte(fitted, targets_csv,
     assert json.loads(s3.get_object(Bucket="match", Key="cat/manifest.json")["Body"].read())["n"] == ROWS
     settings = json.loads(s3.get_object(Bucket="match", Key="cat/settings.json")["Body"].read())
     assert settings["match"]["columns"] == ["r50_px", "ellipticity"] and settings["match"]["k"] == 8
+    assert settings["match"]["tries"] == MATCH_TRIES
     table = pq.read_table(io.BytesIO(s3.get_object(Bucket="match", Key=f"cat/shards/{names[2]}")["Body"].read()))
     assert table.column("index").to_pylist() == list(range(32, ROWS))
 

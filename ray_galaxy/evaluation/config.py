@@ -9,7 +9,7 @@ from typing import Any
 from ray_galaxy.config import ConfigError, _h, check_experiment
 from ray_galaxy.evaluation.realism import STEPS
 from ray_galaxy.generation.generator import SAMPLERS
-from ray_galaxy.generation.match import MATCH_K
+from ray_galaxy.generation.match import MATCH_K, MATCH_TRIES
 from ray_galaxy.generation.sampler import COVARIANCES, GMM_COMPONENTS, KERNEL_BANDWIDTH
 
 
@@ -59,6 +59,8 @@ class EvaluateConfig:
                           "--no-properties skips it.", default=True)
     match_k: int = _h("Nearest training galaxies each request of the properties check draws among (as "
                       "jobs/generate.py --match-k).", default=MATCH_K)
+    match_tries: int = _h("Draws made and measured per request of the properties check, the nearest kept (as "
+                          "jobs/generate.py --match-tries).", default=MATCH_TRIES)
     where: str = _h("The --where selection the properties check compares with the held-out galaxies that "
                     "satisfy it; default: the upper quartile of the training galaxies' r50_px, ellipticity "
                     "and colour, one at a time.", default="")
@@ -83,7 +85,7 @@ class EvaluateConfig:
             raise ConfigError(f"gmm_covariance must be one of {COVARIANCES}, got {self.gmm_covariance!r}")
         if not 0 <= self.crop <= 1:
             raise ConfigError(f"crop must be in (0, 1] (or 0 for the model's own), got {self.crop}")
-        for key in ("n", "max_images", "max_train", "gmm_components", "iwae_k", "batch_size", "match_k"):
+        for key in ("n", "max_images", "max_train", "gmm_components", "iwae_k", "batch_size", "match_k", "match_tries"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
         if self.n_per_class < 0 or self.class_train < 2:

@@ -301,7 +301,8 @@ def _properties(pr: dict[str, Any] | None) -> list[str]:
     else:
         lines += [
             f"By catalogue (`--match`): {match['requests']} held-out galaxies' own values requested, one galaxy "
-            f"generated for each (among the k = {match['k']} nearest training galaxies) and measured. Median "
+            f"generated for each (among the k = {match['k']} nearest training galaxies, the best of "
+            f"{match.get('tries', 1)} measured draws) and measured. Median "
             "|measured - requested| in units of the held-out set's spread (IQR / 1.349), next to the same for the "
             "nearest other real held-out galaxy to each request (the floor); ratio = generated / floor.", "",
             "| property | generated | nearest real (floor) | ratio | not measured |", "|---|---|---|---|---|"]

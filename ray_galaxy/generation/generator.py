@@ -18,8 +18,9 @@ training galaxies that satisfy it (:mod:`ray_galaxy.generation.where`, docs/prop
 galaxy i then also depends on ``where``. :meth:`Generator.check_where` says why a selection
 cannot be used (:class:`WhereError`).
 
-To order: :meth:`Generator.matched_latents` draws one galaxy per row of a targets table near
-the training galaxies whose properties are nearest to the row's (:mod:`ray_galaxy.generation.match`).
+To order: :meth:`Generator.matched_images` makes one galaxy per row of a targets table, drawn
+near the training galaxies whose properties are nearest to the row's and kept as the best of a
+few measured tries (:mod:`ray_galaxy.generation.match`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from ray_galaxy.checkpoint import ModelDir, ModelDirError, load_model_dir
 from ray_galaxy.config import ModelConfig
 from ray_galaxy.generation.detail import add_detail
 from ray_galaxy.generation.latents import SEED_BLOCK, most_active_dims, prior_latents, seeded_rows
-from ray_galaxy.generation.match import MATCH_K, MatchError, Targets, match_latents
+from ray_galaxy.generation.match import MATCH_K, MATCH_TRIES, MatchError, Targets, best_tries, match_latents
+from ray_galaxy.generation.properties import PROPERTY_NAMES, property_values, robust_spread
 from ray_galaxy.generation.sampler import SAMPLER_FILE, LabelError, MixtureSampler, SamplerError, read_sampler
 from ray_galaxy.generation.where import WhereError
 from ray_galaxy.model import ConvVAE, to_uint8
@@ -159,14 +161,38 @@ class Generator:
 
     def matched_latents(self, targets: Targets, n: int, seed: int = 0, start: int = 0, k: int = MATCH_K,
                         temperature: float = 1.0, sampler: str = "auto", label: str | None = None,
-                        where: str | None = None) -> tuple[torch.Tensor, np.ndarray]:
-        """(codes, training galaxy of each) of rows ``start`` .. ``start + n - 1`` of ``targets``:
-        each drawn near the ``k`` training galaxies whose properties are nearest to its row's
-        (:mod:`ray_galaxy.generation.match`); ``label`` and ``where`` narrow the candidates."""
+                        where: str | None = None, attempt: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+        """(codes, training galaxy of each) of rows ``start`` .. ``start + n - 1`` of ``targets``,
+        try ``attempt``: each drawn near the ``k`` training galaxies whose properties are nearest
+        to its row's (:mod:`ray_galaxy.generation.match`); ``label`` and ``where`` narrow the
+        candidates."""
         self.check_match(sampler)
         self.check_label(label, sampler)
         self.check_where(where, sampler, label)
-        return match_latents(self.sampler, targets, n, seed, start, k, temperature, label, where)
+        return match_latents(self.sampler, targets, n, seed, start, k, temperature, label, where, attempt)
+
+    def matched_images(self, targets: Targets, n: int, seed: int = 0, start: int = 0, k: int = MATCH_K,
+                       temperature: float = 1.0, sampler: str = "auto", label: str | None = None,
+                       where: str | None = None, detail: bool = True, tries: int = MATCH_TRIES,
+                       workers: int | None = None) -> tuple[torch.Tensor, np.ndarray, dict[str, np.ndarray]]:
+        """(codes (n, D), images (n, S, S, 3) uint8, {property: (n,) as measured on them}) of rows
+        ``start`` .. ``start + n - 1`` of ``targets``: of ``tries`` draws of each row (as
+        :meth:`matched_latents`), the one measured nearest to its request. ``workers``: processes
+        measuring (:func:`ray_galaxy.morphology.measure_all`)."""
+        detail_seed = self.detail_seed(sampler, detail, seed)
+        codes, images, measured = [], [], []
+        for attempt in range(tries):
+            z, _ = self.matched_latents(targets, n, seed, start, k, temperature, sampler, label, where, attempt)
+            codes.append(z)
+            images.append(self.decode_uint8(z, detail_seed, offset=start))
+            measured.append(property_values(images[-1], workers))
+        cols = [PROPERTY_NAMES.index(name) for name in targets.names]
+        spread = robust_spread(np.stack([self.sampler.properties[name] for name in targets.names], axis=1))
+        best = best_tries(targets.values[start:start + n], np.stack(measured)[..., cols], spread)
+        rows = np.arange(n)
+        values = np.stack(measured)[best, rows]  # (n, P)
+        return (torch.stack(codes)[best, rows], np.stack(images)[best, rows],
+                {name: values[:, j] for j, name in enumerate(PROPERTY_NAMES)})
 
     def dims_by_activity(self) -> list[int]:
         """Latent dimensions, most used first: by the sampler's per-dimension variance when there

@@ -17,8 +17,15 @@ drawn from a kernel of one of the ``k`` training galaxies nearest to them:
 
 Row i is drawn with seed block ``seed + i // SEED_BLOCK`` (row ``i % SEED_BLOCK`` of its
 uniform numbers and noise), so galaxy i depends on (model, seed, i, row i's request, k, label,
-where, temperature), not on which other rows are drawn with it: a catalogue written shard by
-shard is the same bytes as one drawn whole.
+where, temperature, tries), not on which other rows are drawn with it: a catalogue written shard
+by shard is the same bytes as one drawn whole.
+
+Best of ``tries``: a draw starts near the requested properties, but the decoder's blur and the
+kernel's noise move what comes out. So each row is drawn ``tries`` times (try t > 0 with the
+seed of :func:`try_seed`; try 0 is the single draw), every try is decoded and
+measured, and the row keeps the try whose *measured* properties are nearest to its request, by
+the same distance (:func:`best_tries`; the first on a tie, a try without a measurement never
+wins over one with). It is selection among honest draws, not a filter: every row gets a galaxy.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from ray_galaxy.generation.sampler import MixtureSampler
 from ray_galaxy.storage import read_bytes
 
 MATCH_K = 8  # nearest training galaxies a row draws among (each in its D4 orientations)
+MATCH_TRIES = 8  # draws per row, the one measured nearest to the request kept (docs/properties.md)
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
@@ -164,11 +172,20 @@ def nearest(train: np.ndarray, spread: np.ndarray, pool: np.ndarray, requests: n
     return index[order]
 
 
+def try_seed(seed: int, block: int, attempt: int) -> int:
+    """The generator seed of seed block ``block``, try ``attempt``: ``seed + block`` for try 0 (the
+    single draw), else one hashed from all three. Not ``seed + block + attempt * stride``: torch's
+    CPU generator keeps only the low 32 bits of a seed, so any stride lands on another seed's blocks."""
+    if attempt == 0:
+        return int(seed) + block
+    return int(np.random.SeedSequence([int(seed) % 2 ** 64, block, attempt]).generate_state(1)[0])
+
+
 def match_latents(sampler: MixtureSampler, targets: Targets, n: int, seed: int = 0, start: int = 0,
                   k: int = MATCH_K, temperature: float = 1.0, label: str | None = None,
-                  where: str | None = None) -> tuple[torch.Tensor, np.ndarray]:
+                  where: str | None = None, attempt: int = 0) -> tuple[torch.Tensor, np.ndarray]:
     """(codes (n, D), training galaxy of each) for rows ``start`` .. ``start + n - 1`` of
-    ``targets`` (module docstring)."""
+    ``targets``, try ``attempt`` of each (module docstring)."""
     if n < 1 or start < 0 or start + n > len(targets):
         raise ValueError(f"rows {start}..{start + n - 1} are not rows of the {len(targets)} targets")
     train, spread, pool = candidates(sampler, targets.names, k, label, where)
@@ -179,7 +196,7 @@ def match_latents(sampler: MixtureSampler, targets: Targets, n: int, seed: int =
     while row < start + n:
         block, within = divmod(row, SEED_BLOCK)
         m = min(start + n - row, SEED_BLOCK - within)
-        g = torch.Generator().manual_seed(int(seed) + block)
+        g = torch.Generator().manual_seed(try_seed(seed, block, attempt))
         u = torch.rand(SEED_BLOCK, generator=g, dtype=torch.float64)[within:within + m].numpy()
         eps = torch.randn(SEED_BLOCK, sampler.latent_dim, generator=g, dtype=torch.float64)[within:within + m]
         near = nearest(train, spread, pool, targets.values[row:row + m], k)
@@ -196,3 +213,11 @@ def scaled_errors(requested: np.ndarray, measured: np.ndarray, spread: np.ndarra
     """|measured - requested| / spread, per row and property (NaN where not measured)."""
     return np.abs(np.asarray(measured, np.float64) - requested) / spread
 
+
+
+def best_tries(requested: np.ndarray, measured: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """(n,) the try of each row to keep: ``measured`` (tries, n, P) against ``requested`` (n, P),
+    by the spread-scaled Euclidean distance of :func:`nearest`; a try with a property not
+    measured is farthest, and ties (all unmeasured included) go to the first try."""
+    d2 = (((np.asarray(measured, np.float64) - requested[None]) / spread) ** 2).sum(-1)  # (tries, n)
+    return np.argmin(np.where(np.isfinite(d2), d2, np.inf), axis=0)

@@ -42,12 +42,18 @@ MIN_MATCHES = 20
 IQR_PER_SIGMA = 1.349  # the interquartile range of a normal distribution, in standard deviations
 
 
+def property_values(images: np.ndarray, workers: int | None = None) -> np.ndarray:
+    """(N, len(PROPERTY_NAMES)) float64 of (N, S, S, 3) uint8 images, NaN where a measurement
+    failed (``workers``: as :func:`morphology.measure_all`)."""
+    measured = morphology.measure_all(images, [stat for stat, _ in PROPERTIES.values()], workers=workers)
+    return np.stack([measured[stat] for stat, _ in PROPERTIES.values()], axis=1).astype(np.float64)
+
+
 def measure_properties(images: np.ndarray) -> np.ndarray:
-    """(N, len(PROPERTY_NAMES)) float64 of (N, S, S, 3) images, NaN where a measurement failed."""
+    """:func:`property_values` of the training images, with a line of progress before and after."""
     t0 = time.time()
     log(f"measuring {len(PROPERTY_NAMES)} properties of {len(images)} training galaxies (--where, /info)")
-    measured = morphology.measure_all(images, [stat for stat, _ in PROPERTIES.values()])
-    values = np.stack([measured[stat] for stat, _ in PROPERTIES.values()], axis=1).astype(np.float64)
+    values = property_values(images)
     failed = int(np.isnan(values).all(axis=1).sum())
     log(f"measured {len(images)} training galaxies in {fmt_seconds(time.time() - t0)}"
         f"{f' ({failed} without a measurable central object)' if failed else ''}")

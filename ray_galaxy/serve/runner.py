@@ -79,7 +79,8 @@ def serve_model(models: list[str] | None, config_path: str, host: str = "127.0.0
     url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
     served = serve_config(app_args).models
     what = served[0][1] if len(served) == 1 else ", ".join(f"{n} ({loc})" for n, loc in served)
-    log(f"serving {what} behind {'HAProxy' if proxy == 'haproxy' else 'Serve'}'s HTTP proxy: latent explorer: open {_explorer_url(url, app_args)} in a browser "
+    front = "HAProxy" if proxy == "haproxy" else "Serve"
+    log(f"serving {what} behind {front}'s HTTP proxy: latent explorer: open {_explorer_url(url, app_args)} in a browser "
         f"(API docs {url}/docs; Ctrl-C to stop)")
     _wait_for_stop()
     log("shutting down")
