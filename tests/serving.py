@@ -7,8 +7,13 @@ instance on a loopback port serves every Serve, explorer and load test of the se
 from __future__ import annotations
 
 import io
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import requests
 
 TOKEN = "tok-" + "7f3a9c21e4b8d05f"
 SIZE, LATENT, MAX_BATCH = 32, 4, 8
@@ -95,3 +100,60 @@ def tile(strip: np.ndarray, i: int, j: int = 0, pad: int = 2) -> np.ndarray:
     """Tile (row j, column i) of a figures.grid mosaic of SIZE-pixel images."""
     y, x = pad + j * (SIZE + pad), pad + i * (SIZE + pad)
     return strip[y:y + SIZE, x:x + SIZE]
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64) * 1000
+    return {"n": int(a.size), "p50_ms": round(float(np.percentile(a, 50)), 1),
+            "p99_ms": round(float(np.percentile(a, 99)), 1), "max_ms": round(float(a.max()), 1)}
+
+
+def drive(base: str, plan: list[tuple[str, dict, str]], concurrency: int, deadline_s: float,
+          on_done=None, rate: float | None = None) -> dict:
+    """Send ``plan`` with ``concurrency`` threads (one keep-alive session each), request i not
+    before i / ``rate`` s when a rate is given; nothing is sent after ``deadline_s``.
+    Returns (endpoint, outcome, latency s, start time.monotonic()) per request and the wall time."""
+    local = threading.local()
+    started = time.monotonic()
+    stop_at = started + deadline_s
+    done = [0]
+    lock = threading.Lock()
+
+    def one(indexed):
+        i, (ep, kwargs, ctype) = indexed
+        if rate:
+            time.sleep(max(0.0, started + i / rate - time.monotonic()))
+        if time.monotonic() > stop_at:
+            return ep, "not sent (deadline)", 0.0, time.monotonic()
+        if not hasattr(local, "s"):
+            local.s = requests.Session()
+        method, path = ep.split(" ")
+        sent_at = time.monotonic()
+        t0 = time.perf_counter()
+        try:
+            r = local.s.request(method, base + path, timeout=(10, 60), **kwargs)
+            elapsed = time.perf_counter() - t0
+            if r.status_code != 200:
+                outcome = f"{r.status_code}: {r.text[:160]}"
+            elif not r.headers.get("content-type", "").startswith(ctype):
+                outcome = f"content-type {r.headers.get('content-type')!r}, wanted {ctype}"
+            elif ctype == "application/zip" and zipfile.ZipFile(io.BytesIO(r.content)).testzip() is not None:
+                outcome = "bad zip"
+            elif ctype == "application/octet-stream" and \
+                    np.load(io.BytesIO(r.content)).shape != (kwargs["json"]["n"], SIZE, SIZE, 3):
+                outcome = "bad npy shape"
+            else:
+                outcome = "ok"
+        except Exception as e:  # noqa: BLE001 - a connection error is a result to count
+            elapsed, outcome = time.perf_counter() - t0, f"exception {type(e).__name__}: {e}"[:200]
+        with lock:
+            done[0] += 1
+            n = done[0]
+        if on_done is not None:
+            on_done(n)
+        return ep, outcome, elapsed, sent_at
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, enumerate(plan)))
+    return {"results": results, "wall_s": time.perf_counter() - t0}
