@@ -1,7 +1,8 @@
-"""A submitted job on a real two-node Ray cluster on this machine (``ray start --head`` and a
-second ``ray start --address`` node, each with its own temp dir and resources): an elastic
+"""A real two-node Ray cluster on this machine (``ray start --head`` and a second ``ray start
+--address`` node, each with its own temp dir and resources), shared by two tests: an elastic
 ``ray job submit -- python jobs/train.py`` with a worker on each node loses the second node
-mid-epoch, carries on, and grows again when a third node joins (docs/reliability.md)."""
+mid-epoch, carries on, and grows again when a third node joins; and Serve, with a Decoder
+replica on each node, keeps answering when one node goes (docs/reliability.md)."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -215,3 +217,106 @@ def test_submitted_elastic_job_survives_losing_a_node_and_grows_when_one_joins(t
     assert run.info.status == "FINISHED"
     # A resumed group records its checkpoint's epochs again, so steps repeat; none is missing.
     assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "val_loss")}) == list(range(1, 61))
+
+
+# --------------------------------------------------------------------------- Serve under node loss
+
+SERVE_APP = "nodeloss"
+# The ingress on the head node (a node's HTTP traffic goes through it); two Decoder replicas,
+# which Serve spreads over the nodes. Batches wait 0.2 s for company, so requests sit in the
+# replica on the lost node when it dies.
+SERVE_OPTIONS = {"GalaxyAPI": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25, "resources": {"head_node": 0.01}},
+                               "logging_config": {"enable_access_log": False}},
+                 "Decoder": {"num_replicas": 2, "max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 0.5},
+                             "logging_config": {"enable_access_log": False}}}
+# Deployed from a driver of its own: this process is connected to the suite's shared cluster.
+# One HTTP proxy, on the head node: every node of this cluster shares one machine and its ports.
+DEPLOY = """
+import json, sys
+import ray
+from ray import serve
+from ray_galaxy.serve.app import build_app
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[2])}, proxy_location="HeadOnly")
+args = {"model": sys.argv[3], "batch_wait_timeout_s": 0.2}
+serve.run(build_app(args, json.loads(sys.argv[4]), token=None), name=sys.argv[5], route_prefix="/")
+"""
+# 20 requests/s from 8 clients for 30 s: 5 s before the loss, through it, and on while Serve replaces the replica.
+SERVE_REQUESTS, SERVE_RATE, SERVE_CLIENTS, SERVE_KILL_AFTER = 600, 20.0, 8, 100
+
+
+def _decoder_nodes(two_nodes: dict) -> dict[str, str]:
+    """actor id -> node id of the ALIVE Decoder replicas of the test's app."""
+    r = subprocess.run([RAY, "list", "actors", "--address", two_nodes["dashboard"], "--format", "json",
+                        "--filter", f"class_name=ServeReplica:{SERVE_APP}:Decoder", "--filter", "state=ALIVE"],
+                       env=two_nodes["env"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return {a["actor_id"]: a["node_id"] for a in json.loads(r.stdout)}
+
+
+def _only_the_head_node(two_nodes: dict) -> str:
+    """Kill every node but the head (those of a test before, if any) and wait until the cluster
+    says so; gives the head's node id."""
+    for temp_dir in two_nodes["temp_dirs"][1:]:
+        _kill_cluster(temp_dir)
+    deadline = time.time() + 60
+    while len(alive := _alive_nodes(two_nodes)) > 1 and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(alive) == 1, alive
+    return next(iter(alive))
+
+
+def test_serve_keeps_answering_when_a_node_with_a_decoder_replica_goes(two_nodes, models):
+    """Decoder replicas on both nodes, the ingress and HTTP proxy on the head node, 20 requests/s
+    of single galaxies; every process of the other node SIGKILLed. A request in flight on the
+    lost replica fails over inside the app (the ingress retries a decoder call whose replica
+    died), so the client sees 200s, later; Serve starts a replacement replica on the node that
+    is left. No more requests fail than were in flight when the node went, and none with a 500."""
+    from serving import drive, percentiles
+
+    head = _only_the_head_node(two_nodes)
+    temp_dir = _start_node(two_nodes, '{"serve_node": 1}')
+    node = next(iter(_alive_nodes(two_nodes) - {head}))
+    port = free_port()
+    r = subprocess.run([sys.executable, "-c", DEPLOY, f"127.0.0.1:{two_nodes['port']}", str(port), models.a,
+                        json.dumps(SERVE_OPTIONS), SERVE_APP], env=two_nodes["env"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    before = _decoder_nodes(two_nodes)
+    assert sorted(before.values()) == sorted([head, node]), "Serve spreads the two replicas over the two nodes"
+
+    reached, out = threading.Event(), {}
+    plan = [("GET /sample", {"params": {"seed": i}}, "image/png") for i in range(SERVE_REQUESTS)]
+    loader = threading.Thread(target=lambda: out.update(drive(
+        f"http://127.0.0.1:{port}", plan, SERVE_CLIENTS, 150.0, rate=SERVE_RATE,
+        on_done=lambda n: n >= SERVE_KILL_AFTER and reached.set())), daemon=True)
+    loader.start()
+    assert reached.wait(120), "the load did not get going"
+    _kill_cluster(temp_dir)
+    killed_at = time.monotonic()
+    replaced_at, after = None, {}
+    while replaced_at is None and time.monotonic() < killed_at + 120:
+        after = _decoder_nodes(two_nodes)
+        if len(after) == 2 and set(after.values()) == {head}:
+            replaced_at = time.monotonic()
+        time.sleep(0.5)
+    loader.join(200)
+    assert not loader.is_alive(), "the load did not finish"
+    results = out["results"]  # (endpoint, outcome, latency s, sent at)
+    in_flight = [res for res in results if res[3] < killed_at < res[3] + res[2]]
+    failed = [res for res in results if res[1] != "ok"]
+    stats = {"requests": len(results), "rate_rps": SERVE_RATE, "clients": SERVE_CLIENTS,
+             "in_flight_at_loss": len(in_flight), "failed": len(failed),
+             "failures": sorted({o for _, o, *_ in failed})[:5],
+             "replaced_s": round(replaced_at - killed_at, 1) if replaced_at else None,
+             "latency_in_flight": percentiles([dt for *_, dt, _ in in_flight]) if in_flight else {},
+             "latency_all": percentiles([dt for _, o, dt, _ in results if o == "ok"]),
+             "load_average_1m": os.getloadavg()[0]}
+    print(f"\n[serve node loss] {json.dumps(stats)}")
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "serve_node_loss.json").write_text(json.dumps(stats, indent=1))
+    assert replaced_at is not None, f"no replacement Decoder replica within 120 s: {after}"
+    assert sum(1 for *_, sent in results if sent > killed_at) >= 100, "the load did not go on past the loss"
+    assert len(failed) <= len(in_flight), failed[:5]
+    # A request that cannot be answered is a 503 with Retry-After (the app's own answer), never a 500.
+    assert not [o for _, o, *_ in failed if not o.startswith("503")], failed[:5]
