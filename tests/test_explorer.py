@@ -329,3 +329,49 @@ def test_model_selector_switches_the_page_to_another_model(watched, multi_server
     assert seen and all(q["model"] == "b" for q in seen)
     assert bodies and all(b["model"] == "b" for b in bodies)  # /decode and /interpolate
     assert watched.errors == []
+
+
+def test_property_ranges_draw_near_the_training_galaxies_in_them(watched, server, models):
+    """Range boxes for size, flux, ellipticity and colour (placeholders: the training range from
+    /info); filled in, they become ``where=`` on /latent and the seed's code is the one the
+    Generator draws with that selection. A range too narrow shows the server's error; the prior
+    sampler switches the boxes off."""
+    from ray_galaxy.generation.generator import Generator
+
+    gen, page = Generator.load(models.a), watched.page
+    ranges = requests.get(server.url + "/info", timeout=30).json()["properties"]
+    seen = latent_queries(watched)
+    open_explorer(watched, server.url + "/")
+    assert page.is_visible("#where-box")
+    for name in ("r50_px", "flux", "ellipticity", "colour"):
+        for side, key in (("from", "min"), ("to", "max")):
+            shown = page.get_attribute(f"#{side}-{name}", "placeholder")
+            assert float(shown) == float(f"{ranges[name][key]:.3g}") and "e" not in shown, (name, side, shown)
+    assert seen and all("where" not in q for q in seen)  # empty boxes send none
+    seed, before = int(page.input_value("#seed")), code(watched)
+
+    seen.clear()
+    median = ranges["r50_px"]["median"]
+    page.fill("#from-r50_px", repr(median))
+    page.fill("#to-ellipticity", "0.9")
+    page.dispatch_event("#to-ellipticity", "change")
+    page.wait_for_function("JSON.parse(document.getElementById('zvec').value)[0] !== %r" % before[0])
+    idle(watched)
+    where = f"r50_px >= {median!r} and ellipticity <= 0.9"
+    assert seen[-1] == {"seed": str(seed), "temperature": "1", "sampler": "gmm", "where": where}
+    assert page.inner_text("#where-note") == f"where {where}"
+    z = code(watched)
+    np.testing.assert_allclose(z, gen.latents(1, seed, "gmm", where=where)[0].numpy(), atol=1e-6)
+    assert shown_png(watched) == png_of(models.model_a, z)
+
+    page.fill("#from-r50_px", repr(ranges["r50_px"]["max"] + 1))
+    page.dispatch_event("#from-r50_px", "change")
+    page.wait_for_function("document.getElementById('status').classList.contains('error')")
+    assert "fewer than the 20 galaxies a draw needs" in page.inner_text("#status")
+    assert code(watched) == z  # the page keeps the last good code
+
+    page.select_option("#sampler", "prior")
+    idle(watched)
+    assert page.is_disabled("#from-r50_px") and page.inner_text("#where-note") == "property ranges need the GMM sampler"
+    assert seen[-1]["sampler"] == "prior" and "where" not in seen[-1]
+    assert [e for e in watched.errors if "422" not in e] == []  # the browser logs the 422 itself

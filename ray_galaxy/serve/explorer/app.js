@@ -9,6 +9,8 @@ const PAD = 2;            // figures.grid: pixels between and around tiles
 const SLIDER_RANGE = 4;   // slider span in prior standard deviations
 const DEFAULT_SLIDERS = 12;
 const DEBOUNCE_MS = 30;
+// Properties with range controls (of the nine /info lists): size, brightness, shape, colour.
+const RANGE_PROPERTIES = ["r50_px", "flux", "ellipticity", "colour"];
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -174,9 +176,66 @@ function syncLabelBox() {
     : prior ? "classes need the GMM sampler" : "";
 }
 
+// ------------------------------------------------------------------ property ranges
+// Each control is "from" and "to" boxes (empty: open); together they make the server's where=
+// expression, e.g. "r50_px >= 6 and ellipticity <= 0.3", and the seed's code is drawn near
+// the training galaxies that satisfy it. Too few matches is the server's 422, shown as status.
+
+function buildRanges() {
+  const props = state.info.properties || {};
+  const box = $("ranges");
+  box.replaceChildren();
+  for (const name of RANGE_PROPERTIES.filter((p) => props[p]?.min != null)) {
+    const { min, max, unit } = props[name];
+    const row = document.createElement("div");
+    row.className = "range";
+    const label = document.createElement("label");
+    label.htmlFor = `from-${name}`;
+    label.textContent = name;
+    label.title = unit;
+    const bound = (side, hint) => {
+      const input = Object.assign(document.createElement("input"),
+        { type: "number", id: `${side}-${name}`, placeholder: hint, step: "any" });
+      input.setAttribute("aria-label", `${name} ${side}`);
+      input.addEventListener("change", () => { syncWhereBox(); report(loadSeed(currentSeed())); });
+      return input;
+    };
+    const dash = Object.assign(document.createElement("span"), { textContent: "–", className: "hint" });
+    const short = (v) => String(Number(v.toPrecision(3)));  // 3 digits, never 1.23e+3
+    row.append(label, bound("from", short(min)), dash, bound("to", short(max)));
+    box.append(row);
+  }
+  $("where-box").hidden = !box.children.length;
+  syncWhereBox();
+}
+
+function whereExpression() {
+  const terms = [];
+  for (const input of $("ranges").querySelectorAll("input")) {
+    if (input.value.trim() === "" || !Number.isFinite(Number(input.value))) continue;
+    const [side, name] = input.id.split(/-(.*)/s);
+    terms.push(`${name} ${side === "from" ? ">=" : "<="} ${Number(input.value)}`);
+  }
+  return terms.join(" and ");
+}
+
+function whereParam() {
+  const where = whereExpression();
+  return where && $("sampler").value !== "prior" ? { where } : {};
+}
+
+function syncWhereBox() {
+  const prior = $("sampler").value === "prior", where = whereExpression();
+  for (const input of $("ranges").querySelectorAll("input")) input.disabled = prior;
+  $("where-note").textContent = prior ? "property ranges need the GMM sampler"
+    : where ? `where ${where}` : "placeholders: the training galaxies' range";
+}
+
+function currentSeed() { return Math.max(0, Math.floor(Number($("seed").value) || 0)); }
+
 async function loadSeed(seed) {
   const params = query({ seed: String(seed), temperature: $("temperature").value,
-                         sampler: $("sampler").value, ...labelParam() });
+                         sampler: $("sampler").value, ...labelParam(), ...whereParam() });
   const ticket = ++latest.latent;
   const body = await (await api(`latent?${params}`)).json();
   if (ticket !== latest.latent) return body.z;  // a newer seed was asked for meanwhile
@@ -283,6 +342,7 @@ async function loadModel() {
   $("sampler-box").hidden = info.samplers.length < 2;
   fillSelect($("label"), [""].concat(info.labels || []), (l) => l || "any class", "");
   syncLabelBox();
+  buildRanges();
   $("dimcount").replaceChildren();
   $("dimcount-box").hidden = info.latent_dim <= DEFAULT_SLIDERS;
   if (info.latent_dim > DEFAULT_SLIDERS) {
@@ -299,7 +359,7 @@ async function loadModel() {
   state.interpolation = state.traversal = null;
   buildSliders();
 
-  const first = query({ seed: "1", sampler: $("sampler").value, ...labelParam() });
+  const first = query({ seed: "1", sampler: $("sampler").value, ...labelParam(), ...whereParam() });
   state.b = (await (await api(`latent?${first}`)).json()).z;
   state.a = await loadSeed(Number($("seed").value) || 0);
   await Promise.all([drawInterpolation(), drawTraversal()]);
@@ -309,9 +369,9 @@ function bindControls() {
   $("model").addEventListener("change", () => report(loadModel()));
   $("dimcount").addEventListener("change", buildSliders);
   $("random").addEventListener("click", () => report(loadSeed(Math.floor(Math.random() * 1e9))));
-  $("sampler").addEventListener("change", syncLabelBox);
+  $("sampler").addEventListener("change", () => { syncLabelBox(); syncWhereBox(); });
   for (const id of ["seed", "temperature", "sampler", "label"]) {
-    $(id).addEventListener("change", () => report(loadSeed(Math.max(0, Math.floor(Number($("seed").value) || 0)))));
+    $(id).addEventListener("change", () => report(loadSeed(currentSeed())));
   }
   $("apply-z").addEventListener("click", () => {
     try {
