@@ -13,10 +13,12 @@ PNGs each), the way a program that wants many galaxies asks for them. Prints one
 
 With ``--proxies default,haproxy`` each proxy runs in its own Ray (HAProxy mode is set when Ray
 starts), one after the other, ``--rounds`` times alternating, and a side-by-side summary comes
-first: single-galaxy ratio, p50 of one request at a time, /healthz per second, bulk ratio.
+first: single-galaxy ratio, p50 of one request at a time, /healthz per second, bulk ratio. A
+``+fused`` suffix (``haproxy+fused``) serves with ``fused: true``: the decoder inside the ingress
+replica (one replica with the decoder's CPUs) instead of a Decoder deployment of its own.
 
     python benchmarks/serve_throughput.py --model runs/galaxy-vae/model
-    python benchmarks/serve_throughput.py --model runs/galaxy-vae/model --proxies default,haproxy --rounds 2
+    python benchmarks/serve_throughput.py --model runs/galaxy-vae/model --proxies default,haproxy,haproxy+fused --rounds 2
 """
 
 import argparse
@@ -132,13 +134,16 @@ def main() -> None:
                    help="decode_chunk_rows of the Serve app (0 = auto: 1 on CPU)")
     p.add_argument("--out", default=None, help="also write the JSON here (Ray may print to stdout too)")
     p.add_argument("--proxies", default="default",
-                   help="HTTP proxies to compare, each in its own Ray: default, haproxy or both (default,haproxy)")
+                   help="HTTP proxies to compare, each in its own Ray: default, haproxy, either with +fused "
+                        "(the decoder inside the ingress), comma-separated (e.g. default,haproxy,haproxy+fused)")
     p.add_argument("--rounds", type=int, default=1, help="with several proxies: runs of each, alternating")
     p.add_argument("--proxy", default=None, help=argparse.SUPPRESS)  # internal: this process runs one proxy
     args = p.parse_args()
     if args.proxy is None:
         return compare_proxies(args)
-    if args.proxy == "haproxy":  # before Ray starts: every Ray process of this run inherits it
+    proxy, _, layout = args.proxy.partition("+")
+    fused = layout == "fused"
+    if proxy == "haproxy":  # before Ray starts: every Ray process of this run inherits it
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
@@ -178,10 +183,13 @@ def main() -> None:
     results = {}
     for batch in batch_sizes:
         cfg = {"model": model, "max_batch_size": batch, "batch_wait_timeout_s": args.batch_wait_timeout_s,
-               "torch_threads": args.threads, "decode_chunk_rows": args.chunk_rows}
+               "torch_threads": args.threads, "decode_chunk_rows": args.chunk_rows, "fused": fused}
         options = {"GalaxyAPI": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
                    "Decoder": {"num_replicas": 1, "max_ongoing_requests": max(64, 2 * batch),
                                "ray_actor_options": {"num_cpus": args.decoder_cpus}}}
+        if fused:  # one deployment: the ingress with the decoder's CPUs
+            options = {"GalaxyAPI": {"num_replicas": 1, "max_ongoing_requests": max(64, 2 * batch),
+                                     "ray_actor_options": {"num_cpus": args.decoder_cpus}}}
         # A fresh app each time: a rolling update with max_surge would need room for a second
         # decoder replica, which a 2-core machine does not have.
         serve.run(build_app(cfg, options, token=None), name="bench", route_prefix="/bench",
@@ -196,7 +204,10 @@ def main() -> None:
                                         max(1, min(args.concurrency, args.requests // args.per_request // 4)))
         after = in_process(local_model, args.requests, best)
         baseline = (before["galaxies_per_s"] + after["galaxies_per_s"]) / 2
-        stats = serve.get_deployment_handle("Decoder", app_name="bench").stats.remote().result(timeout_s=60)
+        if fused:
+            stats = {"rows": 0, "batches": 0}  # the batching counters live inside the ingress
+        else:
+            stats = serve.get_deployment_handle("Decoder", app_name="bench").stats.remote().result(timeout_s=60)
         if "http_stack_only_healthz_per_s" not in results:  # HTTP alone: same clients, no decoding
             results["http_stack_only_healthz_per_s"] = http_throughput(url, args.requests, args.concurrency,
                                                                        "/healthz")
@@ -207,7 +218,7 @@ def main() -> None:
             "ratio_vs_in_process": rate / baseline,
             **({"bulk_galaxies_per_request": args.per_request, "bulk_http_galaxies_per_s": bulk,
                 "bulk_ratio_vs_in_process": bulk / baseline} if bulk else {}),
-            "mean_batch_rows": stats["rows"] / max(stats["batches"], 1),
+            "mean_batch_rows": stats["rows"] / stats["batches"] if stats["batches"] else None,
             "latency_single_request": http_latency(url, args.latency_requests),
         }
         serve.delete("bench")
@@ -221,7 +232,8 @@ def main() -> None:
         "decoder_cpus": args.decoder_cpus,
         "decode_chunk_rows": args.chunk_rows,
         "batch_wait_timeout_s": args.batch_wait_timeout_s,
-        "proxy": args.proxy,
+        "proxy": proxy,
+        "fused": fused,
         "haproxy_process_seen": haproxy_seen,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "in_process_batch_sweep": {b: r["galaxies_per_s"] for b, r in sweep.items()},

@@ -102,6 +102,15 @@ def tile(strip: np.ndarray, i: int, j: int = 0, pad: int = 2) -> np.ndarray:
     return strip[y:y + SIZE, x:x + SIZE]
 
 
+def galaxy_png(size: int = 48, seed: int = 5) -> bytes:
+    """A synthetic galaxy of ``size`` px as PNG bytes (an upload for /reconstruct)."""
+    from synthetic import galaxy
+
+    from ray_galaxy.images import png_bytes
+
+    return png_bytes(galaxy(size, np.random.default_rng(seed)))
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, dtype=np.float64) * 1000
     return {"n": int(a.size), "p50_ms": round(float(np.percentile(a, 50)), 1),

@@ -26,20 +26,12 @@ import yaml
 
 from conftest import REPO, job_env
 from serving import (BODY_LIMIT, LATENT, MAX_BATCH, SIZE, SMALL, TOKEN, default_images, default_latents,
-                     expected_images, expected_png, pixels, seed_latents, tile)
+                     expected_images, expected_png, galaxy_png, pixels, seed_latents, tile)
 
 # Ray Serve's own models use a pydantic idiom deprecated in pydantic 2 (not ours to fix).
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")
 
 SERVE_YAML = REPO / "cluster" / "serve.yaml"
-
-
-def galaxy_png(size: int = 48, seed: int = 5) -> bytes:
-    from synthetic import galaxy
-
-    from ray_galaxy.images import png_bytes
-
-    return png_bytes(galaxy(size, np.random.default_rng(seed)))
 
 
 # --------------------------------------------------------------------------- endpoints

@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO
-from serving import LATENT, TOKEN, drive, percentiles
+from serving import LATENT, TOKEN, drive, galaxy_png, percentiles
 
 # Ray Serve's own models use a pydantic idiom deprecated in pydantic 2 (not ours to fix).
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")
@@ -51,14 +51,6 @@ def record(section: str, data: dict) -> None:
     ARTIFACT.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
 
 
-def galaxy_png(size: int = 40, seed: int = 5) -> bytes:
-    from synthetic import galaxy
-
-    from ray_galaxy.images import png_bytes
-
-    return png_bytes(galaxy(size, np.random.default_rng(seed)))
-
-
 # --------------------------------------------------------------------------- bounded load
 
 
@@ -72,7 +64,7 @@ MIX = [("GET /sample", 28), ("POST /sample", 14), ("POST /interpolate", 9), ("GE
 def load_plan(n: int, seed: int = 0) -> list[tuple[str, dict, str]]:
     """``n`` requests (endpoint, requests kwargs, expected content type), reproducible."""
     rng = random.Random(seed)
-    png = galaxy_png()
+    png = galaxy_png(40)
     names, weights = zip(*MIX)
     plan = []
     for i in range(n):

@@ -1,4 +1,5 @@
-"""The Serve application: ``GalaxyAPI`` (the HTTP ingress) bound to a ``Decoder``.
+"""The Serve application: ``GalaxyAPI`` (the HTTP ingress) bound to a ``Decoder`` (or, with
+``fused: true``, running the decoder in its own replicas).
 
 Start it with ``python jobs/serve.py --model URI [--model URI2 ...]`` or ``serve run
 cluster/serve.yaml`` (``import_path: ray_galaxy.serve.app:app_builder``, the :class:`ServeConfig`
@@ -52,11 +53,22 @@ def default_deployment_options(cfg: ServeConfig) -> dict[str, dict[str, Any]]:
     }
 
 
+def fused_deployment_options(cfg: ServeConfig) -> dict[str, dict[str, Any]]:
+    """``fused: true``: one deployment, the ingress with the decoder's resources and room for a
+    batch's worth of requests per replica."""
+    split = default_deployment_options(cfg)
+    return {INGRESS: {**split[INGRESS], "ray_actor_options": dict(split[DECODER]["ray_actor_options"]),
+                      "max_ongoing_requests": max(64, 2 * cfg.max_batch_size)}}
+
+
 def merge_deployment_options(cfg: ServeConfig, overrides: Mapping[str, Mapping[str, Any]] | None
                              ) -> dict[str, dict[str, Any]]:
     """Defaults with ``overrides`` applied per deployment (each key replaces the default's)."""
-    options = default_deployment_options(cfg)
+    options = fused_deployment_options(cfg) if cfg.fused else default_deployment_options(cfg)
     for name, opts in (overrides or {}).items():
+        if name == DECODER and cfg.fused:
+            raise ConfigError(f"fused: true runs the decoder inside {INGRESS}: give its options (replicas, "
+                              f"resources) under {INGRESS}, not {DECODER}")
         if name not in options:
             raise ConfigError(f"unknown deployment {name!r}; valid names are: {', '.join(DEPLOYMENT_NAMES)}")
         opts = {k: v for k, v in dict(opts).items() if k != "name"}
@@ -65,9 +77,10 @@ def merge_deployment_options(cfg: ServeConfig, overrides: Mapping[str, Mapping[s
         if "autoscaling_config" in opts:
             options[name].pop("num_replicas", None)
         options[name].update(opts)
-    mor = options[DECODER].get("max_ongoing_requests")
+    batching = INGRESS if cfg.fused else DECODER
+    mor = options[batching].get("max_ongoing_requests")
     if isinstance(mor, int) and mor < cfg.max_batch_size:
-        raise ConfigError(f"{DECODER}.max_ongoing_requests ({mor}) must be >= max_batch_size "
+        raise ConfigError(f"{batching}.max_ongoing_requests ({mor}) must be >= max_batch_size "
                           f"({cfg.max_batch_size}), or batches never fill")
     return options
 
@@ -86,7 +99,7 @@ def build_app(config: Mapping[str, Any] | ServeConfig,
     if token is ...:
         token = os.environ.get(cfg.token_env) if cfg.token_env else None
     options = merge_deployment_options(cfg, deployment_options)
-    decoder = Decoder.options(**options[DECODER]).bind(cfg)
+    decoder = None if cfg.fused else Decoder.options(**options[DECODER]).bind(cfg)
     return GalaxyAPI.options(**options[INGRESS]).bind(cfg, decoder, Token(token) if token else None)
 
 

@@ -99,6 +99,10 @@ class ServeConfig:
     # The HTTP proxy in front of the app: Ray Serve's own ("default") or HAProxy, which Ray 2.60
     # runs when RAY_SERVE_ENABLE_HA_PROXY=1 is in the cluster's environment (serve.proxy).
     proxy: str = "default"
+    # The decoder inside the ingress replicas (one deployment, GalaxyAPI) instead of replicas of
+    # its own: each request skips a hop between actors. One model only; the ingress then holds
+    # the decoder's resources and scales as one (docs/serve.md, "One deployment or two").
+    fused: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.model, list):
@@ -120,6 +124,9 @@ class ServeConfig:
             raise ConfigError(f"decode_chunk_rows must be >= 0 (0 = auto), got {self.decode_chunk_rows}")
         if self.proxy not in PROXIES:
             raise ConfigError(f"proxy must be one of {', '.join(PROXIES)}; got {self.proxy!r}")
+        if self.fused and self.multiplexed:
+            raise ConfigError("fused: true serves one model (the decoder lives in each ingress replica); "
+                              "several models need the Decoder deployment: set fused: false")
 
     @property
     def models(self) -> list[tuple[str, str]]:

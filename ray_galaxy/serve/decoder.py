@@ -12,11 +12,15 @@ as the request's multiplexed model ID, Serve routes it to a replica that holds t
 it can, and each replica keeps at most ``max_num_models_per_replica`` models loaded
 (``@serve.multiplexed``: least recently used out). Serve splits batches by model ID, so a batch
 never mixes models. A request without an ID gets the first model.
+
+``fused: true`` (one model): :class:`InProcessDecoder` runs this same class inside each ingress
+replica, called like a deployment handle, so a request skips the hop between actors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 from typing import Any
@@ -219,3 +223,31 @@ class Decoder:
         loaded = sorted(set(self.loaded) | set(self._warm))
         return {"version": self.version, "replica": serve.get_replica_context().replica_id.unique_id,
                 "loaded": loaded, **self.stats_counts}
+
+
+class _Method:
+    """One of the in-process decoder's methods, called as a handle's: ``await m.remote(arg)``."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    async def remote(self, *args: Any) -> Any:
+        out = self.fn(*args)
+        return await out if inspect.isawaitable(out) else out
+
+
+class InProcessDecoder:
+    """The :class:`Decoder` class run inside the calling replica (``ServeConfig.fused``), with a
+    handle's call shape: ``await decoder.decode.remote(z)``. Its batching, float64 decoding and
+    answers are the Decoder's own; only the hop between actors is gone."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self._decoder = Decoder.func_or_class(config)
+
+    def options(self, **_: Any) -> "InProcessDecoder":
+        return self  # one model: nothing to route by
+
+    def __getattr__(self, name: str) -> _Method:
+        return _Method(getattr(self._decoder, name))

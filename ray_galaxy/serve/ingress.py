@@ -3,7 +3,8 @@
 It holds one :class:`~ray_galaxy.serve.served.ServedModel` per model of the application (each
 loaded without weights: config, metrics, version and sampler), validates every input (a bad
 one is a 4xx JSON error naming the field, never a 5xx) and hands each request to the model it
-names (``model=NAME``; default: the first), which calls the ``Decoder``.
+names (``model=NAME``; default: the first), which calls the ``Decoder`` (with ``fused: true``,
+one running in this replica).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fastapi import FastAPI
 from ray import serve
 
 from ray_galaxy.serve.config import INGRESS, ServeConfig, Token
+from ray_galaxy.serve.decoder import InProcessDecoder
 from ray_galaxy.serve.errors import ApiError
 from ray_galaxy.serve.routes import build_api
 from ray_galaxy.serve.served import ServedModel
@@ -33,6 +35,8 @@ class GalaxyAPI:
     through ``app.state.svc``)."""
 
     def __init__(self, config: ServeConfig, decoder: Any, token: Token | None = None) -> None:
+        # No Decoder deployment (fused: true): the decoder runs in this replica.
+        decoder = InProcessDecoder(config) if decoder is None else decoder
         self.config, self.decoder, self.token = config, decoder, token
         self.models = {name: ServedModel(name, uri, config, decoder, token is not None)
                        for name, uri in config.models}
