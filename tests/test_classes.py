@@ -111,7 +111,8 @@ def labelled(tmp_path_factory):
 def test_evaluate_reports_the_classes_of_a_labelled_model(labelled, tmp_path):
     assert Generator.load(labelled["labelled"]).labels == ["large", "small"]
     cfg = EvaluateConfig(model=labelled["labelled"], data=str(labelled["held"]), out=str(tmp_path / "eval"),
-                         n=8, max_images=16, iwae_k=2, tracking=False, detail=False, n_per_class=6)
+                         n=8, max_images=16, iwae_k=2, tracking=False, detail=False, n_per_class=6,
+                         realism=False, properties=False)  # checked in test_realism.py and test_match.py
     everything = E.evaluate(cfg)
     m = everything["classes"]
     assert m["skipped"] is None and m["labels_source"] == str(labelled["csv"])  # the sampler's CSV
@@ -140,7 +141,7 @@ def test_the_classes_check_says_why_it_is_skipped(labelled, tmp_path):
     shutil.copytree(labelled["model"], unlabelled)
     fit_sampler(unlabelled, components=2, detail=False)
     cfg = EvaluateConfig(model=unlabelled, data=str(labelled["held"]), out=str(tmp_path / "eval"), n=8,
-                         max_images=8, iwae_k=2, tracking=False, detail=False)
+                         max_images=8, iwae_k=2, tracking=False, detail=False, realism=False, properties=False)
     m = E.evaluate(cfg)
     assert m["classes"] == {"skipped": "the model's sampler was fitted without labels (fit it with --labels "
                                        "CSV to sample by class)"}
@@ -148,5 +149,6 @@ def test_the_classes_check_says_why_it_is_skipped(labelled, tmp_path):
     assert "## Classes\n\nSkipped: the model's sampler was fitted without labels" in report
     # A labelled model evaluated with the prior: no classes to draw from.
     prior = E.evaluate(EvaluateConfig(model=labelled["labelled"], data=str(labelled["held"]), n=8, max_images=8,
-                                      out=str(tmp_path / "prior"), iwae_k=2, tracking=False, sampler="prior"))
+                                      out=str(tmp_path / "prior"), iwae_k=2, tracking=False, sampler="prior",
+                                      realism=False, properties=False))
     assert "sampler 'prior' has no classes" in prior["classes"]["skipped"]
