@@ -79,3 +79,23 @@ def test_fused_settings_that_cannot_work_are_clear_errors(models):
     with pytest.raises(ConfigError, match="GalaxyAPI.max_ongoing_requests .2. must be >= max_batch_size"):
         build_app({"model": models.a, "fused": True, "max_batch_size": 8},
                   {"GalaxyAPI": {"max_ongoing_requests": 2}}, token=None)
+
+
+def test_cluster_serve_fused_yaml_is_valid_and_strict():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from conftest import REPO
+    from ray_galaxy.serve.config import ServeConfig
+    from ray_galaxy.serve.yaml_check import check_serve_config
+
+    data = yaml.safe_load((REPO / "cluster" / "serve-fused.yaml").read_text())
+    ServeDeploySchema.model_validate(data)
+    assert check_serve_config(data) == []
+    (app,) = data["applications"]
+    assert app["args"]["fused"] is True and set(app["args"]) == set(ServeConfig.__dataclass_fields__)
+    assert [d["name"] for d in app["deployments"]] == ["GalaxyAPI"]
+    # cluster/serve.yaml with fused turned on but its Decoder entry left in: named, not ignored.
+    two = yaml.safe_load((REPO / "cluster" / "serve.yaml").read_text())
+    two["applications"][0]["args"]["fused"] = True
+    assert any("under GalaxyAPI, not Decoder" in e for e in check_serve_config(two))
