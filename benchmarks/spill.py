@@ -139,7 +139,10 @@ def one_run(cluster: Cluster, code: str, data: str, size: int, workdir: str, ext
 
     def poll() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], cluster.store()[0])
+            try:
+                peak[0] = max(peak[0], cluster.store()[0])
+            except Exception:  # noqa: BLE001 - a GCS slow to answer on a loaded machine: poll again
+                pass
             time.sleep(0.5)
 
     env_words = [w for w in shlex.split(extra) if re.match(r"^[A-Z_][A-Z0-9_]*=", w)]
