@@ -302,10 +302,15 @@ def read_shards(files: list[str], filesystem: Any, stored_size: int,
     ``map_batches`` of another batch size it is not fused with the read, and Ray Data then
     read most shards before resizing any, so the first batch of a streamed epoch waited for
     a share of the whole data set (8-12 s for 20,000 images against 1 s for 2,000;
-    docs/benchmarks-history.md, "Streaming cost against data size")."""
+    docs/benchmarks-history.md, "Streaming cost against data size").
+
+    ``batch_size=None`` (the whole read block: one file) keeps the parse fused with the read:
+    with a batch size Ray Data will not fuse a map into the read before it, and every shard's
+    raw bytes then waited in the object store for the parse (a third of an 80 MB store
+    streaming 128 px shards, which spilled; docs/data.md, "Under memory pressure")."""
     return ray.data.read_binary_files(files, filesystem=filesystem, shuffle=shuffle,
                                       override_num_blocks=len(files)).map_batches(
-        _ParseShards(stored_size, columns, resize), batch_size=1, batch_format="numpy")
+        _ParseShards(stored_size, columns, resize), batch_size=None, batch_format="numpy")
 
 
 def shard_splits(manifest: dict[str, Any], val_fraction: float) -> dict[str, list[int]] | None:
