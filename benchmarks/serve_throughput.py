@@ -15,7 +15,8 @@ With ``--proxies default,haproxy`` each proxy runs in its own Ray (HAProxy mode 
 starts), one after the other, ``--rounds`` times alternating, and a side-by-side summary comes
 first: single-galaxy ratio, p50 of one request at a time, /healthz per second, bulk ratio. A
 ``+fused`` suffix (``haproxy+fused``) serves with ``fused: true``: the decoder inside the ingress
-replica (one replica with the decoder's CPUs) instead of a Decoder deployment of its own.
+replica (one replica with the decoder's CPUs) instead of a Decoder deployment of its own; a
+``+optimized`` suffix sets ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (Serve's throughput preset).
 
     python benchmarks/serve_throughput.py --model runs/galaxy-vae/model
     python benchmarks/serve_throughput.py --model runs/galaxy-vae/model --proxies default,haproxy,haproxy+fused --rounds 2
@@ -137,12 +138,21 @@ def main() -> None:
                    help="HTTP proxies to compare, each in its own Ray: default, haproxy, either with +fused "
                         "(the decoder inside the ingress), comma-separated (e.g. default,haproxy,haproxy+fused)")
     p.add_argument("--rounds", type=int, default=1, help="with several proxies: runs of each, alternating")
+    p.add_argument("--haproxy-threads", type=int, default=0,
+                   help="HAProxy's nbthread (RAY_SERVE_HAPROXY_NBTHREAD; 0: Ray's default, 4)")
     p.add_argument("--proxy", default=None, help=argparse.SUPPRESS)  # internal: this process runs one proxy
     args = p.parse_args()
     if args.proxy is None:
         return compare_proxies(args)
-    proxy, _, layout = args.proxy.partition("+")
-    fused = layout == "fused"
+    proxy, *extras = args.proxy.split("+")
+    unknown = set(extras) - {"fused", "optimized"}
+    if proxy not in ("default", "haproxy") or unknown:
+        sys.exit(f"error: setup {args.proxy!r}: a proxy (default, haproxy) and +fused / +optimized, e.g. haproxy+fused")
+    fused = "fused" in extras
+    if "optimized" in extras:  # Serve's throughput preset (ray/serve/_private/constants.py), before Ray starts
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    if args.haproxy_threads:
+        os.environ["RAY_SERVE_HAPROXY_NBTHREAD"] = str(args.haproxy_threads)
     if proxy == "haproxy":  # before Ray starts: every Ray process of this run inherits it
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -234,6 +244,8 @@ def main() -> None:
         "batch_wait_timeout_s": args.batch_wait_timeout_s,
         "proxy": proxy,
         "fused": fused,
+        "throughput_optimized": "optimized" in extras,
+        "haproxy_threads": args.haproxy_threads or None,
         "haproxy_process_seen": haproxy_seen,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "in_process_batch_sweep": {b: r["galaxies_per_s"] for b, r in sweep.items()},
