@@ -188,9 +188,10 @@ class Generator:
             measured.append(property_values(images[-1], workers))
         cols = [PROPERTY_NAMES.index(name) for name in targets.names]
         spread = robust_spread(np.stack([self.sampler.properties[name] for name in targets.names], axis=1))
-        best = best_tries(targets.values[start:start + n], np.stack(measured)[..., cols], spread)
+        measured_all = np.stack(measured)  # (tries, n, P)
+        best = best_tries(targets.values[start:start + n], measured_all[..., cols], spread)
         rows = np.arange(n)
-        values = np.stack(measured)[best, rows]  # (n, P)
+        values = measured_all[best, rows]  # (n, P)
         return (torch.stack(codes)[best, rows], np.stack(images)[best, rows],
                 {name: values[:, j] for j, name in enumerate(PROPERTY_NAMES)})
 
