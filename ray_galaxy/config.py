@@ -38,7 +38,7 @@ SOURCE_FIELDS = ("data", "input", "train_data")
 SOURCE_SEPARATOR = ","
 
 # DiffAugment's policies that ray_galaxy.critic.diff_augment implements.
-AUGMENTATIONS = ("translation", "cutout", "color")
+AUGMENTATIONS = ("translation", "cutout", "color", "d4")
 
 
 def parse_policy(policy: str) -> tuple[str, ...]:

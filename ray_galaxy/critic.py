@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ray_galaxy.images import augment_d4
+
 
 # Bounds of the adaptive weight. Esser et al. 2021 clamp it to [0, 1e4] (delta 1e-4) for a
 # reconstruction loss that is a per-pixel mean; ours is the sigma-VAE's negative log-likelihood
@@ -135,7 +137,10 @@ def diff_augment(x: torch.Tensor, policy: tuple[str, ...], generator: torch.Gene
     * ``translation``: a shift of up to 1/8 of the size, the uncovered rim filled with the
       image's own edge rows (sky, not black);
     * ``cutout``: a square of half the size set to the image's sky level (the median of its
-      border), anywhere in the image.
+      border), anywhere in the image;
+    * ``d4``: a random flip or quarter turn (a galaxy has no up; the realism test's classifier
+      sees its images so too). It changes no pixel value, so unlike ``color`` it hides none of the
+      faint texture (sky noise, grain) that tells generated galaxies apart.
     Written here because DiffAugment ships as research code, not as a package.
     """
     b, _, s, _ = x.shape
@@ -157,6 +162,8 @@ def diff_augment(x: torch.Tensor, policy: tuple[str, ...], generator: torch.Gene
         cols = (dx[:, None] + torch.arange(s, device=x.device)[None])
         x = pad[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(3, device=x.device)[None, :, None, None],
                 rows[:, None, :, None], cols[:, None, None, :]]
+    if "d4" in policy:
+        x = augment_d4(x, generator)
     if "cutout" in policy:
         half = s // 2
         cy, cx = (rand(b) * (s - half + 1)).long(), (rand(b) * (s - half + 1)).long()

@@ -11,6 +11,7 @@ import torch
 from ray_galaxy.config import ConfigError, ModelConfig, TrainConfig
 from ray_galaxy.critic import Critic, accuracy, adaptive_weight, critic_loss, diff_augment, generator_loss, r1_penalty
 from ray_galaxy.generation.sampler import MixtureSampler, fit_codes
+from ray_galaxy.images import orient_tensor
 from ray_galaxy.model import ConvVAE
 from ray_galaxy.training.adversary import Adversary, critic_won
 from ray_galaxy.training.loop import GradGuard, finetune_step
@@ -81,6 +82,17 @@ def test_diff_augment_is_differentiable_seeded_and_changes_every_image():
     # translation alone keeps the pixel values: it moves them, filling the rim with edge rows
     t = diff_augment(x, ("translation",), torch.Generator().manual_seed(1)).detach()
     assert set(t[0].flatten().tolist()) <= set(x[0].detach().flatten().tolist())
+
+
+def test_d4_augment_turns_or_flips_each_image_and_keeps_its_pixels():
+    x = torch.rand(16, 3, 32, 32, requires_grad=True)
+    y = diff_augment(x, ("d4",), torch.Generator().manual_seed(0))
+    assert torch.equal(y, diff_augment(x, ("d4",), torch.Generator().manual_seed(0)))
+    # each image is one of its own eight orientations, and the batch does not all keep one
+    orientations = [[torch.equal(y[i], orient_tensor(x[i:i + 1], o)[0]) for o in range(8)] for i in range(16)]
+    assert all(any(o) for o in orientations) and len({o.index(True) for o in orientations}) > 1
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))  # a permutation of the pixels: every one counts once
 
 
 def test_r1_penalty_is_zero_for_a_flat_critic_and_positive_otherwise():
