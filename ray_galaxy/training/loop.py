@@ -452,5 +452,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tracker.log_history(w.history[-1:])
         if w.rank == 0 and critic_won(w.history) and not critic_won(w.history[:-1]):
             log(f"{tag}warning: the critic has won outright (accuracy >= 0.95 on real and generated images for "
-                "3 epochs): the decoder is no longer learning from it. Lower --adv-weight or --finetune-epochs, "
-                "or strengthen --adv-augment / --r1-gamma")
+                "3 epochs): the decoder cannot fool it, so its images are still easy to tell from real ones. For a "
+                "closer game, weaken the critic (a higher --r1-gamma, more --adv-augment) or stop sooner (--finetune-epochs)")
