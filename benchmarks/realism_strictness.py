@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from ray_galaxy.data import decode_image
+from ray_galaxy.data import BadImage, decode_image
 from ray_galaxy.evaluation.realism import STEPS, two_sample_test
 
 
@@ -45,12 +45,22 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=2.5, help="white noise sd, in 8-bit levels")
     p.add_argument("--blur", type=float, default=0.7, help="Gaussian blur sd, in pixels of the --size image")
     a = p.parse_args()
-    files = sorted(Path(a.data).glob("*.jpg"))[: a.n]
-    if len(files) < 8:
-        raise SystemExit(f"--data {a.data}: found {len(files)} JPEGs, the test needs at least 8")
-    raw = [f.read_bytes() for f in files]
-    half = len(raw) // 2
     load = lambda blobs: np.stack([decode_image(b, a.size, a.crop) for b in blobs])  # noqa: E731
+    raw, skipped = [], 0
+    for f in sorted(Path(a.data).glob("*.jpg")):
+        if len(raw) == a.n:
+            break
+        data = f.read_bytes()
+        try:  # an unreadable file is skipped and counted, as the training data loader does
+            decode_image(data, a.size, a.crop)
+            Image.open(io.BytesIO(data)).quantization
+        except (BadImage, AttributeError, OSError):
+            skipped += 1
+            continue
+        raw.append(data)
+    if len(raw) < 8:
+        raise SystemExit(f"--data {a.data}: found {len(raw)} readable JPEGs ({skipped} skipped), the test needs at least 8")
+    half = len(raw) // 2
     real_a, real_b = load(raw[:half]), load(raw[half:2 * half])
     x = real_b.astype(np.float64)
     u8 = lambda v: np.clip(v, 0, 255).round().astype(np.uint8)  # noqa: E731
@@ -60,7 +70,8 @@ def main() -> None:
         f"white noise, sd {a.noise:g} levels": u8(x + np.random.default_rng(0).normal(0, a.noise, x.shape)),
         f"blur, sd {a.blur:g} px": u8(gaussian_filter(x, (0, a.blur, a.blur, 0))),
     }
-    print(f"{half} real images from {a.data} against {half} changed copies of others, {a.size} px, crop {a.crop}")
+    print(f"{half} real images from {a.data} against {half} changed copies of others, {a.size} px, crop {a.crop}"
+          f"{f'; {skipped} unreadable files skipped' if skipped else ''}")
     print(f"{'copies':42s} " + "  ".join(f"{k} steps" for k in STEPS))
     for name, images in rows.items():
         t0 = time.time()
